@@ -1,0 +1,100 @@
+"""Calibration data, gathered once through an FX Interpreter rather than hooks scattered in the model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from fxpress.errors import ConfigError
+
+
+@dataclass
+class Calibration:
+    """Calibration samples: token ids [N, S] for language models, or input tensors [N, ...] otherwise."""
+
+    batches: torch.Tensor
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.batches, torch.Tensor) or self.batches.dim() < 2 or self.batches.shape[0] == 0:
+            raise ConfigError(
+                "calibration must be a non-empty tensor [samples, ...] (for language models: token ids "
+                "[samples, seq_len], e.g. fxpress.data.token_windows(tokenizer, 'calib', 256, 32))"
+            )
+
+    def __len__(self) -> int:
+        return self.batches.shape[0]
+
+    def chunks(self, limit: int | None = None) -> Iterator[torch.Tensor]:
+        """The samples in mini-batches of `batch_size`, at most `limit` samples in all."""
+        data = self.batches if limit is None else self.batches[:limit]
+        yield from data.split(self.batch_size)
+
+
+def as_calibration(data: object) -> Calibration | None:
+    """Accept a Calibration, a tensor, or a list of equally shaped tensors."""
+    if data is None or isinstance(data, Calibration):
+        return data
+    if isinstance(data, torch.Tensor):
+        return Calibration(data)
+    if isinstance(data, (list, tuple)) and data and all(isinstance(t, torch.Tensor) for t in data):
+        return Calibration(torch.stack(list(data)))
+    raise ConfigError(f"calibration must be a tensor or fxpress.calibration.Calibration, got {type(data).__name__}")
+
+
+def program_inputs(program, samples: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The full graph inputs for a batch of samples (an empty KV cache for causal LMs)."""
+    if program.is_causal_lm:
+        keys, values = program.empty_cache(samples.shape[0])
+        return (samples, keys, values)
+    return (samples,)
+
+
+class _Recorder(torch.fx.Interpreter):
+    """Runs the graph node by node and hands chosen nodes' outputs to a callback."""
+
+    def __init__(self, module: torch.fx.GraphModule, wanted: set[str], callback: Callable[[str, torch.Tensor], None]):
+        super().__init__(module)
+        self.wanted = wanted
+        self.callback = callback
+
+    def run_node(self, n: torch.fx.Node):
+        result = super().run_node(n)
+        if n.name in self.wanted and isinstance(result, torch.Tensor):
+            self.callback(n.name, result.detach())
+        return result
+
+
+def for_each_activation(
+    program, node_names: Iterable[str], callback: Callable[[str, torch.Tensor], None],
+    samples: Iterable[torch.Tensor] | None = None,
+) -> None:
+    """Call `callback(node_name, tensor)` for every wanted node on every calibration batch.
+
+    Use this to accumulate statistics (Hessians, ranges) without keeping activations in memory.
+    """
+    wanted = set(node_names)
+    known = {n.name for n in program.graph.nodes}
+    missing = wanted - known
+    if missing:
+        raise ConfigError(f"no nodes named {sorted(missing)[:5]} in the graph")
+    if samples is None:
+        if program.calibration is None:
+            raise ConfigError("this step needs calibration data: pass calibration=... to fxpress.compile")
+        samples = program.calibration.chunks()
+    recorder = _Recorder(program.module, wanted, callback)
+    with torch.no_grad():
+        for batch in samples:
+            recorder.run(*program_inputs(program, batch))
+
+
+def collect_activations(
+    program, node_names: Iterable[str], samples: Iterable[torch.Tensor] | None = None
+) -> dict[str, list[torch.Tensor]]:
+    """The outputs of the named nodes on each calibration batch (kept in memory: use for few nodes)."""
+    store: dict[str, list[torch.Tensor]] = {name: [] for name in node_names}
+    for_each_activation(program, store.keys(), lambda name, t: store[name].append(t), samples)
+    return store

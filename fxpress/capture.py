@@ -1,0 +1,178 @@
+"""Capture: torch.export a model once into an ATen-level FX GraphModule with dynamic batch and sequence."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.export import Dim
+
+from fxpress.errors import CaptureError
+from fxpress.program import ModelInfo, Program
+
+MAX_BATCH = 1024
+MAX_SEQ = 8192
+EXPORT_BATCH, EXPORT_SEQ, EXPORT_PAST = 2, 16, 3  # sizes > 1 so export does not specialise them
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """A Hugging Face model that generates text (has a cache and output embeddings)."""
+    can_generate = getattr(model, "can_generate", None)
+    return bool(callable(can_generate) and can_generate() and hasattr(model, "get_output_embeddings"))
+
+
+class CausalLMWithCache(nn.Module):
+    """(input_ids, past_keys, past_values) -> (logits, present_keys, present_values), caches as stacked tensors.
+
+    Stacked tensors (layers, batch, heads, positions, dim) keep the signature the same for every
+    architecture, so one graph serves prefill (zero-length past) and token-by-token decoding.
+    """
+
+    def __init__(self, model: nn.Module, num_layers: int):
+        super().__init__()
+        self.model = model
+        self.num_layers = num_layers
+
+    def forward(self, input_ids: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tensor):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for layer in range(self.num_layers):
+            cache.update(past_keys[layer], past_values[layer], layer)
+        past = past_keys.shape[3]
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device) + past
+        out = self.model(
+            input_ids=input_ids,
+            cache=cache,
+            use_cache=True,
+            cache_position=positions,
+            position_ids=positions.unsqueeze(0).expand(input_ids.shape[0], -1),
+        )
+        keys = torch.stack([cache.layers[i].keys for i in range(self.num_layers)])
+        values = torch.stack([cache.layers[i].values for i in range(self.num_layers)])
+        return out.logits, keys, values
+
+
+class EncoderOutputs(nn.Module):
+    """A Hugging Face model that is not a causal LM (e.g. BERT): token ids -> its first output tensor."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids)
+        return out[0] if isinstance(out, (tuple, list)) else next(iter(out.values()))
+
+
+def _lm_info(model: nn.Module, source: str | None) -> ModelInfo:
+    """Read sizes from the config and the cache layout from one tiny eager forward."""
+    cfg = model.config
+    ids = torch.zeros(1, 2, dtype=torch.long)
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+    cache = out.get("cache") or out.get("past_key_values")  # renamed "cache" in later transformers 5 releases
+    layer0 = cache.layers[0]
+    heads = getattr(cfg, "num_attention_heads", None)
+    return ModelInfo(
+        kind="causal_lm",
+        num_layers=len(cache.layers),
+        hidden_size=getattr(cfg, "hidden_size", None),
+        num_heads=heads,
+        num_kv_heads=getattr(cfg, "num_key_value_heads", heads),
+        head_dim=getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else None),
+        vocab_size=getattr(cfg, "vocab_size", None),
+        key_shape=(layer0.keys.shape[1], layer0.keys.shape[3]),
+        value_shape=(layer0.values.shape[1], layer0.values.shape[3]),
+        model_type=getattr(cfg, "model_type", None),
+        source=source,
+        input_names=("input_ids", "past_keys", "past_values"),
+        output_names=("logits", "present_keys", "present_values"),
+    )
+
+
+def _export(module: nn.Module, args: tuple, dynamic_shapes: Any, what: str) -> torch.fx.GraphModule:
+    try:
+        exported = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as err:  # torch.export raises many types; all mean "could not trace"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CaptureError(
+            f"torch.export could not capture {what}: {type(err).__name__}: {first}. "
+            "Data-dependent Python control flow, .item()/.tolist() on tensors, or in-place updates of inputs "
+            "are the usual causes: make them tensor operations (torch.where, torch.cond), or capture a "
+            "sub-module that avoids them."
+        ) from err
+    return exported.module()
+
+
+def capture_causal_lm(model: nn.Module, example_ids: torch.Tensor | None = None, source: str | None = None) -> Program:
+    """Capture a Hugging Face causal LM with a KV-cache signature and dynamic batch/sequence/past."""
+    model = model.eval()
+    info = _lm_info(model, source)
+    vocab = info.vocab_size or 100
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (EXPORT_BATCH, EXPORT_SEQ), generator=generator)
+    kh, kd = info.key_shape
+    vh, vd = info.value_shape
+    past_k = torch.zeros(info.num_layers, EXPORT_BATCH, kh, EXPORT_PAST, kd)
+    past_v = torch.zeros(info.num_layers, EXPORT_BATCH, vh, EXPORT_PAST, vd)
+    batch, seq, past = Dim("batch", min=1, max=MAX_BATCH), Dim("seq", min=1, max=MAX_SEQ), Dim("past", min=0, max=MAX_SEQ)
+    shapes = {"input_ids": {0: batch, 1: seq}, "past_keys": {1: batch, 3: past}, "past_values": {1: batch, 3: past}}
+    gm = _export(CausalLMWithCache(model, info.num_layers), (ids, past_k, past_v), shapes, type(model).__name__)
+    if example_ids is None:
+        example_ids = ids
+    program = Program(module=gm, example_inputs=(example_ids,), info=info)
+    keys, values = program.empty_cache(example_ids.shape[0])
+    program.example_inputs = (example_ids, keys, values)
+    return program
+
+
+def capture_module(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], dynamic_batch: bool = True) -> Program:
+    """Capture any nn.Module (MLP, CNN, encoder) with a dynamic leading batch dimension."""
+    model = model.eval()
+    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    hf_encoder = hasattr(model, "config") and len(example_inputs) == 1 and example_inputs[0].dtype == torch.long
+    module = EncoderOutputs(model) if hf_encoder else model
+    dynamic_shapes = None
+    if dynamic_batch:
+        for t in example_inputs:
+            if t.shape[0] < 2:
+                raise CaptureError(
+                    f"example inputs need a batch of at least 2 to capture a dynamic batch (got shape {tuple(t.shape)}): "
+                    "repeat the example along dim 0, or pass dynamic_batch=False"
+                )
+        batch = Dim("batch", min=1, max=MAX_BATCH)
+        dims = []
+        for _ in example_inputs:
+            spec: dict[int, Dim] = {0: batch}
+            if hf_encoder:
+                max_seq = getattr(model.config, "max_position_embeddings", MAX_SEQ) or MAX_SEQ
+                spec[1] = Dim("seq", min=2, max=min(max_seq, MAX_SEQ))
+            dims.append(spec)
+        dynamic_shapes = tuple(dims)
+    gm = _export(module, example_inputs, dynamic_shapes, type(model).__name__)
+    cfg = getattr(model, "config", None)
+    info = ModelInfo(
+        kind="generic",
+        hidden_size=getattr(cfg, "hidden_size", None),
+        num_heads=getattr(cfg, "num_attention_heads", None),
+        num_layers=getattr(cfg, "num_hidden_layers", None),
+        model_type=getattr(cfg, "model_type", None),
+        input_names=tuple(f"input_{i}" for i in range(len(example_inputs))),
+        output_names=("output",),
+    )
+    return Program(module=gm, example_inputs=example_inputs, info=info)
+
+
+def capture(model: nn.Module, example_inputs: Any = None, source: str | None = None) -> Program:
+    """Capture `model` into a Program: causal LMs get the KV-cache signature, others a dynamic batch."""
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"capture needs a torch.nn.Module, got {type(model).__name__}")
+    if is_causal_lm(model):
+        ids = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
+        return capture_causal_lm(model, ids, source)
+    if example_inputs is None:
+        raise CaptureError(f"{type(model).__name__} is not a causal LM: pass example_inputs=(tensor, ...) to capture it")
+    return capture_module(model, example_inputs)

@@ -1,0 +1,114 @@
+"""`fxpress.compile`: capture once, run the passes, and hand back a model that runs, reports and exports."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fxpress.calibration import as_calibration
+from fxpress.capture import capture
+from fxpress.errors import ConfigError
+from fxpress.passes.base import Pass, pass_from_dict
+from fxpress.passes.manager import run_passes, validate_pipeline
+from fxpress.program import Program
+from fxpress.recipe import passes_from_recipe, recipe_dict, save_recipe
+from fxpress.report import Report
+
+EXPORT_TARGETS = ("onnx", "tvm", "hls", "fpga")
+
+
+def _as_passes(passes: Sequence[Any]) -> list[Pass]:
+    """Accept Pass objects, registered names, or recipe entries ({"type": ..., "fields": ...})."""
+    import fxpress.passes  # noqa: F401  (registers the built-in passes)
+
+    out: list[Pass] = []
+    for p in passes:
+        if isinstance(p, Pass):
+            out.append(p)
+        elif isinstance(p, str):
+            out.append(pass_from_dict({"type": p}))
+        elif isinstance(p, dict):
+            out.extend(passes_from_recipe([p]))
+        else:
+            raise ConfigError(f"{p!r} is not a pass: give Pass objects, pass names, or recipe entries")
+    return out
+
+
+class CompiledModel:
+    """A captured and rewritten model: call it, read `.report`, `.export(...)` it, `.save(...)` it."""
+
+    def __init__(self, program: Program, passes: Sequence[Pass]):
+        self.program = program
+        self.passes = list(passes)
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.program(*inputs)
+
+    @property
+    def report(self) -> Report:
+        return Report(self.program.report)
+
+    @property
+    def recipe(self) -> dict[str, Any]:
+        return recipe_dict(self.passes)
+
+    def export(self, target: str, path: str | os.PathLike, **options: Any) -> Path:
+        """Lower to `target` ("onnx", "tvm", "hls"/"fpga") at `path`; the recipe is saved beside it."""
+        if target not in EXPORT_TARGETS:
+            raise ConfigError(f"unknown export target '{target}': choose one of {', '.join(EXPORT_TARGETS)}")
+        path = Path(path)
+        if target == "onnx":
+            from fxpress.lowering.onnx import export_onnx as lower
+        elif target == "tvm":
+            from fxpress.lowering.tvm import export_tvm as lower
+        else:
+            from fxpress.lowering.fpga import export_fpga as lower
+        result = lower(self.program, path, **options)
+        save_recipe(self.passes, path.with_name(path.stem + ".recipe.json"))
+        return Path(result) if result is not None else path
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Graph as torch.export JSON, weights as safetensors, the recipe and report beside them; no pickle."""
+        from fxpress.serialize import save_program
+
+        return save_program(self.program, directory, extra={"recipe": self.recipe, "report": self.report.to_dict()})
+
+
+def compile(
+    model: torch.nn.Module | str,
+    passes: Sequence[Any] = (),
+    example_inputs: Any = None,
+    calibration: Any = None,
+    verify: bool = True,
+    progress: bool = True,
+) -> CompiledModel:
+    """Capture `model` (a module, or a model name such as "smollm2"), then run `passes` in order.
+
+    Every pass is validated (fields, order, calibration present) before the model is even captured.
+    """
+    pass_list = _as_passes(passes)
+    calib = as_calibration(calibration)
+    validate_pipeline(pass_list, (), calib is not None)
+    source = None
+    if isinstance(model, str):
+        from fxpress.models import load_causal_lm
+
+        source = model
+        model = load_causal_lm(model)[0]
+    program = capture(model, example_inputs, source=source)
+    program.calibration = calib
+    run_passes(program, pass_list, verify=verify, progress=progress)
+    return CompiledModel(program, pass_list)
+
+
+def load(directory: str | os.PathLike) -> CompiledModel:
+    """Load a model saved by CompiledModel.save."""
+    from fxpress.serialize import load_program
+
+    program, manifest = load_program(directory)
+    passes = passes_from_recipe(manifest.get("recipe", {"passes": []}))
+    return CompiledModel(program, passes)

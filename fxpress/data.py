@@ -1,0 +1,71 @@
+"""Real text for calibration, evaluation and training: the Python documentation that Debian ships.
+
+The Debian package `python3-doc` installs the reStructuredText sources of the CPython manual
+(written by people, about 12 MB of English). Splits are disjoint directories, so calibration
+never sees evaluation text:
+
+- "eval": the tutorial (perplexity, KL, top-1 agreement)
+- "calib": the HOWTOs (calibration for GPTQ, DFRot, routers)
+- "heldout": the FAQ (schedules and model selection)
+- "train": the library reference (training small models such as the MoE)
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from functools import lru_cache
+
+import torch
+
+from fxpress.errors import FxpressError
+
+SPLITS = {"eval": ["tutorial"], "calib": ["howto"], "heldout": ["faq"], "train": ["library"]}
+DOC_GLOB = "/usr/share/doc/python3*/html/_sources"
+
+
+def docs_root() -> str:
+    """The installed python3-doc sources; FXPRESS_TEXT_ROOT overrides the location."""
+    override = os.environ.get("FXPRESS_TEXT_ROOT")
+    candidates = [override] if override else sorted(glob.glob(DOC_GLOB), reverse=True)
+    for root in candidates:
+        if root and os.path.isdir(os.path.join(root, "tutorial")):
+            return root
+    raise FxpressError(
+        "no evaluation text found: fxpress reads the Python manual shipped by the Debian package "
+        "python3-doc; install it with `apt-get install python3-doc` (or set FXPRESS_TEXT_ROOT to a "
+        "folder with tutorial/, howto/, faq/ and library/ .rst.txt files)"
+    )
+
+
+@lru_cache(maxsize=8)
+def corpus_text(split: str) -> str:
+    """All text of one split, files in sorted order, joined by blank lines."""
+    if split not in SPLITS:
+        raise FxpressError(f"unknown text split '{split}': choose one of {', '.join(SPLITS)}")
+    root = docs_root()
+    files: list[str] = []
+    for sub in SPLITS[split]:
+        files += sorted(glob.glob(os.path.join(root, sub, "**", "*.rst.txt"), recursive=True))
+    parts = []
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            parts.append(fh.read().strip())
+    return "\n\n".join(parts)
+
+
+def token_stream(tokenizer, split: str) -> torch.Tensor:
+    """The split tokenized once as one long 1-D LongTensor."""
+    ids = tokenizer(corpus_text(split), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    return ids.long()
+
+
+def token_windows(tokenizer, split: str = "eval", seq_len: int = 256, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping fixed windows [n, seq_len] from the start of a split: the field's perplexity protocol."""
+    ids = token_stream(tokenizer, split)
+    n = ids.numel() // seq_len
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise FxpressError(f"split '{split}' has fewer than {seq_len} tokens")
+    return ids[: n * seq_len].view(n, seq_len)

@@ -1,0 +1,206 @@
+"""Weight quantization math: RTN and GPTQ with groups, act-order, dampening and a clipping search.
+
+Everything works on one weight matrix `W` (N out, K in) and, for GPTQ, the Hessian of the layer's
+reconstruction loss `H = 2/n * X^T X` over n calibration rows of its input. Results are integer
+codes plus per-(row, group) scales and integer zero points, the storage `fxpress::linear_nbit` reads.
+Groups run along K (`group_size` columns, the last group may be partial); `group_size=-1` means one
+group per output channel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fxpress.runtime.quant import pack_codes, pack_weight
+
+CLIP_GRID = tuple(1.0 - 0.05 * i for i in range(10))  # shrink factors 1.0 .. 0.55 for the clipping search
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """How a weight is quantized: bits, group size (-1 = per channel), symmetry, clipping search."""
+
+    bits: int
+    group_size: int = 128
+    symmetric: bool = False
+    clip_search: bool = True
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.bits) - 1
+
+    def block_size(self, in_features: int) -> int:
+        """Columns per stored block: the group size, or K rounded up to a multiple of 8 for per channel
+        (and when a group would be wider than the row, so storage is never mostly padding)."""
+        whole_row = -(-in_features // 8) * 8
+        return min(self.group_size, whole_row) if self.group_size > 0 else whole_row
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer codes (N, K), scales and integer-valued zero points (N, k_blocks) of one weight."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    spec: WeightSpec
+    block_size: int
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.codes.shape
+        group = torch.arange(k, device=self.codes.device) // self.block_size
+        return (self.codes.to(self.scales.dtype) - self.zeros[:, group]) * self.scales[:, group]
+
+    def packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(qweight, scales, zero_points) in the MatMulNBits layout; symmetric weights carry no zero points."""
+        qweight = pack_weight(self.codes, self.spec.bits, self.block_size)
+        zero_points = None if self.spec.symmetric else pack_codes(self.zeros.round().to(torch.int64), self.spec.bits)
+        return qweight, self.scales.contiguous(), zero_points
+
+
+# --- scales and zero points -------------------------------------------------------------------------
+def _params_for_range(low: torch.Tensor, high: torch.Tensor, spec: WeightSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    if spec.symmetric:
+        scale = (high - low) / spec.maxq
+        zero = torch.full_like(scale, float(1 << (spec.bits - 1)))
+    else:
+        scale = (high - low) / spec.maxq
+        zero = torch.round(-low / scale).clamp(0, spec.maxq)
+    return scale, zero
+
+
+def fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Round `w` to the grid (code - zero) * scale, codes clamped to [0, maxq]; scale/zero broadcast."""
+    return (torch.clamp(torch.round(w / scale) + zero, 0, maxq) - zero) * scale
+
+
+def find_params(w: torch.Tensor, spec: WeightSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale and zero point for rows of `w` (R, G): min/max range, then shrink it where that lowers the error.
+
+    The range always contains 0 (so zero padding of a partial group is exact), a row of zeros gets
+    the range [-1, 1] (never a zero or NaN scale), and the clipping search tries shrink factors
+    1.0, 0.95 .. 0.55 per row, keeping the one with the smallest squared error.
+    """
+    w = w.float()
+    low = w.amin(1).clamp_max(0)
+    high = w.amax(1).clamp_min(0)
+    if spec.symmetric:
+        high = torch.maximum(-low, high)
+        low = -high
+    empty = (high - low) == 0
+    low = torch.where(empty, torch.full_like(low, -1.0), low)
+    high = torch.where(empty, torch.full_like(high, 1.0), high)
+    best_scale, best_zero = _params_for_range(low, high, spec)
+    if not spec.clip_search:
+        return best_scale, best_zero
+    best_err = torch.full_like(low, float("inf"))
+    for ratio in CLIP_GRID:
+        scale, zero = _params_for_range(low * ratio, high * ratio, spec)
+        q = fake_quant(w, scale.unsqueeze(1), zero.unsqueeze(1), spec.maxq)
+        err = (q - w).square().sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def _group_params(w: torch.Tensor, spec: WeightSpec, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zeros (N, k_blocks) for every group of `w` at once; the last group is zero-padded."""
+    n, k = w.shape
+    blocks = -(-k // block)
+    padded = torch.nn.functional.pad(w.float(), (0, blocks * block - k))
+    scale, zero = find_params(padded.reshape(n * blocks, block), spec)
+    return scale.reshape(n, blocks), zero.reshape(n, blocks)
+
+
+def _codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+# --- RTN --------------------------------------------------------------------------------------------
+def rtn(weight: torch.Tensor, spec: WeightSpec) -> QuantizedWeight:
+    """Round-to-nearest: each group's codes from its own (clip-searched) scale and zero point."""
+    w = weight.detach().float()
+    n, k = w.shape
+    block = spec.block_size(k)
+    scales, zeros = _group_params(w, spec, block)
+    group = torch.arange(k) // block
+    codes = _codes(w, scales[:, group], zeros[:, group], spec.maxq).to(torch.uint8)
+    return QuantizedWeight(codes, scales, zeros, spec, block)
+
+
+# --- GPTQ -------------------------------------------------------------------------------------------
+def hessian(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(2/n) X^T X over every row of `x` (..., K), in float64, and n; n = 0 gives a zero matrix."""
+    rows = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+    n = rows.shape[0]
+    h = rows.T @ rows
+    return (h * (2.0 / n) if n else h), n
+
+
+def layer_loss(weight: torch.Tensor, quantized: torch.Tensor, h: torch.Tensor) -> float:
+    """tr((W - Q) H (W - Q)^T): the layer output error GPTQ minimises (up to the 2/n factor in H)."""
+    d = (weight.double() - quantized.double())
+    return float(((d @ h.double()) * d).sum())
+
+
+@torch.no_grad()
+def gptq(
+    weight: torch.Tensor,
+    h: torch.Tensor,
+    spec: WeightSpec,
+    act_order: bool = False,
+    damp: float = 0.01,
+    block: int = 128,
+) -> QuantizedWeight:
+    """GPTQ (Frantar et al.): quantize columns one by one and push each error onto the columns left.
+
+    act_order visits columns by decreasing Hessian diagonal; groups then take their scales from the
+    original weights up front ("static groups") so the stored layout stays contiguous along K.
+    Without act_order a group's scale is found from the already-updated weights when the sweep
+    reaches its first column. Columns whose input is always zero (dead) are quantized as zero.
+    """
+    w = weight.detach().float().clone()
+    n, k = w.shape
+    h = h.detach().to(torch.float64).clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    gsize = spec.block_size(k)
+    static = act_order or gsize >= k
+    if static:
+        scales, zeros = _group_params(w, spec, gsize)
+    else:
+        blocks = -(-k // gsize)
+        scales = torch.zeros(n, blocks)
+        zeros = torch.zeros(n, blocks)
+    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(k)
+    w = w[:, perm]
+    h = h[perm][:, perm]
+    h += damp * torch.diagonal(h).mean() * torch.eye(k, dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    order = perm.tolist()
+    codes = torch.zeros(n, k)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = order[i1 + i]
+            g = col // gsize
+            if not static and col % gsize == 0:
+                current = torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :gsize]
+                scales[:, g], zeros[:, g] = find_params(current, spec)
+            scale, zero = scales[:, g], zeros[:, g]
+            c = _codes(w1[:, i], scale, zero, spec.maxq)
+            codes[:, i1 + i] = c
+            e = (w1[:, i] - (c - zero) * scale) / hinv1[i, i]
+            w1[:, i:].sub_(torch.outer(e, hinv1[i, i:]))
+            err1[:, i] = e
+        w[:, i2:].sub_(err1 @ hinv[i1:i2, i2:])
+    codes = codes[:, torch.argsort(perm)].to(torch.uint8)
+    return QuantizedWeight(codes, scales, zeros, spec, gsize)

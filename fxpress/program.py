@@ -1,0 +1,118 @@
+"""The Program: the captured FX graph plus what passes and lowerings need to know about it."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+
+from fxpress.passes.base import PassResult
+
+
+@dataclass
+class ModelInfo:
+    """Facts about the captured model that the graph alone does not state plainly."""
+
+    kind: str = "generic"  # "causal_lm" (signature: input_ids, past_keys, past_values) or "generic"
+    num_layers: int | None = None
+    hidden_size: int | None = None
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    vocab_size: int | None = None
+    key_shape: tuple[int, ...] | None = None  # one layer's cache entry per batch row: (heads, dim)
+    value_shape: tuple[int, ...] | None = None
+    model_type: str | None = None
+    source: str | None = None
+    input_names: tuple[str, ...] = ()
+    output_names: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelInfo:
+        data = dict(data)
+        for key in ("key_shape", "value_shape", "input_names", "output_names"):
+            if data.get(key) is not None:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+
+@dataclass
+class Program:
+    """An ATen-level GraphModule and its context; passes rewrite `module` in place."""
+
+    module: torch.fx.GraphModule
+    example_inputs: tuple[torch.Tensor, ...]
+    info: ModelInfo
+    calibration: Any = None  # fxpress.calibration.Calibration
+    history: list[str] = field(default_factory=list)
+    report: list[PassResult] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def graph(self) -> torch.fx.Graph:
+        return self.module.graph
+
+    @property
+    def is_causal_lm(self) -> bool:
+        return self.info.kind == "causal_lm"
+
+    def empty_cache(self, batch: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero-length past keys/values for a prefill call: (layers, batch, *head, 0, dim)."""
+        info = self.info
+        assert info.key_shape is not None and info.value_shape is not None and info.num_layers is not None
+        kh, kd = info.key_shape
+        vh, vd = info.value_shape
+        keys = torch.zeros(info.num_layers, batch, kh, 0, kd, dtype=dtype)
+        values = torch.zeros(info.num_layers, batch, vh, 0, vd, dtype=dtype)
+        return keys, values
+
+    def clone(self) -> Program:
+        """A deep copy: passes rewrite in place, so copy before trying alternatives on one capture."""
+        return copy.deepcopy(self)
+
+    def run(self, *inputs: torch.Tensor) -> Any:
+        """Call the graph with its full signature."""
+        with torch.no_grad():
+            return self.module(*inputs)
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """Logits for token ids (causal LMs, no cache) or the model's output (other models)."""
+        if self.is_causal_lm and len(inputs) == 1:
+            keys, values = self.empty_cache(inputs[0].shape[0])
+            return self.run(inputs[0], keys, values)[0]
+        out = self.run(*inputs)
+        return out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out
+
+    def reference_logits(self) -> torch.Tensor:
+        """The main output on the example inputs: what function-preserving passes must keep."""
+        out = self.run(*self.example_inputs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def weight_bytes(self) -> int:
+        """Bytes of every parameter, buffer and constant tensor the graph holds (packed weights count packed)."""
+        seen: set[int] = set()
+        total = 0
+        tensors = list(self.module.named_parameters()) + list(self.module.named_buffers())
+        tensors += [(n, getattr(self.module, n)) for n in dir(self.module) if n.startswith("_tensor_constant")]
+        for _, t in tensors:
+            if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
+
+    def summary(self) -> dict[str, Any]:
+        nodes = list(self.graph.nodes)
+        return {
+            "kind": self.info.kind,
+            "nodes": len(nodes),
+            "ops": sum(1 for n in nodes if n.op == "call_function"),
+            "weight_bytes": self.weight_bytes(),
+            "passes": list(self.history),
+        }

@@ -1,0 +1,71 @@
+"""The compile report: what each pass changed, how long it took, bytes before and after."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict
+from typing import Any
+
+from fxpress.passes.base import PassResult
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _fmt_stats(stats: dict[str, Any], limit: int = 6) -> str:
+    parts = []
+    for key, value in stats.items():
+        if isinstance(value, (dict, list)):
+            continue
+        parts.append(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}")
+    return ", ".join(parts[:limit])
+
+
+class Report:
+    """A list of PassResults that prints as a table and serialises to JSON."""
+
+    def __init__(self, results: list[PassResult]):
+        self.results = results
+
+    def __iter__(self):
+        return iter(self.results)
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __getitem__(self, key: int | str) -> PassResult:
+        if isinstance(key, str):
+            for r in self.results:
+                if r.name == key:
+                    return r
+            raise KeyError(f"no pass named '{key}' in this report")
+        return self.results[key]
+
+    def to_dict(self) -> list[dict[str, Any]]:
+        return [asdict(r) for r in self.results]
+
+    def table(self):
+        from rich.table import Table
+
+        table = Table(title="fxpress compile report")
+        for column in ("pass", "seconds", "weights before", "weights after", "what changed"):
+            table.add_column(column)
+        for r in self.results:
+            table.add_row(r.name, f"{r.seconds:.2f}", _fmt_bytes(r.bytes_before), _fmt_bytes(r.bytes_after), _fmt_stats(r.stats))
+        return table
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        console = Console(width=140, record=True, file=io.StringIO())
+        console.print(self.table())
+        text = console.export_text()
+        warnings = [f"warning [{r.name}]: {w}" for r in self.results for w in r.warnings]
+        return text + ("\n".join(warnings) + "\n" if warnings else "")
+
+    __repr__ = __str__

@@ -1,0 +1,159 @@
+"""Save and load a Program without pickle: the graph as torch.export's JSON, weights as safetensors."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.export import Dim
+
+from fxpress.errors import ArtifactError, FxpressError
+from fxpress.program import ModelInfo, Program
+
+FORMAT = "fxpress-program"
+FORMAT_VERSION = 1
+GRAPH_FILE, WEIGHTS_FILE, MANIFEST_FILE = "program.json", "weights.safetensors", "manifest.json"
+MAX_BATCH, MAX_SEQ = 1024, 8192
+
+
+def dynamic_shapes_for(program: Program) -> tuple[dict[int, Dim], ...]:
+    """Dynamic batch (and sequence/past for causal LMs) in the order of the graph's inputs."""
+    batch = Dim("batch", min=1, max=MAX_BATCH)
+    if program.is_causal_lm:
+        seq, past = Dim("seq", min=1, max=MAX_SEQ), Dim("past", min=0, max=MAX_SEQ)
+        return ({0: batch, 1: seq}, {1: batch, 3: past}, {1: batch, 3: past})
+    return tuple({0: batch} for _ in program.example_inputs)
+
+
+def export_inputs(program: Program) -> tuple[torch.Tensor, ...]:
+    """Inputs for re-export: sizes above 1 (and a non-empty past) so no dimension gets specialised."""
+    if program.is_causal_lm:
+        ids = torch.randint(0, program.info.vocab_size or 2, (2, 16), generator=torch.Generator().manual_seed(0))
+        keys, values = program.empty_cache(2)
+        pad = (0, 0, 0, 3)
+        return (ids, torch.nn.functional.pad(keys, pad), torch.nn.functional.pad(values, pad))
+    return tuple(torch.cat([t, t]) if t.shape[0] < 2 else t for t in program.example_inputs)
+
+
+def reexport(program: Program) -> torch.export.ExportedProgram:
+    """torch.export the rewritten GraphModule again (fxpress ops included, through their fake kernels)."""
+    try:
+        return torch.export.export(program.module, export_inputs(program), dynamic_shapes=dynamic_shapes_for(program), strict=False)
+    except Exception as err:
+        raise FxpressError(f"the rewritten program could not be exported again: {type(err).__name__}: {str(err).splitlines()[0]}") from err
+
+
+def _unique_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """safetensors refuses shared storage (tied embeddings): keep one copy and record aliases."""
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    by_storage: dict[tuple, str] = {}
+    for name, t in tensors.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if key in by_storage:
+            aliases[name] = by_storage[key]
+        else:
+            by_storage[key] = name
+            unique[name] = t.detach().contiguous().clone()
+    return unique, aliases
+
+
+def save_program(program: Program, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    """Write program.json + weights.safetensors + manifest.json into `directory`, atomically."""
+    from safetensors.torch import save_file
+    from torch._export.serde.serialize import serialize
+
+    directory = Path(directory)
+    ep = reexport(program)
+    artifact = serialize(ep)
+    examples = export_inputs(program)
+    tensors = {f"state.{k}": v for k, v in ep.state_dict.items()}
+    for k, v in ep.constants.items():
+        if not isinstance(v, torch.Tensor):
+            raise FxpressError(f"constant '{k}' is a {type(v).__name__}, which cannot be saved as a tensor")
+        tensors[f"const.{k}"] = v
+    tensors.update({f"example.{i}": t for i, t in enumerate(examples)})
+    unique, aliases = _unique_tensors(tensors)
+    manifest = {
+        "format": FORMAT, "version": FORMAT_VERSION, "torch": torch.__version__,
+        "info": program.info.to_dict(), "history": program.history, "aliases": aliases,
+        "parameters": [k for k, v in ep.state_dict.items() if isinstance(v, torch.nn.Parameter)],
+        "num_examples": len(examples),
+        "example_shapes": [list(t.shape) for t in program.example_inputs],
+        "example_dtypes": [str(t.dtype) for t in program.example_inputs],
+        **(extra or {}),
+    }
+    tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / GRAPH_FILE).write_bytes(artifact.exported_program)
+    save_file(unique, str(tmp / WEIGHTS_FILE))
+    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str))
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+    return directory
+
+
+def _to_bytes(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)  # in memory only: torch.export's deserializer takes this form
+    return buffer.getvalue()
+
+
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    directory = Path(directory)
+    path = directory / MANIFEST_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{directory} is not a saved fxpress program: {MANIFEST_FILE} is missing")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{path} is corrupt (not JSON): {err}") from err
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{directory} holds '{manifest.get('format')}', not an fxpress program")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise ArtifactError(f"{directory} is format version {manifest.get('version')}; this fxpress reads {FORMAT_VERSION}")
+    return manifest
+
+
+def load_program(directory: str | os.PathLike) -> tuple[Program, dict[str, Any]]:
+    """Read a directory written by save_program back into a Program (and its manifest)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from torch._export.serde.serialize import SerializedArtifact, deserialize
+
+    import fxpress.runtime  # noqa: F401  (registers the fxpress ops the graph may call)
+
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    try:
+        tensors = load_file(str(directory / WEIGHTS_FILE))
+    except (SafetensorError, FileNotFoundError, OSError) as err:
+        raise ArtifactError(f"{directory / WEIGHTS_FILE} is missing or corrupt: {err}") from err
+    parameters = {f"state.{k}" for k in manifest.get("parameters", [])}
+    for name in list(tensors):
+        if name in parameters or any(a in parameters for a, t in manifest["aliases"].items() if t == name):
+            tensors[name] = torch.nn.Parameter(tensors[name], requires_grad=False)
+    for alias, target in manifest["aliases"].items():
+        tensors[alias] = tensors[target]
+    state = {k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")}
+    constants = {k[len("const."):]: v for k, v in tensors.items() if k.startswith("const.")}
+    examples = tuple(tensors[f"example.{i}"] for i in range(manifest["num_examples"]))
+    try:
+        graph_bytes = (directory / GRAPH_FILE).read_bytes()
+        ep = deserialize(SerializedArtifact(graph_bytes, _to_bytes(state), _to_bytes(constants), _to_bytes((examples, {}))))
+    except Exception as err:
+        raise ArtifactError(f"{directory / GRAPH_FILE} could not be read as an exported program: {type(err).__name__}: {err}") from err
+    info = ModelInfo.from_dict(manifest["info"])
+    example = tuple(
+        torch.zeros(shape, dtype=getattr(torch, dtype.split(".")[-1]))
+        for shape, dtype in zip(manifest["example_shapes"], manifest["example_dtypes"])
+    )
+    program = Program(module=ep.module(), example_inputs=example, info=info, history=list(manifest["history"]))
+    return program, manifest

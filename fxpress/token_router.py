@@ -1,0 +1,402 @@
+"""Token routing for `prune_tokens`: find decoder blocks, score tokens with a tiny router, skip the rest.
+
+What a skipped token does in a block (the contract the pass keeps):
+
+- it rides the residual stream unchanged (the block's update is not added);
+- it still writes its keys/values for that block: k/v projections (about 6% of a SmolLM2 block)
+  run on every token, so the KV cache of a pruned prefill holds every position, and kept
+  tokens attend to all earlier tokens. Decoding one token at a time never prunes
+  (k = S - floor(s*S) is S when S*s < 1), so a decode step sees the same cache layout as
+  an unpruned model;
+- the choice is a top-k over the chunk (as in FTP and Mixture-of-Depths), so whether a token
+  is kept can depend on later tokens of the same prefill chunk; the logits themselves stay
+  causal in everything but that choice.
+
+Router inputs (FTP's four factors plus two cheap extras): log position, relative position,
+attention the token receives from the last `probes` queries of the block (their query path is
+copied for those rows only), that attention's rank, the hidden-state RMS, the block's required
+sparsity, and the block depth. One shared two-layer MLP scores every block.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from fxpress.errors import ConfigError
+
+aten = torch.ops.aten
+SDPA = aten.scaled_dot_product_attention.default
+ADD = aten.add.Tensor
+CASTS = {aten.to.dtype, aten.alias.default, aten._to_copy.default, aten.clone.default, aten.to.dtype_layout}
+MATMULS = {aten.linear.default, aten.mm.default, aten.matmul.default, aten.addmm.default}
+FEATURES = ("log_position", "relative_position", "attention", "attention_rank", "hidden_norm", "sparsity", "depth")
+SPARSITY_SCALE = 1000  # per-block sparsity is baked into the graph as an integer fraction of this
+
+
+# --- graph structure -------------------------------------------------------------------------------
+
+@dataclass
+class DecoderBlock:
+    """One decoder block as the residual stream sees it: h_out = h_in + attention(...) + mlp(...)."""
+
+    index: int
+    h_in: torch.fx.Node
+    h_out: torch.fx.Node
+    sdpa: torch.fx.Node
+    region: list[torch.fx.Node] = field(default_factory=list)  # nodes between h_in and h_out (topological)
+    query_side: list[torch.fx.Node] = field(default_factory=list)  # what only kept tokens need
+    query_path: list[torch.fx.Node] = field(default_factory=list)  # h_in -> query (for probe rows)
+
+
+def _descendants(start: torch.fx.Node) -> set[torch.fx.Node]:
+    seen, stack = set(), [start]
+    while stack:
+        for user in stack.pop().users:
+            if user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return seen
+
+
+def _ancestors(end: torch.fx.Node, allowed: set[torch.fx.Node]) -> set[torch.fx.Node]:
+    seen, stack = {end}, [end]
+    while stack:
+        for inp in stack.pop().all_input_nodes:
+            if inp in allowed and inp not in seen:
+                seen.add(inp)
+                stack.append(inp)
+    return seen
+
+
+def _stream(node: torch.fx.Node) -> set[torch.fx.Node]:
+    """A residual-stream node and the dtype casts/aliases of it."""
+    out, stack = {node}, [node]
+    while stack:
+        for user in stack.pop().users:
+            if user.target in CASTS and user not in out:
+                out.add(user)
+                stack.append(user)
+    return out
+
+
+def _residual_add(cur: torch.fx.Node, forbidden: set[torch.fx.Node]) -> torch.fx.Node | None:
+    """The next residual add on the stream: add(cur, f(cur)) with f not reaching into the next block."""
+    stream = _stream(cur)
+    later = _descendants(cur)
+    for node in stream:
+        for user in node.users:
+            if user.target is not ADD or len(user.args) < 2:
+                continue
+            others = [a for a in user.args[:2] if isinstance(a, torch.fx.Node) and a not in stream]
+            if len(others) == 1 and others[0] in later and others[0] not in forbidden:
+                return user
+    return None
+
+
+def find_blocks(gm: torch.fx.GraphModule) -> list[DecoderBlock]:
+    """Decoder blocks found from the graph's structure (one SDPA each), not from model classes."""
+    nodes = list(gm.graph.nodes)
+    sdpas = [n for n in nodes if n.target is SDPA]
+    if not sdpas:
+        raise ConfigError(
+            "prune_tokens found no aten.scaled_dot_product_attention in the graph: capture the model with "
+            "attn_implementation='sdpa' (the transformers default)"
+        )
+    desc = [_descendants(s) | {s} for s in sdpas]
+    order = {n: i for i, n in enumerate(nodes)}
+    blocks = []
+    for i, s in enumerate(sdpas):
+        forbidden = desc[i + 1] if i + 1 < len(sdpas) else set()
+        attn_add = next(
+            (n for n in nodes[order[s] + 1:] if n.target is ADD and len(n.args) >= 2
+             and sum(isinstance(a, torch.fx.Node) and a in desc[i] for a in n.args[:2]) == 1
+             and all(isinstance(a, torch.fx.Node) for a in n.args[:2])), None)
+        if attn_add is None:
+            raise ConfigError(f"prune_tokens: attention {s.name} has no residual add after it")
+        h_in = next(a for a in attn_add.args[:2] if a not in desc[i])
+        h_out = attn_add
+        while (nxt := _residual_add(h_out, forbidden)) is not None:
+            h_out = nxt
+        blocks.append(_fill_block(DecoderBlock(i, h_in, h_out, s), order))
+    return blocks
+
+
+def _fill_block(block: DecoderBlock, order: dict[torch.fx.Node, int]) -> DecoderBlock:
+    after_in = {n for n in _descendants(block.h_in) if order[n] <= order[block.h_out]}
+    region = _ancestors(block.h_out, after_in)
+    query = block.sdpa.args[0]
+    query_path = _ancestors(query, region)
+    post = (_descendants(block.sdpa) | {block.sdpa}) & region
+    block.region = sorted(region, key=order.__getitem__)
+    block.query_path = [n for n in block.region if n in query_path]
+    block.query_side = [n for n in block.region if n in query_path or n in post]
+    if len(block.sdpa.args) < 4 or not isinstance(block.sdpa.args[3], torch.fx.Node):
+        raise ConfigError(f"prune_tokens needs an explicit attention mask on {block.sdpa.name} (is_causal is not supported)")
+    return block
+
+
+def matmul_macs(node: torch.fx.Node) -> int:
+    """Multiply-adds per token of a matmul-like node: in_features * out_features (0 when unknown)."""
+    is_fxpress = "fxpress" in str(node.target) and "linear" in str(node.target)
+    if node.target not in MATMULS and not is_fxpress:
+        return 0
+    out = node.meta.get("val")
+    first = node.args[0] if node.args else None
+    inp = first.meta.get("val") if isinstance(first, torch.fx.Node) else None
+    if not isinstance(out, torch.Tensor) or not isinstance(inp, torch.Tensor):
+        return 0
+    try:
+        return int(inp.shape[-1]) * int(out.shape[-1])
+    except (TypeError, RuntimeError):
+        return 0
+
+
+def block_costs(block: DecoderBlock) -> dict[str, int]:
+    """Per-token multiply-adds of a block, split into what every token pays and what kept tokens pay."""
+    query_side = set(block.query_side)
+    kept = sum(matmul_macs(n) for n in block.query_side)
+    every = sum(matmul_macs(n) for n in block.region if n not in query_side)
+    q = block.sdpa.args[0].meta["val"]
+    return {"kept_macs": kept, "every_macs": every, "heads": int(q.shape[1]), "head_dim": int(q.shape[-1])}
+
+
+# --- runtime helpers (plain ATen ops: gather, scatter, topk) -----------------------------------------
+
+def take_rows(t: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
+    """Rows `idx` [B, k] of `t` along its sequence dimension `dim` (batch is dim 0)."""
+    batch, k = idx.shape[0], idx.shape[1]
+    t = t.expand(batch, *t.shape[1:])
+    view = [batch] + [1] * (t.dim() - 1)
+    view[dim] = k
+    size = [batch] + [t.shape[i] if i != dim else k for i in range(1, t.dim())]
+    return torch.gather(t, dim, idx.reshape(view).expand(size))
+
+
+def put_rows(h: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The residual stream with rows `idx` replaced by the block's outputs; other tokens ride unchanged."""
+    return h.scatter(1, idx.unsqueeze(-1).expand(rows.shape), rows)
+
+
+def probe_rows(h: torch.Tensor, probes: int) -> torch.Tensor:
+    """Indices [B, probes] of the last `probes` tokens (clamped at 0 for short chunks)."""
+    seq = h.shape[1]
+    idx = (torch.arange(probes, device=h.device) + (seq - probes)).clamp(min=0)
+    return idx.unsqueeze(0).expand(h.shape[0], probes)
+
+
+def keep_count(seq, permille: int):
+    """Tokens kept out of `seq` at a sparsity of permille/1000: never 0, all of them for one token."""
+    return seq - (seq * permille) // SPARSITY_SCALE
+
+
+def select_tokens(score: torch.Tensor, permille: int) -> torch.Tensor:
+    """Top-k token indices [B, k], k from the (dynamic) sequence length.
+
+    k goes through a tensor and back (an unbacked size for torch.export), so export does not
+    specialise it to "never 1": one-token decoding keeps k = 1.
+    """
+    seq = score.shape[1]
+    k = torch.scalar_tensor(keep_count(seq, permille), dtype=torch.long).item()
+    torch._check_is_size(k)
+    torch._check(k >= 1)
+    torch._check(k <= seq)
+    return torch.topk(score, k, dim=1).indices
+
+
+def probe_attention(q: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Mean attention probability each key position receives from the probe queries: [B, keys]."""
+    if key.shape[1] != q.shape[1]:
+        key = key.repeat_interleave(q.shape[1] // key.shape[1], dim=1)
+    logits = torch.matmul(q, key.transpose(-1, -2)) * scale
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+    return logits.softmax(-1).mean(dim=(1, 2))
+
+
+# --- the router --------------------------------------------------------------------------------------
+
+class TokenRouter(nn.Module):
+    """One shared two-layer MLP (features -> hidden -> 1) that scores tokens in every block."""
+
+    def __init__(self, num_blocks: int, hidden: int = 64, seed: int = 0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        nf = len(FEATURES)
+        self.w1 = nn.Parameter(torch.randn(hidden, nf, generator=gen) / math.sqrt(nf))
+        self.b1 = nn.Parameter(torch.zeros(hidden))
+        self.w2 = nn.Parameter(torch.randn(1, hidden, generator=gen) / math.sqrt(hidden))
+        self.b2 = nn.Parameter(torch.zeros(1))
+        self.register_buffer("sparsity", torch.zeros(num_blocks))
+        self.register_buffer("shift", torch.zeros(nf))
+        self.register_buffer("scale", torch.ones(nf))
+        self.num_blocks = num_blocks
+        self.trace: dict[int, dict[str, torch.Tensor]] | None = None  # filled while training/searching
+
+    def features(self, block: int, h: torch.Tensor, q_probe: torch.Tensor, key: torch.Tensor,
+                 mask_probe: torch.Tensor | None, scale: float) -> torch.Tensor:
+        """[B, S, len(FEATURES)] raw (un-normalised) router inputs."""
+        batch, seq = h.shape[0], h.shape[1]
+        total = key.shape[2]
+        past = total - seq
+        pos = (torch.arange(seq, device=h.device) + past).to(h.dtype).unsqueeze(0).expand(batch, seq)
+        attn = probe_attention(q_probe, key, mask_probe, scale)[:, past:]
+        rank = attn.argsort(dim=1, descending=True).argsort(dim=1).to(h.dtype) / seq
+        norm = 0.5 * h.pow(2).mean(-1).add(1e-6).log()
+        sparsity = self.sparsity[block].to(h.dtype).expand(batch, seq)
+        depth = torch.full_like(pos, block / max(self.num_blocks - 1, 1))
+        return torch.stack([pos.log1p(), (pos + 1) / total, (attn * total + 1e-6).log(), rank, norm, sparsity, depth], -1)
+
+    def score_features(self, feats: torch.Tensor) -> torch.Tensor:
+        """Router logits [B, S] from raw features; matmuls (not nn.Linear) keep it out of weight passes."""
+        x = (feats - self.shift) / self.scale
+        hidden = torch.relu(torch.matmul(x, self.w1.t()) + self.b1)
+        return (torch.matmul(hidden, self.w2.t()) + self.b2).squeeze(-1)
+
+    def forward(self, block: int, h: torch.Tensor, q_probe: torch.Tensor, key: torch.Tensor,
+                mask_probe: torch.Tensor | None, scale: float) -> torch.Tensor:
+        feats = self.features(block, h, q_probe, key, mask_probe, scale)
+        score = self.score_features(feats)
+        if self.trace is not None:
+            self.trace[block] = {"features": feats.detach(), "score": score}
+        return score
+
+
+class MaskGate(nn.Module):
+    """Training/search form of the skip: every token runs the block, skipped ones get no update.
+
+    Forward equals the gather/scatter form exactly (same top-k, same K/V); gradients reach the
+    router through a straight-through sigmoid around the top-k threshold.
+    """
+
+    def __init__(self, router: TokenRouter, temperature: float = 1.0):
+        super().__init__()
+        object.__setattr__(self, "router", router)  # shared, not a second registration
+        self.temperature = temperature
+
+    def forward(self, block: int, score: torch.Tensor, h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
+        router = self.router
+        seq = score.shape[1]
+        keep = seq - torch.floor(seq * router.sparsity[block] + 1e-6)
+        order = score.argsort(dim=1, descending=True)
+        rank = order.argsort(dim=1)
+        hard = (rank < keep).to(h_in.dtype)
+        gate = hard
+        if torch.is_grad_enabled() and score.requires_grad:
+            ranked = score.gather(1, order)
+            last = (keep.long() - 1).clamp(0, seq - 1).expand(score.shape[0], 1)
+            first_out = (last + 1).clamp(max=seq - 1)
+            thr = 0.5 * (ranked.gather(1, last) + ranked.gather(1, first_out)).detach()
+            soft = torch.sigmoid((score - thr) / self.temperature)
+            gate = hard + soft - soft.detach()
+            if router.trace is not None:
+                router.trace[block]["soft"] = soft
+        update = h_out - h_in
+        if router.trace is not None:
+            rel = update.detach().norm(dim=-1) / h_in.detach().norm(dim=-1).clamp_min(1e-6)
+            router.trace[block]["importance"] = rel
+        return h_in + gate.unsqueeze(-1) * update
+
+
+# --- the rewrite -------------------------------------------------------------------------------------
+
+def _seq_symbol(gm: torch.fx.GraphModule):
+    first = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    size = first.meta["val"].shape[1]
+    if not isinstance(size, torch.SymInt):
+        raise ConfigError("prune_tokens needs a graph captured with a dynamic sequence length")
+    return size.node.expr
+
+
+class _RowCopier:
+    """Copies a block's nodes so they compute only rows `idx`: inputs with a sequence dim are gathered."""
+
+    def __init__(self, graph: torch.fx.Graph, seq, idx: torch.fx.Node, count):
+        self.graph, self.seq, self.idx, self.count = graph, seq, idx, count
+        self.env: dict[torch.fx.Node, object] = {}
+
+    def arg(self, a: torch.fx.Node):
+        if a in self.env:
+            return self.env[a]
+        val = a.meta.get("val")
+        new: object = a
+        if isinstance(val, torch.SymInt):
+            expr = val.node.expr
+            if expr == self.seq:
+                new = self.count
+            elif self.seq in getattr(expr, "free_symbols", ()) and a.op == "call_function":
+                new = self.graph.node_copy(a, self.arg)
+        elif isinstance(val, torch.Tensor) and a.op != "get_attr":
+            dims = [i for i, d in enumerate(val.shape) if isinstance(d, torch.SymInt) and d.node.expr == self.seq]
+            if len(dims) > 1:
+                raise ConfigError(f"prune_tokens: {a.name} has the sequence length in several dims {dims}")
+            if dims:
+                new = self.graph.call_function(take_rows, (a, self.idx, dims[0]))
+        self.env[a] = new
+        return new
+
+    def copy(self, nodes: list[torch.fx.Node]) -> dict[torch.fx.Node, object]:
+        for n in nodes:
+            self.env[n] = self.graph.node_copy(n, self.arg)
+        return self.env
+
+
+def _sdpa_scale(sdpa: torch.fx.Node) -> float:
+    scale = sdpa.kwargs.get("scale")
+    if scale is None and len(sdpa.args) > 6:
+        scale = sdpa.args[6]
+    return float(scale) if scale is not None else 1.0 / math.sqrt(int(sdpa.args[0].meta["val"].shape[-1]))
+
+
+def route_blocks(gm: torch.fx.GraphModule, router: TokenRouter, mode: str, schedule: list[float],
+                 probes: int = 16, gate: MaskGate | None = None) -> list[DecoderBlock]:
+    """Insert the router before every block with sparsity > 0 and skip tokens ("gather" or "mask" mode)."""
+    blocks = find_blocks(gm)
+    if len(schedule) != len(blocks):
+        raise ConfigError(f"prune_tokens: schedule has {len(schedule)} entries for {len(blocks)} blocks")
+    seq = _seq_symbol(gm)
+    graph = gm.graph
+    gm.add_submodule("prune_router", router)
+    if mode == "mask":
+        gm.add_submodule("prune_gate", gate or MaskGate(router))
+    for block, sparsity in zip(blocks, schedule):
+        permille = int(round(sparsity * SPARSITY_SCALE))
+        if permille <= 0 and mode == "gather":
+            continue
+        _route_block(graph, block, mode, permille, seq, probes)
+    _drop_orphans(graph)
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+    return blocks
+
+
+def _route_block(graph: torch.fx.Graph, block: DecoderBlock, mode: str, permille: int, seq, probes: int) -> None:
+    sdpa, h_in, h_out = block.sdpa, block.h_in, block.h_out
+    with graph.inserting_before(h_out):
+        probe_idx = graph.call_function(probe_rows, (h_in, probes))
+        probe = _RowCopier(graph, seq, probe_idx, probes).copy(block.query_path)
+        mask = sdpa.args[3]
+        mask_probe = graph.call_function(take_rows, (mask, probe_idx, 2))
+        score = graph.call_module("prune_router", (block.index, h_in, probe[sdpa.args[0]], sdpa.args[1],
+                                                   mask_probe, _sdpa_scale(sdpa)))
+        if mode != "mask":
+            idx = graph.call_function(select_tokens, (score, permille))
+            count = graph.call_function(aten.sym_size.int, (idx, 1))
+            env = _RowCopier(graph, seq, idx, count).copy(block.query_side)
+            new = graph.call_function(put_rows, (h_in, idx, env[h_out]))
+    if mode == "mask":
+        with graph.inserting_after(h_out):
+            new = graph.call_module("prune_gate", (block.index, score, h_in, h_out))
+    h_out.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+
+
+def _drop_orphans(graph: torch.fx.Graph) -> None:
+    """Remove metadata asserts that would keep the replaced dense computation alive."""
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is aten._assert_tensor_metadata.default and not node.users:
+            graph.erase_node(node)

@@ -1,0 +1,1 @@
+"""Lowerings: ONNX, TVM and FPGA."""

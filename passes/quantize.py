@@ -1,0 +1,299 @@
+"""Quantize: packed low-bit linear weights (RTN or GPTQ), dynamic per-token activations, and the KV cache.
+
+find the linears (graph.linear_uses) and cache writes (graph.cache_writes) → insert
+`fxpress::quantize_act` before quantized linears and on keys/values written to the cache → quantize
+each weight (RTN, or GPTQ with Hessians from the real inputs each linear sees, layer after layer)
+→ replace `aten.linear` by `fxpress::linear_nbit` over packed uint8 storage → report bytes and skips.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from fxpress.passes.base import Pass, check_choice, check_range, register_pass
+from fxpress.runtime import quant  # noqa: F401  (defines the fxpress ops)
+from torch.fx import GraphModule, Node
+from tqdm.auto import tqdm
+
+from fxpress import graph as G
+from fxpress.errors import ConfigError
+from fxpress.gptq import QuantizedWeight, WeightSpec, gptq, hessian, rtn
+
+LINEAR_NBIT = torch.ops.fxpress.linear_nbit.default
+QUANTIZE_ACT = torch.ops.fxpress.quantize_act.default
+
+
+def _bits_ok(value: Any) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and 2 <= value <= 8)
+
+
+@register_pass
+@dataclass
+class Quantize(Pass):
+    """Weights to `w_bits` (packed for real), activations to `a_bits` per token, KV cache to `kv_bits`.
+
+    `group_size` columns share a scale (-1: one per output channel); the last group of a row may be
+    partial (K not a multiple of group_size), as MatMulNBits allows. Weights are asymmetric with
+    integer zero points unless `symmetric`. Activations are symmetric per token with `clip_ratio`;
+    keys (after RoPE and any online Hadamard) and values are asymmetric per token and head with
+    `kv_clip_ratio`. Linears whose weight name matches a `skip` regex stay in full precision.
+    """
+
+    name = "quantize"
+    version = 1
+    not_after = ("quantize",)
+
+    w_bits: int | None = 4
+    a_bits: int | None = None
+    kv_bits: int | None = None
+    group_size: int = 128
+    symmetric: bool = False
+    method: str = "rtn"
+    act_order: bool = False
+    clip_ratio: float = 1.0
+    kv_clip_ratio: float = 1.0
+    clip_search: bool = True
+    damp: float = 0.01
+    skip: tuple[str, ...] = ("lm_head",)
+    seed: int = 0
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return self.method == "gptq" and self.w_bits is not None
+
+    # -- configuration ------------------------------------------------------------------------
+    def validate(self) -> None:
+        for field_name in ("w_bits", "a_bits", "kv_bits"):
+            value = getattr(self, field_name)
+            if not _bits_ok(value):
+                raise ConfigError(
+                    f"quantize.{field_name} = {value!r} is not allowed: use an integer from 2 to 8, or None to leave it in float"
+                )
+        if self.w_bits is None and self.a_bits is None and self.kv_bits is None:
+            raise ConfigError("quantize has nothing to do: set at least one of w_bits, a_bits, kv_bits")
+        gs = self.group_size
+        if not isinstance(gs, int) or isinstance(gs, bool) or not (gs == -1 or (gs >= 8 and gs % 8 == 0)):
+            raise ConfigError(
+                f"quantize.group_size = {gs!r} is not allowed: use -1 (one group per output channel) or a multiple "
+                "of 8 (a power of two >= 16, e.g. 32, 64, 128, maps directly to ONNX MatMulNBits)"
+            )
+        check_choice(self.name, "method", self.method, ("rtn", "gptq"))
+        if self.act_order and self.method != "gptq":
+            raise ConfigError("quantize.act_order only applies to method='gptq': set method='gptq' or act_order=False")
+        for field_name in ("symmetric", "act_order", "clip_search"):
+            if not isinstance(getattr(self, field_name), bool):
+                raise ConfigError(f"quantize.{field_name} = {getattr(self, field_name)!r} must be True or False")
+        check_range(self.name, "clip_ratio", self.clip_ratio, 0.05, 1.0)
+        check_range(self.name, "kv_clip_ratio", self.kv_clip_ratio, 0.05, 1.0)
+        check_range(self.name, "damp", self.damp, 0.0, 1.0)
+        if isinstance(self.skip, str) or not all(isinstance(p, str) for p in self.skip):
+            raise ConfigError(f"quantize.skip = {self.skip!r} must be a list of regular expressions, e.g. ['lm_head']")
+        for pattern in self.skip:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(f"quantize.skip pattern {pattern!r} is not a valid regular expression: {err}") from err
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ConfigError(f"quantize.seed = {self.seed!r} must be an integer")
+
+    def spec(self) -> WeightSpec:
+        return WeightSpec(self.w_bits or 8, self.group_size, self.symmetric, self.clip_search)
+
+    # -- the pass -------------------------------------------------------------------------------
+    def run(self, program) -> dict[str, Any]:
+        torch.manual_seed(self.seed)
+        gm = program.module
+        targets, skipped = self._select_linears(gm)
+        sites = G.cache_writes(gm) if self.kv_bits is not None else []
+        if self.kv_bits is not None and not sites:
+            raise ConfigError(
+                "quantize.kv_bits is set but the graph has no KV cache (a causal LM captured by fxpress.capture "
+                "returns present keys/values): set kv_bits=None for this model"
+            )
+        if self.needs_calibration and program.calibration is None:
+            raise ConfigError("quantize with method='gptq' needs calibration data: pass calibration=... to fxpress.compile")
+        warnings = [f"{name} left in full precision: {why}" for name, why in skipped.items()]
+        act_nodes = self._quantize_activations(gm, targets) if self.a_bits is not None else 0
+        for site in sites:
+            G.insert_before_use(gm, site.cat, site.new, QUANTIZE_ACT, (self.kv_bits, float(self.kv_clip_ratio), False))
+        stats: dict[str, Any] = {
+            "w_bits": self.w_bits, "a_bits": self.a_bits, "kv_bits": self.kv_bits, "method": self.method,
+            "activation_quantizers": act_nodes, "kv_quantizers": len(sites), "skipped": skipped,
+        }
+        if self.w_bits is not None and targets:
+            if self.method == "gptq":
+                weights, gptq_stats = self._gptq_weights(program, targets)
+                warnings += gptq_stats.pop("warnings")
+                stats.update(gptq_stats)
+            else:
+                weights = {u.name: rtn(G.get_param(gm, u.weight), self.spec()) for u in tqdm(targets, desc="rtn", leave=False)}
+            stats.update(self._rewrite(gm, targets, weights))
+        stats["linears_quantized"] = len(targets) if self.w_bits is not None else 0
+        stats["warnings"] = warnings
+        return stats
+
+    def _select_linears(self, gm: GraphModule) -> tuple[list[G.LinearUse], dict[str, str]]:
+        """Plain 2-D aten.linear uses not matched by `skip`; everything else is listed with the reason."""
+        targets, skipped = [], {}
+        for use in G.linear_uses(gm.graph):
+            pattern = next((p for p in self.skip if re.search(p, use.name)), None)
+            if pattern is not None:
+                skipped[use.name] = f"matches skip pattern {pattern!r}"
+            elif use.kind != "linear" or use.expert is not None or G.val(use.weight).dim() != 2:
+                skipped[use.name] = f"{use.kind} on a {G.val(use.weight).dim()}-D weight (fused experts: use quantize_experts)"
+            elif G.param_source(use.node.args[1])[1]:
+                skipped[use.name] = "the weight reaches the linear through a view or cast"
+            else:
+                targets.append(use)
+        return targets, skipped
+
+    def _quantize_activations(self, gm: GraphModule, targets: list[G.LinearUse]) -> int:
+        """One quantize_act per distinct input, read only by the quantized linears (not the residual)."""
+        made: dict[Node, Node] = {}
+        for use in targets:
+            x = use.node.args[0]
+            if x not in made:
+                made[x] = G.insert_after(gm, x, QUANTIZE_ACT, (x, self.a_bits, float(self.clip_ratio), True), reroute=False)
+            use.node.replace_input_with(x, made[x])
+        return len(made)
+
+    # -- weights ------------------------------------------------------------------------------
+    def _gptq_weights(self, program, targets: list[G.LinearUse]) -> tuple[dict[str, QuantizedWeight], dict[str, Any]]:
+        """Run the calibration set through the graph once; each group of linears that read the same
+        input is quantized when the run reaches it, so later layers see earlier layers' quantized outputs."""
+        from fxpress.calibration import program_inputs
+
+        samples = program.calibration.batches
+        runner = _GPTQRunner(program.module, targets, self)
+        with torch.no_grad():
+            try:
+                runner.run(*program_inputs(program, samples))
+            except _Done:
+                pass
+        stats = {"calibration_samples": int(samples.shape[0]), "calibration_tokens": int(samples.numel()),
+                 "gptq_groups": runner.groups_done, "warnings": runner.warnings}
+        return runner.results, stats
+
+    def _rewrite(self, gm: GraphModule, targets: list[G.LinearUse], weights: dict[str, QuantizedWeight]) -> dict[str, Any]:
+        """aten.linear(x, W, b) → fxpress.linear_nbit(x, packed, scales, zeros, b, bits, block, K)."""
+        bytes_fp, bytes_packed, partial = 0, 0, set()
+        packed_nodes: dict[str, tuple[Node, Node, Node | None]] = {}
+        first_use: dict[str, Node] = {}
+        for use in targets:
+            first_use.setdefault(use.name, use.node)
+        for use in targets:
+            qw = weights[use.name]
+            n, k = qw.codes.shape
+            if use.name not in packed_nodes:
+                qweight, scales, zeros = qw.packed()
+                before = first_use[use.name]
+                base = f"{use.name}_q{self.w_bits}"
+                packed_nodes[use.name] = (
+                    G.add_param(gm, base + "_packed", qweight, before, buffer=True),
+                    G.add_param(gm, base + "_scales", scales.to(G.val(use.weight).dtype), before, buffer=True),
+                    None if zeros is None else G.add_param(gm, base + "_zeros", zeros, before, buffer=True),
+                )
+                w = G.val(use.weight)
+                bytes_fp += w.numel() * w.element_size()
+                bytes_packed += sum(t.numel() * t.element_size() for t in (qweight, scales, zeros) if t is not None)
+                if k % qw.block_size:
+                    partial.add((k, qw.block_size))
+            qn, sn, zn = packed_nodes[use.name]
+            bias = use.node.args[2] if len(use.node.args) > 2 else use.node.kwargs.get("bias")
+            with gm.graph.inserting_before(use.node):
+                new = gm.graph.call_function(LINEAR_NBIT, (use.node.args[0], qn, sn, zn, bias, self.w_bits, qw.block_size, k))
+            new.meta.update({key: v for key, v in use.node.meta.items() if key in ("val", "stack_trace", "nn_module_stack")})
+            use.node.replace_all_uses_with(new)
+            gm.graph.erase_node(use.node)
+            if not use.weight.users:
+                _drop_param(gm, use.weight)
+        G.reset_order_cache(gm.graph)
+        notes = [
+            f"in_features {k} is not a multiple of block {b}: the last group of each row has {k % b} columns "
+            "(zero-padded in storage, as MatMulNBits allows)"
+            for k, b in sorted(partial)
+        ]
+        return {"linear_bytes_fp": bytes_fp, "linear_bytes_packed": bytes_packed,
+                "linear_compression": round(bytes_fp / max(bytes_packed, 1), 2), "group_notes": notes,
+                "block_sizes": sorted({w.block_size for w in weights.values()})}
+
+
+def _drop_param(gm: GraphModule, node: Node) -> None:
+    """Erase an unused get_attr node and the tensor behind it (so the fp weight no longer counts)."""
+    owner, name = G._resolve(gm, str(node.target))
+    gm.graph.erase_node(node)
+    if not any(n.op == "get_attr" and n.target == node.target for n in gm.graph.nodes):
+        owner._parameters.pop(name, None)
+        owner._buffers.pop(name, None)
+
+
+class _Done(Exception):
+    """Raised by the GPTQ runner after the last quantized linear: the rest of the graph is not needed."""
+
+
+class _GPTQRunner(torch.fx.Interpreter):
+    """Interprets the graph on the calibration set; at each group of linears sharing an input it builds
+    the Hessian from that input, quantizes the group's weights together (one GPTQ over stacked rows,
+    they share H) and continues with the dequantized weights."""
+
+    def __init__(self, gm: GraphModule, targets: list[G.LinearUse], cfg: Quantize):
+        super().__init__(gm)
+        self.cfg = cfg
+        self.by_node = {u.node: u for u in targets}
+        self.groups: dict[Node, list[G.LinearUse]] = {}
+        for u in targets:
+            self.groups.setdefault(u.node.args[0], []).append(u)
+        self.last = targets[-1].node if targets else None
+        self.results: dict[str, QuantizedWeight] = {}
+        self.dequantized: dict[str, torch.Tensor] = {}
+        self.warnings: list[str] = []
+        self.groups_done = 0
+        self.bar = tqdm(total=len(self.groups), desc="gptq", leave=False)
+
+    def run_node(self, n: Node) -> Any:
+        use = self.by_node.get(n)
+        if use is None:
+            return super().run_node(n)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        x = args[0]
+        if use.name not in self.results:
+            self._quantize_group(self.groups[n.args[0]], x, args)
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        out = F.linear(x, self.dequantized[use.name].to(x.dtype), bias)
+        if n is self.last:
+            self.bar.close()
+            raise _Done
+        return out
+
+    def _quantize_group(self, group: list[G.LinearUse], x: torch.Tensor, args: tuple) -> None:
+        names, weights = [], []
+        for u in group:
+            if u.name not in names and u.name not in self.results:
+                names.append(u.name)
+                weights.append(G.get_param(self.module, u.weight).detach().float())
+        h, tokens = hessian(x)
+        spec = self.cfg.spec()
+        if tokens == 0:
+            self.warnings.append(f"{', '.join(names)}: no calibration tokens reached these linears; used RTN")
+            quantized = [rtn(w, spec) for w in weights]
+        else:
+            stacked = gptq(torch.cat(weights), h, spec, act_order=self.cfg.act_order, damp=self.cfg.damp)
+            quantized = _split_rows(stacked, [w.shape[0] for w in weights])
+        for name, qw in zip(names, quantized):
+            self.results[name] = qw
+            self.dequantized[name] = qw.dequantize()
+        self.groups_done += 1
+        self.bar.update(1)
+
+
+def _split_rows(qw: QuantizedWeight, rows: list[int]) -> list[QuantizedWeight]:
+    """Undo the row stacking of weights that shared one GPTQ run."""
+    out = []
+    for codes, scales, zeros in zip(qw.codes.split(rows), qw.scales.split(rows), qw.zeros.split(rows)):
+        out.append(QuantizedWeight(codes.contiguous(), scales.contiguous(), zeros.contiguous(), qw.spec, qw.block_size))
+    return out

@@ -1,0 +1,338 @@
+"""`fxpress::hadamard`: the normalised Walsh-Hadamard transform of the last dim, n = K * 2^m, as a butterfly.
+
+The transform is y = x @ (B ⊗ H_M / sqrt(M)) with M = 2^m and B a K x K orthogonal "base" (a
+normalised Hadamard matrix of order K, or a documented fallback when no construction covers K).
+The M part runs as a radix-r butterfly (log_r M stages of r-point Hadamards, O(n log n)); the K part
+is one small K x K contraction (O(n K)). Nothing on the hot path is a dense n x n matmul.
+
+Hadamard matrices of order K are built here, never copied from tables:
+- Sylvester doubling H_2K = [[H, H], [H, -H]];
+- Paley I (q = K - 1 a prime power, q = 3 mod 4) and Paley II (q = K/2 - 1, q = 1 mod 4), over GF(p)
+  and GF(p^2) (e.g. 52 needs GF(25));
+- which covers 12, 20, 28, 36, 40, 44, 52, 60, 108, 140, 148, 152 and many more.
+Orders 156 = 4*39 and 172 = 4*43 are known only from Williamson-type matrices found by computer
+search; fxpress does not build them and uses a fallback for them (and for any other uncovered K),
+reported by `HadamardPlan.fallback`:
+- "orthogonal": B is a seeded random orthogonal K x K matrix (QR with sign fix); y is still an exact
+  rotation and costs O(n (m + K)), but its entries are not all +-1/sqrt(n);
+- "block": B is block-diagonal with normalised Hadamard blocks whose orders sum to K.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from fxpress.errors import ConfigError
+from fxpress.runtime.ops import define_op
+
+FALLBACKS = ("orthogonal", "block", "error")
+KNOWN_ORDERS = (1, 2, 12, 20, 28, 36, 40, 44, 52, 60, 108, 140, 148, 152, 156, 172)  # the usual set
+MAX_ORDER = 1024  # largest base order tried (the base costs n*K per row)
+RADIX = 16  # butterfly radix: stages of 16-point Hadamards (log_16 M stages)
+
+# ----------------------------------------------------------------------------------------------
+# finite fields and Paley constructions
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_prime(p: int) -> bool:
+    if p < 2:
+        return False
+    return all(p % d for d in range(2, int(math.isqrt(p)) + 1))
+
+
+def _prime_power(q: int) -> tuple[int, int] | None:
+    """(p, k) with q = p^k for an odd prime p and k in {1, 2}, else None (fields fxpress implements)."""
+    if q < 3 or q % 2 == 0:
+        return None
+    if _is_prime(q):
+        return q, 1
+    r = math.isqrt(q)
+    if r * r == q and _is_prime(r):
+        return r, 2
+    return None
+
+
+def _residues(p: int) -> np.ndarray:
+    """chi_p(a) for a = 0..p-1 (the Legendre symbol), vectorised."""
+    chi = -np.ones(p, dtype=np.int64)
+    chi[(np.arange(1, p) ** 2) % p] = 1
+    chi[0] = 0
+    return chi
+
+
+def _jacobsthal(q: int) -> np.ndarray:
+    """Q[i, j] = chi(x_i - x_j) over GF(q), q = p or p^2 (GF(p^2) = GF(p)[t]/(t^2 - r), r a non-residue)."""
+    p, k = _prime_power(q)
+    chi = _residues(p)
+    if k == 1:
+        idx = np.arange(p)
+        return chi[(idx[:, None] - idx[None, :]) % p]
+    r = int(np.nonzero(chi == -1)[0][0])
+    a = np.repeat(np.arange(p), p)  # element i = a_i + b_i t
+    b = np.tile(np.arange(p), p)
+    da = (a[:, None] - a[None, :]) % p
+    db = (b[:, None] - b[None, :]) % p
+    norm = (da * da - r * db * db) % p  # chi_{p^2}(z) = chi_p(N(z)), N(a + bt) = a^2 - r b^2
+    out = chi[norm]
+    out[(da == 0) & (db == 0)] = 0
+    return out
+
+
+def _paley1(q: int) -> np.ndarray:
+    """Order q + 1 for q = 3 mod 4: H = I + [[0, 1^T], [-1, Q]]."""
+    qm = _jacobsthal(q)
+    n = q + 1
+    s = np.zeros((n, n), dtype=np.int64)
+    s[0, 1:] = 1
+    s[1:, 0] = -1
+    s[1:, 1:] = qm
+    return np.eye(n, dtype=np.int64) + s
+
+
+def _paley2(q: int) -> np.ndarray:
+    """Order 2(q + 1) for q = 1 mod 4: S = [[0, 1^T], [1, Q]]; H = S ⊗ [[1, 1], [1, -1]] + I ⊗ [[1, -1], [-1, -1]]."""
+    qm = _jacobsthal(q)
+    n = q + 1
+    s = np.zeros((n, n), dtype=np.int64)
+    s[0, 1:] = 1
+    s[1:, 0] = 1
+    s[1:, 1:] = qm
+    a = np.array([[1, 1], [1, -1]], dtype=np.int64)
+    b = np.array([[1, -1], [-1, -1]], dtype=np.int64)
+    return np.kron(s, a) + np.kron(np.eye(n, dtype=np.int64), b)
+
+
+def _sylvester(h: np.ndarray) -> np.ndarray:
+    return np.block([[h, h], [h, -h]])
+
+
+def _check(h: np.ndarray) -> bool:
+    n = h.shape[0]
+    return bool(np.array_equal(h @ h.T, n * np.eye(n, dtype=np.int64)))
+
+
+@lru_cache(maxsize=None)
+def _construct(k: int) -> tuple[np.ndarray, str] | None:
+    """An unnormalised +-1 Hadamard matrix of order k and how it was built, or None."""
+    if k == 1:
+        return np.ones((1, 1), dtype=np.int64), "trivial"
+    if k == 2:
+        return _sylvester(np.ones((1, 1), dtype=np.int64)), "sylvester"
+    if k % 4 or k > MAX_ORDER:
+        return None
+    candidates = []
+    if _prime_power(k - 1) and (k - 1) % 4 == 3:
+        candidates.append((lambda: _paley1(k - 1), f"paley1(q={k - 1})"))
+    if k % 2 == 0 and _prime_power(k // 2 - 1) and (k // 2 - 1) % 4 == 1:
+        candidates.append((lambda: _paley2(k // 2 - 1), f"paley2(q={k // 2 - 1})"))
+    for build, how in candidates:
+        h = build()
+        if _check(h):
+            return h, how
+    half = _construct(k // 2)
+    if half is not None:
+        return _sylvester(half[0]), f"sylvester({half[1]})"
+    return None
+
+
+def hadamard_order_matrix(k: int) -> np.ndarray | None:
+    """The unnormalised Hadamard matrix of order k that fxpress builds, or None when it has none."""
+    found = _construct(k)
+    return None if found is None else found[0].copy()
+
+
+def construction(k: int) -> str | None:
+    """How the order-k matrix is built ('paley1(q=11)', 'sylvester(...)'), or None."""
+    found = _construct(k)
+    return None if found is None else found[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# plans: n = K * M, base matrix, fallbacks
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HadamardPlan:
+    """How size n is transformed: n = k * m (m a power of two), the k x k base and any fallback used."""
+
+    n: int
+    k: int
+    m: int
+    construction: str
+    fallback: str | None  # None, "orthogonal" or "block"
+
+    @property
+    def is_hadamard(self) -> bool:
+        return self.fallback is None
+
+    def cost(self) -> int:
+        """Adds/multiply-adds per row: n*log2(M) for the butterfly plus n*K for the base (K > 1)."""
+        return self.n * int(math.log2(self.m)) + (self.n * self.k if self.k > 1 else 0)
+
+    def describe(self) -> str:
+        how = self.construction if self.fallback is None else f"{self.fallback} fallback"
+        return f"{self.n} = {self.k}*{self.m} ({how})"
+
+
+def _pow2_part(n: int) -> int:
+    return n & -n
+
+
+def plan(n: int, fallback: str = "orthogonal") -> HadamardPlan:
+    """Choose K (smallest constructible) with n = K * 2^m; else the documented fallback."""
+    if not isinstance(n, int) or n < 1:
+        raise ConfigError(f"a Hadamard transform needs a positive integer size, got {n!r}")
+    if fallback not in FALLBACKS:
+        raise ConfigError(f"fallback = {fallback!r} is not allowed: choose one of {', '.join(FALLBACKS)}")
+    m = _pow2_part(n)
+    while m >= 1:
+        k = n // m
+        how = construction(k)
+        if how is not None:
+            return HadamardPlan(n, k, m, how, None)
+        m //= 2
+    if fallback == "error":
+        raise ConfigError(
+            f"no Hadamard matrix of size {n} = {n // _pow2_part(n)}*{_pow2_part(n)}: fxpress builds orders K*2^m for "
+            f"K from Sylvester and Paley constructions ({', '.join(map(str, [k for k in KNOWN_ORDERS if construction(k)]))}, ...); "
+            "use fallback='orthogonal' (random orthogonal K x K base) or 'block' (block-diagonal Hadamard)"
+        )
+    m = _pow2_part(n)
+    return HadamardPlan(n, n // m, m, f"{fallback}({n // m})", fallback)
+
+
+def _block_sizes(k: int) -> list[int]:
+    """Greedy split of k into orders fxpress can build (largest first)."""
+    sizes, rest = [], k
+    while rest > 0:
+        best = max(s for s in range(1, rest + 1) if construction(s) is not None)
+        sizes.append(best)
+        rest -= best
+    return sizes
+
+
+def random_orthogonal(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A Haar-random orthogonal matrix (float64): QR of a Gaussian with the sign fix Q * sign(diag R)."""
+    a = torch.randn(n, n, dtype=torch.float64, generator=generator)
+    q, r = torch.linalg.qr(a)
+    return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+
+
+def base_matrix(p: HadamardPlan, seed: int = 0) -> torch.Tensor:
+    """The K x K orthogonal base of a plan (float64): normalised Hadamard, or the fallback's matrix."""
+    if p.fallback is None:
+        h = torch.from_numpy(hadamard_order_matrix(p.k)).to(torch.float64)
+        return h / math.sqrt(p.k)
+    if p.fallback == "orthogonal":
+        return random_orthogonal(p.k, torch.Generator().manual_seed(seed))
+    blocks = [torch.from_numpy(hadamard_order_matrix(s)).to(torch.float64) / math.sqrt(s) for s in _block_sizes(p.k)]
+    return torch.block_diag(*blocks)
+
+
+# ----------------------------------------------------------------------------------------------
+# the butterfly
+# ----------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=16)
+def _small_hadamard(r: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < r:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h.to(dtype=dtype, device=device)
+
+
+def fwht(x: torch.Tensor, radix: int = RADIX) -> torch.Tensor:
+    """Unnormalised Walsh-Hadamard transform of the last dim (a power of two), as a radix-r butterfly.
+
+    Stage s applies an r-point Hadamard across index bits [s*log2 r, (s+1)*log2 r): view the row as
+    [outer, r, inner] and contract the r axis. log_r(M) stages, r adds per element each.
+    """
+    m = x.shape[-1]
+    if m & (m - 1):
+        raise ValueError(f"fwht needs a power-of-two last dim, got {m}")
+    lead = x.shape[:-1]
+    y = x.reshape(-1, m)
+    inner = m
+    while inner > 1:
+        r = min(radix, inner)
+        inner //= r
+        h = _small_hadamard(r, y.dtype, str(y.device))
+        y = torch.matmul(h, y.reshape(-1, r, inner)) if inner > 1 else y.reshape(-1, r) @ h
+    return y.reshape(*lead, m)
+
+
+def fwht_radix2(x: torch.Tensor) -> torch.Tensor:
+    """The textbook radix-2 butterfly (a + b, a - b per stage); kept as the reference the tests compare to."""
+    m = x.shape[-1]
+    lead = x.shape[:-1]
+    y = x.reshape(-1, m)
+    h = 1
+    while h < m:
+        y = y.reshape(-1, m // (2 * h), 2, h)
+        a, b = y[:, :, 0, :], y[:, :, 1, :]
+        y = torch.stack((a + b, a - b), dim=2)
+        h *= 2
+    return y.reshape(*lead, m)
+
+
+def hadamard_transform(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """y = x @ (base ⊗ H_M / sqrt(M)) over the last dim, with K = base.shape[0] and M = n / K."""
+    n = x.shape[-1]
+    k = base.shape[0]
+    if n % k or _pow2_part(n // k) != n // k:
+        raise ValueError(f"hadamard: last dim {n} is not {k} * 2^m")
+    m = n // k
+    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    y = x.to(compute)
+    lead = y.shape[:-1]
+    y = fwht(y.reshape(*lead, k, m)) * (1.0 / math.sqrt(m))
+    if k > 1:
+        y = torch.matmul(base.to(dtype=compute, device=y.device).T, y.reshape(-1, k, m))
+    return y.reshape(*lead, n).to(x.dtype)
+
+
+def _fake(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+HADAMARD = define_op(
+    "hadamard",
+    "(Tensor x, Tensor base) -> Tensor",
+    hadamard_transform,
+    _fake,
+    "Orthogonal Hadamard transform of the last dim n = K*2^m: y = x @ (base ⊗ H_{2^m}/sqrt(2^m)), base K x K "
+    "orthogonal (a normalised Hadamard, or a fallback). Butterfly, O(n log n + nK).",
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers for passes
+# ----------------------------------------------------------------------------------------------
+
+
+def apply_rows(w: torch.Tensor, p: HadamardPlan, base: torch.Tensor, axis: int = -1) -> torch.Tensor:
+    """W with `axis` multiplied by the plan's transform (W_axis -> W_axis @ H), in float64 via the butterfly."""
+    moved = w.to(torch.float64).movedim(axis, -1)
+    return hadamard_transform(moved, base.to(torch.float64)).movedim(-1, axis)
+
+
+def dense_matrix(p: HadamardPlan, base: torch.Tensor) -> torch.Tensor:
+    """The full n x n orthogonal matrix of a plan (float64), for offline folding and tests only."""
+    return hadamard_transform(torch.eye(p.n, dtype=torch.float64), base.to(torch.float64))
+
+
+def random_hadamard(n: int, seed: int = 0, fallback: str = "orthogonal") -> tuple[torch.Tensor, HadamardPlan]:
+    """diag(random signs) @ H_n (float64, orthogonal): QuaRot's randomised Hadamard rotation."""
+    p = plan(n, fallback)
+    g = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (n,), generator=g, dtype=torch.int64).to(torch.float64) * 2 - 1
+    h = dense_matrix(p, base_matrix(p, seed))
+    return signs.unsqueeze(1) * h, p

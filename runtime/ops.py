@@ -1,0 +1,83 @@
+"""The `fxpress::*` op table: each op's schema, reference kernel, fake kernel and lowerings, in one place.
+
+A pass that needs an op ATen lacks defines it here (via `define_op` in its runtime module); each
+lowering registers a translation per op with `register_lowering`. `missing_parts()` lists what
+an op still lacks, and a test fails while that list is not empty.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+NAMESPACE = "fxpress"
+LOWERING_TARGETS = ("onnx", "tvm")
+
+
+@dataclass
+class OpSpec:
+    """One custom op: everything needed to run it, export it again, and lower it."""
+
+    name: str
+    schema: str
+    kernel: Callable
+    fake: Callable
+    doc: str
+    lowerings: dict[str, Callable] = field(default_factory=dict)
+
+    @property
+    def qualname(self) -> str:
+        return f"{NAMESPACE}::{self.name}"
+
+    @property
+    def overload(self) -> torch._ops.OpOverload:
+        return getattr(getattr(torch.ops, NAMESPACE), self.name).default
+
+
+OPS: dict[str, OpSpec] = {}
+
+
+def define_op(name: str, schema: str, kernel: Callable, fake: Callable, doc: str) -> OpSpec:
+    """Define `fxpress::name` with its reference kernel (all devices) and fake kernel (for re-export)."""
+    if name in OPS:
+        return OPS[name]
+    qualname = f"{NAMESPACE}::{name}"
+    torch.library.define(qualname, schema)
+    torch.library.impl(qualname, "CompositeExplicitAutograd", kernel)
+    torch.library.register_fake(qualname, fake)
+    spec = OpSpec(name=name, schema=schema, kernel=kernel, fake=fake, doc=doc)
+    OPS[name] = spec
+    return spec
+
+
+def register_lowering(op_name: str, target: str) -> Callable[[Callable], Callable]:
+    """Decorator used by a lowering module: the translation of `fxpress::op_name` for `target`."""
+    if target not in LOWERING_TARGETS:
+        raise ValueError(f"unknown lowering target '{target}': targets are {', '.join(LOWERING_TARGETS)}")
+
+    def wrap(fn: Callable) -> Callable:
+        if op_name not in OPS:
+            raise KeyError(f"cannot register a {target} lowering for unknown op 'fxpress::{op_name}'")
+        OPS[op_name].lowerings[target] = fn
+        return fn
+
+    return wrap
+
+
+def op_for_node_target(target: object) -> OpSpec | None:
+    """The OpSpec behind an FX node's target, if it is an fxpress op."""
+    name = getattr(target, "name", lambda: "")()
+    if isinstance(name, str) and name.startswith(f"{NAMESPACE}::"):
+        return OPS.get(name.split("::", 1)[1].split(".", 1)[0])
+    return None
+
+
+def missing_parts() -> dict[str, list[str]]:
+    """Per op, the parts it still lacks (a lowering per target)."""
+    return {
+        name: [f"lowering:{t}" for t in LOWERING_TARGETS if t not in spec.lowerings]
+        for name, spec in OPS.items()
+        if any(t not in spec.lowerings for t in LOWERING_TARGETS)
+    }

@@ -1,0 +1,46 @@
+"""Shared fixtures: the real SmolLM2 model and real text, loaded once per test session."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", message=".*deprecated.*")
+torch.manual_seed(0)
+if os.environ.get("FXPRESS_TEST_THREADS"):
+    torch.set_num_threads(int(os.environ["FXPRESS_TEST_THREADS"]))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, fp32, eval mode. Do not mutate it."""
+    from fxpress.models import load_smollm2
+
+    return load_smollm2()
+
+
+@pytest.fixture(scope="session")
+def eval_windows(smollm2):
+    """8 windows x 128 tokens of real evaluation text (the Python tutorial from python3-doc)."""
+    from fxpress.data import token_windows
+
+    return token_windows(smollm2[1], "eval", seq_len=128, max_windows=8)
+
+
+@pytest.fixture(scope="session")
+def calib_windows(smollm2):
+    """8 windows x 128 tokens of real calibration text (the Python HOWTOs), disjoint from eval."""
+    from fxpress.data import token_windows
+
+    return token_windows(smollm2[1], "calib", seq_len=128, max_windows=8)
+
+
+@pytest.fixture(scope="session")
+def smollm2_program(smollm2):
+    """The captured fp32 SmolLM2 Program. Tests that rewrite it must deep-copy it first."""
+    from fxpress.capture import capture
+
+    return capture(smollm2[0], source="smollm2")
