@@ -6,7 +6,7 @@
 Mixtral architecture (4 layers, hidden 128, 8 experts of width 256 per layer, top-2, about 4.4M
 parameters), SmolLM2's tokenizer reduced to the 8191 most frequent tokens of the "train" split
 (+ <unk>), trained on the "train" split (the Python library reference) of `fxpress.data`.
-A small load-balancing loss keeps every expert alive while letting them specialise unevenly;
+A small per-layer load-balancing loss keeps every expert alive while letting them specialise unevenly;
 the script reports expert load per layer and how much the routing depends on the token.
 """
 
@@ -40,6 +40,18 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def layer_balance(out, config) -> torch.Tensor:
+    """Mean over layers of each layer's own load-balancing loss.
+
+    transformers' aux loss balances the experts of all layers pooled together, which lets single
+    layers starve some experts; balancing each layer keeps every expert alive, still unevenly used.
+    """
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    k, e = config.num_experts_per_tok, config.num_local_experts
+    return torch.stack([load_balancing_loss_func((g,), e, k) for g in out.router_logits]).mean()
+
+
 @torch.no_grad()
 def routing_report(model, windows: torch.Tensor) -> list[dict]:
     """Per layer: the share of top-k assignments each expert gets, and I(token; expert) / H(expert)."""
@@ -63,7 +75,7 @@ def routing_report(model, windows: torch.Tensor) -> list[dict]:
         mi = float((p[p > 0] * (p[p > 0] / (pt @ pe)[p > 0]).log()).sum())
         he = float(-(pe[pe > 0] * pe[pe > 0].log()).sum())
         rows.append({"share": share.tolist(), "cv": float(share.std() / share.mean()),
-                     "max_over_min": float(share.max() / share.min().clamp_min(1e-12)),
+                     "max_over_min": float(share.max() / share.min()) if share.min() > 0 else math.inf,
                      "token_expert_mi": mi / he})
     return rows
 
@@ -81,10 +93,10 @@ def perplexity(model, windows: torch.Tensor, batch: int = 16) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=240)
+    parser.add_argument("--steps", type=int, default=360)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=4e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--out", type=Path, default=TINY_MOE_DIR)
@@ -117,11 +129,12 @@ def main() -> None:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, warmup=20)
         out = model(input_ids=x, labels=x, output_router_logits=True)
-        out.loss.backward()
+        loss = out.loss - config.router_aux_loss_coef * out.aux_loss + config.router_aux_loss_coef * layer_balance(out, config)
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{float(out.loss):.3f}", aux=f"{float(out.aux_loss):.3f}")
+        bar.set_postfix(loss=f"{float(loss):.3f}")
     model.eval()
     print(f"trained {args.steps} steps x {args.batch * args.seq} tokens in {time.time() - start:.0f} s")
 

@@ -44,6 +44,7 @@ class CompiledModel:
     def __init__(self, program: Program, passes: Sequence[Pass]):
         self.program = program
         self.passes = list(passes)
+        self.exports: dict[str, Any] = {}  # target -> what the lowering reported (sizes, kernels, resources)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.program(*inputs)
@@ -67,9 +68,9 @@ class CompiledModel:
             from fxpress.lowering.tvm import export_tvm as lower
         else:
             from fxpress.lowering.fpga import export_fpga as lower
-        result = lower(self.program, path, **options)
+        self.exports[target] = lower(self.program, path, **options)
         save_recipe(self.passes, path.with_name(path.stem + ".recipe.json"))
-        return Path(result) if result is not None else path
+        return path
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Graph as torch.export JSON, weights as safetensors, the recipe and report beside them; no pickle."""

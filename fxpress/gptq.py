@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fxpress.runtime.quant import pack_codes, pack_weight
+from fxpress.runtime.quant import pack_codes, pack_weight, round_clamped
 
 CLIP_GRID = tuple(1.0 - 0.05 * i for i in range(10))  # shrink factors 1.0 .. 0.55 for the clipping search
 
@@ -56,7 +56,7 @@ class QuantizedWeight:
     def packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(qweight, scales, zero_points) in the MatMulNBits layout; symmetric weights carry no zero points."""
         qweight = pack_weight(self.codes, self.spec.bits, self.block_size)
-        zero_points = None if self.spec.symmetric else pack_codes(self.zeros.round().to(torch.int64), self.spec.bits)
+        zero_points = None if self.spec.symmetric else pack_codes(self.zeros.to(torch.int64), self.spec.bits)
         return qweight, self.scales.contiguous(), zero_points
 
 
@@ -67,13 +67,13 @@ def _params_for_range(low: torch.Tensor, high: torch.Tensor, spec: WeightSpec) -
         zero = torch.full_like(scale, float(1 << (spec.bits - 1)))
     else:
         scale = (high - low) / spec.maxq
-        zero = torch.round(-low / scale).clamp(0, spec.maxq)
+        zero = round_clamped(-low / scale, 0, spec.maxq)
     return scale, zero
 
 
 def fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
     """Round `w` to the grid (code - zero) * scale, codes clamped to [0, maxq]; scale/zero broadcast."""
-    return (torch.clamp(torch.round(w / scale) + zero, 0, maxq) - zero) * scale
+    return (round_clamped(w / scale + zero, 0, maxq) - zero) * scale
 
 
 def find_params(w: torch.Tensor, spec: WeightSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +117,7 @@ def _group_params(w: torch.Tensor, spec: WeightSpec, block: int) -> tuple[torch.
 
 
 def _codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+    return round_clamped(w / scale + zero, 0, maxq)
 
 
 # --- RTN --------------------------------------------------------------------------------------------
@@ -134,10 +134,14 @@ def rtn(weight: torch.Tensor, spec: WeightSpec) -> QuantizedWeight:
 
 # --- GPTQ -------------------------------------------------------------------------------------------
 def hessian(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(2/n) X^T X over every row of `x` (..., K), in float64, and n; n = 0 gives a zero matrix."""
-    rows = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+    """(2/n) X^T X over every row of `x` (..., K) and n; n = 0 gives a zero matrix.
+
+    The product runs in float32 (a float64 one costs twice as much for no gain at these sizes);
+    the result is float64, which the Cholesky factorisations in `gptq` use.
+    """
+    rows = x.detach().reshape(-1, x.shape[-1]).float()
     n = rows.shape[0]
-    h = rows.T @ rows
+    h = (rows.T @ rows).to(torch.float64)
     return (h * (2.0 / n) if n else h), n
 
 
@@ -181,7 +185,8 @@ def gptq(
     w = w[:, perm]
     h = h[perm][:, perm]
     h += damp * torch.diagonal(h).mean() * torch.eye(k, dtype=h.dtype)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    h = h.float()  # float32 factorisations, as the reference GPTQ: dampening keeps them well conditioned
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     order = perm.tolist()
     codes = torch.zeros(n, k)
     for i1 in range(0, k, block):
@@ -199,7 +204,7 @@ def gptq(
             c = _codes(w1[:, i], scale, zero, spec.maxq)
             codes[:, i1 + i] = c
             e = (w1[:, i] - (c - zero) * scale) / hinv1[i, i]
-            w1[:, i:].sub_(torch.outer(e, hinv1[i, i:]))
+            w1[:, i + 1:].addr_(e, hinv1[i, i + 1:], alpha=-1)
             err1[:, i] = e
         w[:, i2:].sub_(err1 @ hinv[i1:i2, i2:])
     codes = codes[:, torch.argsort(perm)].to(torch.uint8)

@@ -429,6 +429,13 @@ def _match_rms(rsqrt: Node) -> Norm | None:
 
 
 def _match_layer(node: Node) -> Norm | None:
+    """aten.layer_norm / native_layer_norm, and the fused aten.rms_norm (scale inside the op)."""
+    if is_op(node, aten.rms_norm):
+        weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+        eps = node.args[3] if len(node.args) > 3 else node.kwargs.get("eps")
+        ws = param_source(weight)
+        return Norm("rms", node.args[0], node, node, ws[0] if ws else None, None,
+                    float(eps) if eps is not None else 0.0, 0.0, last_dim(node.args[0]))
     if is_op(node, aten.layer_norm):
         x = node.args[0]
         weight = node.args[2] if len(node.args) > 2 else None
@@ -457,9 +464,13 @@ def find_norms(graph: torch.fx.Graph) -> list[Norm]:
     return norms
 
 
-def norm_readers(norm: Norm) -> list[LinearUse]:
-    """The linears that read a norm's output (through reshapes, casts and token gathers)."""
-    found: list[LinearUse] = []
+def norm_consumers(norm: Norm) -> tuple[list[LinearUse], list[Node]]:
+    """Norm -> linear chains: the linears a norm's output reaches through row ops and casts, and any other consumer.
+
+    A norm whose scale is to be folded into its readers must have no other consumer.
+    """
+    readers: list[LinearUse] = []
+    others: list[Node] = []
     stack, seen = [norm.output], set()
     while stack:
         node = stack.pop()
@@ -469,10 +480,17 @@ def norm_readers(norm: Norm) -> list[LinearUse]:
             seen.add(user)
             use = linear_use(user)
             if use is not None and use.input is node:
-                found.append(use)
-            elif op_name(user) in _ROW_OPS or op_name(user) in _CAST_OPS:
+                readers.append(use)
+            elif user.op == "call_function" and (op_name(user) in _ROW_OPS or op_name(user) in _CAST_OPS):
                 stack.append(user)
-    return sorted(found, key=lambda u: _order(u.node))
+            else:
+                others.append(user)
+    return sorted(readers, key=lambda u: _order(u.node)), others
+
+
+def norm_readers(norm: Norm) -> list[LinearUse]:
+    """The linears that read a norm's output (through reshapes, casts and token gathers)."""
+    return norm_consumers(norm)[0]
 
 
 def _order(node: Node) -> int:
@@ -595,13 +613,14 @@ def _find_embeddings(graph: torch.fx.Graph) -> list[tuple[Node, Node]]:
     return out
 
 
-def residual_stream(gm: GraphModule, strict: bool = True) -> ResidualStream:
+def residual_stream(gm: GraphModule, strict: bool = True, allow_scales: bool = False) -> ResidualStream:
     """Trace the residual stream forward from the token embedding; find every reader and writer.
 
     A node is on the stream when its last dim carries the stream's features. Rows may be moved,
     gathered, scaled per row or summed (MoE dispatch and combine keep this), but any op that mixes
     features of the last dim other than a linear reader, or a norm, is an error under `strict`:
-    a rotation would not commute with it.
+    a rotation would not commute with it. `allow_scales` tolerates per-channel norm scales (to check a
+    graph before its scales are folded).
     """
     graph = gm.graph
     embeddings = _find_embeddings(graph)
@@ -695,7 +714,8 @@ def residual_stream(gm: GraphModule, strict: bool = True) -> ResidualStream:
             elif param_source(other) is not None and shape(other) and len(shape(other)) == 1:
                 stream.scales.append(node)
                 add_stream(node, segment)
-                fail(node, "scales the stream by a per-channel parameter (fold the norm scales first)")
+                if not allow_scales:
+                    fail(node, "scales the stream by a per-channel parameter (fold the norm scales first)")
             else:
                 fail(node, "multiplies the stream elementwise by a non-scalar tensor")
         elif name == "pow" and node.args[1] == 2:
@@ -704,6 +724,12 @@ def residual_stream(gm: GraphModule, strict: bool = True) -> ResidualStream:
             add_stream(node, segment)
         elif name in ("index_add", "index_put", "scatter_add", "index_copy", "scatter"):
             add_stream(node, segment)
+        elif name == "rms_norm" and list(node.args[1]) == [hidden] and node.args[0] in stream.nodes:
+            add_stream(node, segment)
+            if (node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")) is not None:
+                stream.scales.append(node)
+                if not allow_scales:
+                    fail(node, "is an RMSNorm with its scale inside (fold the norm scales first)")
         elif name in ("layer_norm", "native_layer_norm"):
             fail(node, "is a LayerNorm: its mean subtraction does not commute with a rotation")
         else:
@@ -870,10 +896,6 @@ def _linears_behind(node: Node) -> list[LinearUse]:
     return sorted(found, key=lambda u: _order(u.node))
 
 
-def _down_projections(writers: list[LinearUse], readers: list[LinearUse]) -> list[LinearUse]:
-    return [w for w in writers if w not in readers]
-
-
 def _heads_from(node: Node) -> tuple[int | None, int | None]:
     s = shape(node)
     try:
@@ -882,26 +904,23 @@ def _heads_from(node: Node) -> tuple[int | None, int | None]:
         return None, None
 
 
-def _plain_path(start: Node, end: Node) -> list[Node] | None:
-    """The chain start -> ... -> end through single-input view/transpose/cast/expand/cat ops, or None."""
-    path, cur = [end], end
-    while cur is not start:
-        if not isinstance(cur, Node) or cur.op != "call_function":
-            return None
-        name = op_name(cur)
-        if name == "cat":
-            tensors = cur.args[0]
-            nxt = [t for t in tensors if start in _ancestors(t, set())]
-            if len(nxt) != 1:
-                return None
-            cur = nxt[0]
-        elif name in _CAST_OPS or name in ("view", "reshape", "_unsafe_view", "transpose", "unsqueeze",
-                                           "expand", "contiguous", "clone", "permute"):
-            cur = cur.args[0]
-        else:
-            return None
-        path.append(cur)
-    return path[::-1]
+_PLAIN_OPS = {"view", "reshape", "_unsafe_view", "transpose", "unsqueeze", "expand", "contiguous", "clone",
+              "permute", "cat", *_CAST_OPS}
+
+
+def _plain_path(start: Node, end: Node, limit: int = 12) -> list[Node] | None:
+    """A path start -> ... -> end through view/transpose/cast/expand/cat ops only (searched forward), or None."""
+    stack = [(start, [start])]
+    while stack:
+        node, path = stack.pop()
+        if node is end:
+            return path
+        if len(path) > limit:
+            continue
+        for user in tensor_users(node):
+            if user is end or (user.op == "call_function" and op_name(user) in _PLAIN_OPS):
+                stack.append((user, path + [user]))
+    return None
 
 
 def _cache_cat(node: Node) -> tuple[Node | None, Node | None]:
@@ -1005,17 +1024,26 @@ def _descendants(node: Node, limit: int = 50) -> list[Node]:
 
 
 def _norm_of(stream: ResidualStream, readers: list[LinearUse], segment: int) -> Norm | None:
-    """The last stream norm of `segment` upstream of these readers."""
-    upstream: set[Node] = set()
-    for r in readers:
-        upstream |= _ancestors(r.input, set())
-    cands = [n for n in stream.norms if stream.segment.get(n.input) == segment and n.output in upstream]
-    return max(cands, key=lambda n: _order(n.output)) if cands else None
+    """The stream norm of `segment` whose output reaches these readers (through row ops and casts)."""
+    inputs = {r.input for r in readers}
+    for norm in stream.norms:
+        if stream.segment.get(norm.input) != segment:
+            continue
+        stack, seen = [norm.output], set()
+        while stack:
+            node = stack.pop()
+            if node in inputs:
+                return norm
+            for user in tensor_users(node):
+                if user not in seen and user.op == "call_function" and (op_name(user) in _ROW_OPS or op_name(user) in _CAST_OPS):
+                    seen.add(user)
+                    stack.append(user)
+    return None
 
 
 def decoder_blocks(gm: GraphModule, stream: ResidualStream | None = None) -> list[Block]:
     """Split the stream into blocks: each residual add closes one part (attention, MLP or MoE)."""
-    stream = stream or residual_stream(gm)
+    stream = stream or residual_stream(gm, strict=False)
     sdpas = [n for n in gm.graph.nodes if is_op(n, aten.scaled_dot_product_attention)]
     parts: list[Part] = []
     for i, add in enumerate(stream.adds):

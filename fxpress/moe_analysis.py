@@ -22,10 +22,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fxpress.calibration import for_each_activation
+from fxpress.calibration import for_each_activation, program_inputs
 from fxpress.errors import ConfigError
 from fxpress.gptq import WeightSpec, gptq, rtn
-from fxpress.graph import ExpertLayer, LinearUse, expert_layers, get_param, subgraph_function
+from fxpress.graph import ExpertLayer, LinearUse, expert_layers, get_param, set_param, subgraph_function
 
 
 # --- experts as functions --------------------------------------------------------------------------
@@ -103,6 +103,7 @@ class LayerData:
     chosen: torch.Tensor  # [T, E] bool: expert e among token t's top-k
     rows: list[torch.Tensor]  # per expert [n_e, H]
     row_weights: list[torch.Tensor]  # per expert [n_e]
+    row_fisher: list[torch.Tensor] | None = None  # per expert [n_e, H]: (d loss / d expert output)^2
 
 
 def _wanted(layer: ExpertLayer) -> dict[str, Any]:
@@ -115,8 +116,55 @@ def _wanted(layer: ExpertLayer) -> dict[str, Any]:
     return names
 
 
-def record_routing(program, layers: list[ExpertLayer], samples: torch.Tensor | None = None) -> list[LayerData]:
-    """Run the calibration data once and split each layer's routed rows by expert."""
+class _GradRecorder(torch.fx.Interpreter):
+    """Runs the graph with the wanted nodes' outputs as leaves that require grad, to read d loss / d node."""
+
+    def __init__(self, module: torch.fx.GraphModule, wanted: set[str]):
+        super().__init__(module)
+        self.wanted = wanted
+        self.leaves: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: torch.fx.Node):
+        result = super().run_node(n)
+        if n.name in self.wanted and isinstance(result, torch.Tensor):
+            result = result.detach().requires_grad_(True)
+            self.leaves[n.name] = result
+        return result
+
+
+def _grad_nodes(layer: ExpertLayer) -> list[str]:
+    return [layer.down.node.name] if layer.fused else [ex.down.node.name for ex in layer.experts]
+
+
+def record_fisher(program, layers: list[ExpertLayer], batches: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    """Squared gradients of the next-token loss w.r.t. each expert's output rows (empirical Fisher).
+
+    The gradient already carries the routing weight (the expert output is scaled by it before it
+    reaches the loss), so sum_h F_h * delta_h^2 is the loss increase a change delta of one expert's
+    output causes, to second order.
+    """
+    wanted = {name for layer in layers for name in _grad_nodes(layer)}
+    store: dict[str, list[torch.Tensor]] = {name: [] for name in wanted}
+    for batch in batches:
+        recorder = _GradRecorder(program.module, wanted)
+        with torch.enable_grad():
+            out = recorder.run(*program_inputs(program, batch))
+            logits = (out[0] if isinstance(out, (tuple, list)) else out).float()
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+            leaves = [recorder.leaves[n] for n in wanted]
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        for name, leaf, grad in zip(wanted, leaves, grads):
+            g = torch.zeros_like(leaf) if grad is None else grad
+            store[name].append(g.detach().reshape(-1, g.shape[-1]).float().square())
+    return store
+
+
+def record_routing(program, layers: list[ExpertLayer], samples: torch.Tensor | None = None,
+                   fisher: bool = False) -> list[LayerData]:
+    """Run the calibration data once and split each layer's routed rows by expert.
+
+    With `fisher` (causal LMs), also record each routed row's empirical Fisher (see `record_fisher`).
+    """
     wanted = [_wanted(layer) for layer in layers]
     store: dict[str, list[torch.Tensor]] = {}
     names = set()
@@ -125,12 +173,37 @@ def record_routing(program, layers: list[ExpertLayer], samples: torch.Tensor | N
             names.update(v if isinstance(v, list) else [v])
     for name in names:
         store[name] = []
-    batches = None if samples is None else samples.split(4)
+    if samples is None:
+        if program.calibration is None:
+            raise ConfigError("the MoE analysis needs calibration data: pass calibration=... to fxpress.compile")
+        batches = list(program.calibration.chunks())
+    else:
+        batches = list(samples.split(4))
     for_each_activation(program, names, lambda n, t: store[n].append(t), batches)
+    grads = record_fisher(program, layers, batches) if fisher and program.is_causal_lm else None
     data = []
     for layer, w in zip(layers, wanted):
-        data.append(_layer_data(layer, w, store))
+        d = _layer_data(layer, w, store)
+        if grads is not None:
+            d.row_fisher = _split_fisher(layer, w, store, grads)
+        data.append(d)
     return data
+
+
+def _split_fisher(layer: ExpertLayer, w: dict[str, Any], store, grads) -> list[torch.Tensor]:
+    """Per expert, the Fisher rows aligned with `LayerData.rows`."""
+    out: list[list[torch.Tensor]] = [[] for _ in range(layer.num_experts)]
+    if layer.fused:
+        for g, offs in zip(grads[layer.down.node.name], store[w["offsets"]]):
+            start = 0
+            for e, end in enumerate(offs.to(torch.int64).tolist()):
+                out[e].append(g[start:end])
+                start = end
+    else:
+        for e, (ex, name) in enumerate(zip(layer.experts, w["weights"])):
+            col = torch.cat([t.reshape(-1) for t in store[name]])
+            out[e].append(torch.cat(grads[ex.down.node.name])[col != 0])
+    return [torch.cat(o) for o in out]
 
 
 def _layer_data(layer: ExpertLayer, w: dict[str, Any], store: dict[str, list[torch.Tensor]]) -> LayerData:
@@ -185,6 +258,7 @@ class LayerAnalysis:
     weight_error: dict[tuple[int, str], dict[int, float]]  # data-free ||W - Q(W)||^2
     cofire_lift: list[list[float]] = field(default_factory=list)
     redundancy: list[list[float]] = field(default_factory=list)
+    significance: float = 1.0  # end-to-end KL per unit of predicted output error (layer_significance)
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -212,6 +286,17 @@ def calibration_rows(data: LayerData, e: int, min_rows: int) -> tuple[torch.Tens
     all_w = torch.cat(data.row_weights)
     fill = float(all_w.mean()) if all_w.numel() else 1.0 / max(1, data.chosen.sum(1).float().mean().item())
     return torch.cat([x, data.inputs[take]]), torch.cat([w, torch.full((len(take),), fill)]), len(take)
+
+
+def fisher_rows(data: LayerData, e: int, n_forced: int) -> torch.Tensor | None:
+    """Expert e's Fisher rows; rows routed on purpose get the layer's mean Fisher (they have no gradient)."""
+    if data.row_fisher is None:
+        return None
+    f = data.row_fisher[e]
+    if n_forced:
+        mean = torch.cat(data.row_fisher).mean(0, keepdim=True)
+        f = torch.cat([f, mean.expand(n_forced, -1)])
+    return f
 
 
 def quantize_matrix(weight: torch.Tensor, bits: int, group_size: int, method: str = "rtn",
@@ -249,6 +334,7 @@ def analyse_layer(
             forced[e] = n_forced
         scale = (float(counts[e]) + prior_rows) / max(1, x.shape[0])  # expected routed rows per row used
         ref = fn(x)
+        fisher = fisher_rows(data, e, n_forced)
         inner = fn.inner(x) if method == "gptq" else None
         for proj in projections:
             weight = fn.weights[proj]
@@ -259,7 +345,10 @@ def analyse_layer(
             for bits in bit_choices:
                 q = quantize_matrix(weight, bits, group_size, method, h).dequantize().to(weight.dtype)
                 out = fn(x, {proj: q})
-                err = float(((out - ref).square().sum(-1) * w.square()).sum()) * scale
+                if fisher is not None:  # loss increase to second order (routing weight is in the gradient)
+                    err = float(((out - ref).square() * fisher).sum()) * scale
+                else:  # output error of the MoE, weighted by the routing weight
+                    err = float(((out - ref).square().sum(-1) * w.square()).sum()) * scale
                 sens[(e, proj)][bits] = err
                 werr[(e, proj)][bits] = float((q - weight).double().square().sum())
     numel = {p: fns[0].weights[p].numel() for p in projections}
@@ -321,16 +410,75 @@ class MoEAnalysis:
 def analyse_program(
     program, bit_choices: tuple[int, ...] = (2, 3, 4), group_size: int = 64, min_rows: int = 32,
     method: str = "rtn", samples: torch.Tensor | None = None, layers: list[ExpertLayer] | None = None,
+    fisher: bool = False,
 ) -> MoEAnalysis:
     """Run stages 1-3 on every MoE layer of `program` with its calibration data (or `samples`)."""
     layers = expert_layers(program.module) if layers is None else layers
     if not layers:
         raise ConfigError("no mixture-of-experts layer found in the graph: quantize_experts needs a router (topk) "
                           "feeding fused grouped_mm experts or per-expert linears")
-    data = record_routing(program, layers, samples)
+    data = record_routing(program, layers, samples, fisher=fisher)
     result = []
     with torch.no_grad():
         for layer, d in zip(layers, data):
             fns = expert_functions(program.module, layer)
             result.append(analyse_layer(fns, d, layer.index, tuple(bit_choices), group_size, min_rows, method=method))
     return MoEAnalysis(result, tuple(bit_choices), group_size)
+
+
+# --- from layer output error to model output error --------------------------------------------------
+def _logits(program, batch: torch.Tensor) -> torch.Tensor:
+    out = program.module(*program_inputs(program, batch))
+    return (out[0] if isinstance(out, (tuple, list)) else out).float()
+
+
+def _kl(ref: torch.Tensor, test: torch.Tensor) -> float:
+    p = F.log_softmax(ref.reshape(-1, ref.shape[-1]), -1)
+    q = F.log_softmax(test.reshape(-1, test.shape[-1]), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def _fake_quantize_layer(gm, layer: ExpertLayer, fns: list[ExpertFn], bits: int, group_size: int) -> dict[str, torch.Tensor]:
+    """Overwrite every routed expert weight of `layer` with its RTN version; returns the originals."""
+    saved: dict[str, torch.Tensor] = {}
+    pairs = [(u, e) for u in [*layer.up, layer.down] for e in range(layer.num_experts)] if layer.fused else \
+        [(u, e) for e, ex in enumerate(layer.experts) for u in (*ex.up, ex.down)]
+    for use, e in pairs:
+        target = str(use.weight.target)
+        if target not in saved:
+            saved[target] = get_param(gm, use.weight).detach().clone()
+        param = get_param(gm, use.weight).detach().clone()
+        q = quantize_matrix(fns[e].weights[proj_name(use)], bits, group_size).dequantize().to(param.dtype)
+        q = q if use.in_axis == -1 else q.T
+        index = use.expert if use.expert is not None else (e if param.dim() == 3 else None)
+        if index is None:
+            param = q
+        else:
+            param[index] = q
+        set_param(gm, use.weight, param)
+    return saved
+
+
+def layer_significance(program, layers: list[ExpertLayer], fns: list[list[ExpertFn]], analyses: list[LayerAnalysis],
+                       samples: torch.Tensor, bits: int, group_size: int) -> list[float]:
+    """Per layer: the model's output KL when all its experts drop to `bits`, per unit of predicted error.
+
+    Stage 2 measures errors at each layer's MoE output; how much such an error costs at the model
+    output differs by depth. One forward per layer calibrates that, so errors of different layers
+    can be added in one budget. Sets `analysis.significance` and returns the factors.
+    """
+    gm = program.module
+    with torch.no_grad():
+        ref = [_logits(program, b) for b in samples.split(4)]
+        factors = []
+        for layer, f, a in zip(layers, fns, analyses):
+            saved = _fake_quantize_layer(gm, layer, f, bits, group_size)
+            try:
+                kl = sum(_kl(r, _logits(program, b)) for r, b in zip(ref, samples.split(4))) / len(ref)
+            finally:
+                for target, value in saved.items():
+                    set_param(gm, target, value)
+            predicted = sum(v[bits] for v in a.sensitivity.values())
+            a.significance = kl / predicted if predicted > 0 else 1.0
+            factors.append(a.significance)
+    return factors

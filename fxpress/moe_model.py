@@ -109,7 +109,7 @@ def tiny_moe_config(vocab_size: int):
     return MixtralConfig(
         vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
-        max_position_embeddings=512, tie_word_embeddings=True, router_aux_loss_coef=0.002,
+        max_position_embeddings=512, tie_word_embeddings=True, router_aux_loss_coef=0.01,
         bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )
 

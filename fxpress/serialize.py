@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.export import Dim
 
 from fxpress.errors import ArtifactError, FxpressError
 from fxpress.program import ModelInfo, Program
@@ -18,34 +17,18 @@ from fxpress.program import ModelInfo, Program
 FORMAT = "fxpress-program"
 FORMAT_VERSION = 1
 GRAPH_FILE, WEIGHTS_FILE, MANIFEST_FILE = "program.json", "weights.safetensors", "manifest.json"
-MAX_BATCH, MAX_SEQ = 1024, 8192
 
 
-def dynamic_shapes_for(program: Program) -> tuple[dict[int, Dim], ...]:
-    """Dynamic batch (and sequence/past for causal LMs) in the order of the graph's inputs."""
-    batch = Dim("batch", min=1, max=MAX_BATCH)
-    if program.is_causal_lm:
-        seq, past = Dim("seq", min=1, max=MAX_SEQ), Dim("past", min=0, max=MAX_SEQ)
-        return ({0: batch, 1: seq}, {1: batch, 3: past}, {1: batch, 3: past})
-    return tuple({0: batch} for _ in program.example_inputs)
+def reexport(program: Program) -> tuple[torch.export.ExportedProgram, tuple[torch.Tensor, ...]]:
+    """torch.export the rewritten GraphModule again (fxpress ops through their fake kernels), dynamic dims kept."""
+    from fxpress.lowering.export import signature
 
-
-def export_inputs(program: Program) -> tuple[torch.Tensor, ...]:
-    """Inputs for re-export: sizes above 1 (and a non-empty past) so no dimension gets specialised."""
-    if program.is_causal_lm:
-        ids = torch.randint(0, program.info.vocab_size or 2, (2, 16), generator=torch.Generator().manual_seed(0))
-        keys, values = program.empty_cache(2)
-        pad = (0, 0, 0, 3)
-        return (ids, torch.nn.functional.pad(keys, pad), torch.nn.functional.pad(values, pad))
-    return tuple(torch.cat([t, t]) if t.shape[0] < 2 else t for t in program.example_inputs)
-
-
-def reexport(program: Program) -> torch.export.ExportedProgram:
-    """torch.export the rewritten GraphModule again (fxpress ops included, through their fake kernels)."""
+    sig = signature(program)
     try:
-        return torch.export.export(program.module, export_inputs(program), dynamic_shapes=dynamic_shapes_for(program), strict=False)
+        ep = torch.export.export(program.module, sig.example_args, dynamic_shapes=sig.dynamic_shapes, strict=False)
     except Exception as err:
         raise FxpressError(f"the rewritten program could not be exported again: {type(err).__name__}: {str(err).splitlines()[0]}") from err
+    return ep, sig.example_args
 
 
 def _unique_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -69,9 +52,8 @@ def save_program(program: Program, directory: str | os.PathLike, extra: dict[str
     from torch._export.serde.serialize import serialize
 
     directory = Path(directory)
-    ep = reexport(program)
+    ep, examples = reexport(program)
     artifact = serialize(ep)
-    examples = export_inputs(program)
     tensors = {f"state.{k}": v for k, v in ep.state_dict.items()}
     for k, v in ep.constants.items():
         if not isinstance(v, torch.Tensor):

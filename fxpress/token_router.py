@@ -51,6 +51,7 @@ class DecoderBlock:
     region: list[torch.fx.Node] = field(default_factory=list)  # nodes between h_in and h_out (topological)
     query_side: list[torch.fx.Node] = field(default_factory=list)  # what only kept tokens need
     query_path: list[torch.fx.Node] = field(default_factory=list)  # h_in -> query (for probe rows)
+    residual_adds: list[torch.fx.Node] = field(default_factory=list)  # attention add, then MLP add(s)
 
 
 def _descendants(start: torch.fx.Node) -> set[torch.fx.Node]:
@@ -119,10 +120,10 @@ def find_blocks(gm: torch.fx.GraphModule) -> list[DecoderBlock]:
         if attn_add is None:
             raise ConfigError(f"prune_tokens: attention {s.name} has no residual add after it")
         h_in = next(a for a in attn_add.args[:2] if a not in desc[i])
-        h_out = attn_add
-        while (nxt := _residual_add(h_out, forbidden)) is not None:
-            h_out = nxt
-        blocks.append(_fill_block(DecoderBlock(i, h_in, h_out, s), order))
+        adds = [attn_add]
+        while (nxt := _residual_add(adds[-1], forbidden)) is not None:
+            adds.append(nxt)
+        blocks.append(_fill_block(DecoderBlock(i, h_in, adds[-1], s, residual_adds=adds), order))
     return blocks
 
 
@@ -161,8 +162,10 @@ def block_costs(block: DecoderBlock) -> dict[str, int]:
     query_side = set(block.query_side)
     kept = sum(matmul_macs(n) for n in block.query_side)
     every = sum(matmul_macs(n) for n in block.region if n not in query_side)
+    query = sum(matmul_macs(n) for n in block.query_path)
     q = block.sdpa.args[0].meta["val"]
-    return {"kept_macs": kept, "every_macs": every, "heads": int(q.shape[1]), "head_dim": int(q.shape[-1])}
+    return {"kept_macs": kept, "every_macs": every, "query_macs": query,
+            "heads": int(q.shape[1]), "head_dim": int(q.shape[-1])}
 
 
 # --- runtime helpers (plain ATen ops: gather, scatter, topk) -----------------------------------------
@@ -202,7 +205,6 @@ def select_tokens(score: torch.Tensor, permille: int) -> torch.Tensor:
     """
     seq = score.shape[1]
     k = torch.scalar_tensor(keep_count(seq, permille), dtype=torch.long).item()
-    torch._check_is_size(k)
     torch._check(k >= 1)
     torch._check(k <= seq)
     return torch.topk(score, k, dim=1).indices
@@ -369,7 +371,6 @@ def route_blocks(gm: torch.fx.GraphModule, router: TokenRouter, mode: str, sched
             continue
         _route_block(graph, block, mode, permille, seq, probes)
     _drop_orphans(graph)
-    graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
     return blocks
@@ -396,7 +397,13 @@ def _route_block(graph: torch.fx.Graph, block: DecoderBlock, mode: str, permille
 
 
 def _drop_orphans(graph: torch.fx.Graph) -> None:
-    """Remove metadata asserts that would keep the replaced dense computation alive."""
-    for node in list(graph.nodes):
-        if node.op == "call_function" and node.target is aten._assert_tensor_metadata.default and not node.users:
+    """Remove what would keep the replaced dense computation alive: metadata asserts and unused
+    attention (FX's dead-code pass keeps SDPA, whose dropout makes it count as impure)."""
+    dead = {aten._assert_tensor_metadata.default, SDPA}
+    while True:
+        graph.eliminate_dead_code()
+        orphans = [n for n in graph.nodes if n.op == "call_function" and n.target in dead and not n.users]
+        if not orphans:
+            return
+        for node in orphans:
             graph.erase_node(node)

@@ -6,10 +6,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from fxpress.passes.base import Pass, PassResult
 from tqdm.auto import tqdm
 
 from fxpress.errors import ConfigError, FxpressError, PassError, PassOrderError
+from fxpress.passes.base import Pass, PassResult
 
 if TYPE_CHECKING:
     from fxpress.program import Program

@@ -15,14 +15,14 @@ from typing import Any
 import torch
 import torch.fx
 import torch.nn.functional as F
-from fxpress.passes.base import Pass, check_choice, check_range, register_pass
-from fxpress.runtime import quant  # noqa: F401  (defines the fxpress ops)
 from torch.fx import GraphModule, Node
 from tqdm.auto import tqdm
 
 from fxpress import graph as G
 from fxpress.errors import ConfigError
 from fxpress.gptq import QuantizedWeight, WeightSpec, gptq, hessian, rtn
+from fxpress.passes.base import Pass, check_choice, check_range, register_pass
+from fxpress.runtime import quant  # noqa: F401  (defines the fxpress ops)
 
 LINEAR_NBIT = torch.ops.fxpress.linear_nbit.default
 QUANTIZE_ACT = torch.ops.fxpress.quantize_act.default

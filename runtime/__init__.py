@@ -1,4 +1,11 @@
-"""The fxpress::* custom ops (schema, reference kernel, fake kernel) and the runners for artifacts."""
-from fxpress.runtime import quant  # noqa: F401,E402  (fxpress::linear_nbit, fxpress::quantize_act)
-from fxpress.runtime import hadamard  # noqa: F401,E402  (fxpress::hadamard)
-from fxpress.runtime import threshold  # noqa: F401,E402  (fxpress::threshold_linear)
+"""The fxpress::* custom ops (schema, reference kernel, fake kernel) and the runners for artifacts.
+
+Importing this package registers every op in the table `fxpress.runtime.ops.OPS`.
+"""
+
+from fxpress.runtime import (  # noqa: F401  (each module defines its ops on import)
+    hadamard,  # fxpress::hadamard
+    moe_quant,  # fxpress::grouped_linear_nbit
+    quant,  # fxpress::linear_nbit, fxpress::quantize_act
+    threshold,  # fxpress::threshold_linear
+)

@@ -9,10 +9,11 @@ Hadamard matrices of order K are built here, never copied from tables:
 - Sylvester doubling H_2K = [[H, H], [H, -H]];
 - Paley I (q = K - 1 a prime power, q = 3 mod 4) and Paley II (q = K/2 - 1, q = 1 mod 4), over GF(p)
   and GF(p^2) (e.g. 52 needs GF(25));
-- which covers 12, 20, 28, 36, 40, 44, 52, 60, 108, 140, 148, 152 and many more.
-Orders 156 = 4*39 and 172 = 4*43 are known only from Williamson-type matrices found by computer
-search; fxpress does not build them and uses a fallback for them (and for any other uncovered K),
-reported by `HadamardPlan.fallback`:
+- which covers 12, 20, 28, 36, 40, 44, 52, 60, 108, 140, 148, 152 and many more;
+- orders 156 = 4*39 and 172 = 4*43 from four circulants found by our search `tools/find_williamson.py`
+  (stored in `fxpress.runtime.hadamard_data`): the Goethals-Seidel array (156) and the Williamson
+  array (172), checked H H^T = k I when built.
+Any other uncovered K uses a fallback, reported by `HadamardPlan.fallback`:
 - "orthogonal": B is a seeded random orthogonal K x K matrix (QR with sign fix); y is still an exact
   rotation and costs O(n (m + K)), but its entries are not all +-1/sqrt(n);
 - "block": B is block-diagonal with normalised Hadamard blocks whose orders sum to K.
@@ -22,18 +23,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 import torch
 
 from fxpress.errors import ConfigError
+from fxpress.runtime.hadamard_data import CIRCULANT_ROWS
 from fxpress.runtime.ops import define_op
 
 FALLBACKS = ("orthogonal", "block", "error")
 KNOWN_ORDERS = (1, 2, 12, 20, 28, 36, 40, 44, 52, 60, 108, 140, 148, 152, 156, 172)  # the usual set
 MAX_ORDER = 1024  # largest base order tried (the base costs n*K per row)
-RADIX = 16  # butterfly radix: stages of 16-point Hadamards (log_16 M stages)
+RADIX_BITS = 6  # butterfly stages are Hadamards of up to 2^6 = 64 points (4096 = 64*64: two stages)
 
 # ----------------------------------------------------------------------------------------------
 # finite fields and Paley constructions
@@ -112,12 +114,38 @@ def _sylvester(h: np.ndarray) -> np.ndarray:
     return np.block([[h, h], [h, -h]])
 
 
+def _circulants(rows: tuple[str, ...]) -> list[np.ndarray]:
+    """Circulant matrices (row i = first row shifted right by i) from "+"/"-" first rows."""
+    out = []
+    for row in rows:
+        first = np.array([1 if c == "+" else -1 for c in row], dtype=np.int64)
+        out.append(np.stack([np.roll(first, i) for i in range(first.size)]))
+    return out
+
+
+def _from_circulants(k: int) -> np.ndarray:
+    """Order k from the stored circulants: Williamson array, or Goethals-Seidel array (R the back-diagonal)."""
+    kind, rows = CIRCULANT_ROWS[k]
+    a, b, c, d = _circulants(rows)
+    if kind == "williamson":
+        return np.block([[a, b, c, d], [-b, a, -d, c], [-c, d, a, -b], [-d, -c, b, a]])
+    r = np.eye(a.shape[0], dtype=np.int64)[::-1]
+    return np.block(
+        [
+            [a, b @ r, c @ r, d @ r],
+            [-b @ r, a, d.T @ r, -c.T @ r],
+            [-c @ r, -d.T @ r, a, b.T @ r],
+            [-d @ r, c.T @ r, -b.T @ r, a],
+        ]
+    )
+
+
 def _check(h: np.ndarray) -> bool:
     n = h.shape[0]
     return bool(np.array_equal(h @ h.T, n * np.eye(n, dtype=np.int64)))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _construct(k: int) -> tuple[np.ndarray, str] | None:
     """An unnormalised +-1 Hadamard matrix of order k and how it was built, or None."""
     if k == 1:
@@ -127,6 +155,8 @@ def _construct(k: int) -> tuple[np.ndarray, str] | None:
     if k % 4 or k > MAX_ORDER:
         return None
     candidates = []
+    if k in CIRCULANT_ROWS:
+        candidates.append((lambda: _from_circulants(k), f"{CIRCULANT_ROWS[k][0]}(n={k // 4})"))
     if _prime_power(k - 1) and (k - 1) % 4 == 3:
         candidates.append((lambda: _paley1(k - 1), f"paley1(q={k - 1})"))
     if k % 2 == 0 and _prime_power(k // 2 - 1) and (k // 2 - 1) % 4 == 1:
@@ -241,32 +271,55 @@ def base_matrix(p: HadamardPlan, seed: int = 0) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=32)
 def _small_hadamard(r: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """The normalised Sylvester H_r / sqrt(r) (symmetric), cached per dtype and device."""
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < r:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h.to(dtype=dtype, device=device)
+    return (h / math.sqrt(r)).to(dtype=dtype, device=device)
 
 
-def fwht(x: torch.Tensor, radix: int = RADIX) -> torch.Tensor:
-    """Unnormalised Walsh-Hadamard transform of the last dim (a power of two), as a radix-r butterfly.
+def _radices(m: int, max_bits: int = RADIX_BITS) -> list[int]:
+    """Split M = 2^b into as few stages as possible, each a 2^(<= max_bits)-point Hadamard, bits spread evenly."""
+    bits = m.bit_length() - 1
+    if bits == 0:
+        return []
+    stages = -(-bits // max_bits)
+    split = [bits // stages + (1 if i < bits % stages else 0) for i in range(stages)]
+    return [1 << b for b in split]
 
-    Stage s applies an r-point Hadamard across index bits [s*log2 r, (s+1)*log2 r): view the row as
-    [outer, r, inner] and contract the r axis. log_r(M) stages, r adds per element each.
+
+def _kron_apply(y: torch.Tensor, mats: list[torch.Tensor]) -> torch.Tensor:
+    """y [rows, n] @ (mats[0] ⊗ mats[1] ⊗ ...): one GEMM per factor on the last axis, then a cyclic axis shift.
+
+    Each factor is one butterfly stage (an r-point transform applied to every index digit in turn);
+    after len(mats) shifts the digits are back in order.
+    """
+    rows = y.shape[0]
+    sizes = [m.shape[0] for m in mats]
+    for j in range(len(mats) - 1, -1, -1):
+        y = y.reshape(-1, sizes[j]) @ mats[j]
+        if len(mats) > 1:
+            cur = [sizes[(j + 1 + i) % len(sizes)] for i in range(len(sizes))]  # digit order before this stage
+            y = y.reshape(rows, *cur).movedim(-1, 1).reshape(rows, -1)
+    return y.reshape(rows, -1)
+
+
+def fwht(x: torch.Tensor) -> torch.Tensor:
+    """Unnormalised Walsh-Hadamard transform of the last dim (a power of two) as a radix-r butterfly.
+
+    H_M = H_r1 ⊗ H_r2 ⊗ ... (Sylvester order), so each stage is one r-point Hadamard on one index
+    digit: log_r(M) stages of r multiply-adds per element, O(M log M) per row.
     """
     m = x.shape[-1]
     if m & (m - 1):
         raise ValueError(f"fwht needs a power-of-two last dim, got {m}")
-    lead = x.shape[:-1]
-    y = x.reshape(-1, m)
-    inner = m
-    while inner > 1:
-        r = min(radix, inner)
-        inner //= r
-        h = _small_hadamard(r, y.dtype, str(y.device))
-        y = torch.matmul(h, y.reshape(-1, r, inner)) if inner > 1 else y.reshape(-1, r) @ h
-    return y.reshape(*lead, m)
+    radices = _radices(m)
+    if not radices:
+        return x.clone()
+    mats = [_small_hadamard(r, x.dtype, str(x.device)) * math.sqrt(r) for r in radices]
+    return _kron_apply(x.reshape(-1, m), mats).reshape(x.shape)
 
 
 def fwht_radix2(x: torch.Tensor) -> torch.Tensor:
@@ -284,19 +337,24 @@ def fwht_radix2(x: torch.Tensor) -> torch.Tensor:
 
 
 def hadamard_transform(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """y = x @ (base ⊗ H_M / sqrt(M)) over the last dim, with K = base.shape[0] and M = n / K."""
+    """y = x @ (base ⊗ H_M / sqrt(M)) over the last dim, with K = base.shape[0] and M = n / K.
+
+    Stages: the K x K base on the leading digit, then the radix-r butterfly stages of H_M, each a
+    small GEMM over one index digit of every row (never an n x n matrix).
+    """
     n = x.shape[-1]
     k = base.shape[0]
     if n % k or _pow2_part(n // k) != n // k:
         raise ValueError(f"hadamard: last dim {n} is not {k} * 2^m")
     m = n // k
     compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    y = x.to(compute)
-    lead = y.shape[:-1]
-    y = fwht(y.reshape(*lead, k, m)) * (1.0 / math.sqrt(m))
+    mats = [_small_hadamard(r, compute, str(x.device)) for r in _radices(m)]
     if k > 1:
-        y = torch.matmul(base.to(dtype=compute, device=y.device).T, y.reshape(-1, k, m))
-    return y.reshape(*lead, n).to(x.dtype)
+        mats.insert(0, base.to(dtype=compute, device=x.device))
+    if not mats:
+        return x.clone()
+    y = _kron_apply(x.to(compute).reshape(-1, n), mats)
+    return y.reshape(x.shape).to(x.dtype)
 
 
 def _fake(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -329,10 +387,53 @@ def dense_matrix(p: HadamardPlan, base: torch.Tensor) -> torch.Tensor:
     return hadamard_transform(torch.eye(p.n, dtype=torch.float64), base.to(torch.float64))
 
 
-def random_hadamard(n: int, seed: int = 0, fallback: str = "orthogonal") -> tuple[torch.Tensor, HadamardPlan]:
-    """diag(random signs) @ H_n (float64, orthogonal): QuaRot's randomised Hadamard rotation."""
+@dataclass
+class Rotation:
+    """An n x n orthogonal Q applied as x -> x @ Q along an axis, in float64.
+
+    Either dense (`matrix`), or QuaRot's randomised Hadamard diag(signs) @ (base ⊗ H_M), applied with the
+    butterfly so that rotating a [V, n] embedding costs V*n*(log M + K), not V*n^2.
+    """
+
+    n: int
+    matrix: torch.Tensor | None = None
+    signs: torch.Tensor | None = None
+    plan: HadamardPlan | None = None
+    base: torch.Tensor | None = None
+
+    def apply(self, x: torch.Tensor, axis: int = -1) -> torch.Tensor:
+        """x with `axis` multiplied by Q from the right (float64 result)."""
+        moved = x.to(torch.float64).movedim(axis, -1)
+        if self.matrix is not None:
+            out = moved @ self.matrix.to(torch.float64)
+        else:
+            out = hadamard_transform(moved * self.signs, self.base)
+        return out.movedim(-1, axis)
+
+    def dense(self) -> torch.Tensor:
+        """Q as a dense float64 matrix."""
+        return self.apply(torch.eye(self.n, dtype=torch.float64))
+
+    def describe(self) -> str:
+        if self.matrix is not None:
+            return f"dense orthogonal {self.n}x{self.n}"
+        return f"random Hadamard {self.plan.describe()}"
+
+
+def random_hadamard_rotation(n: int, seed: int = 0, fallback: str = "orthogonal") -> Rotation:
+    """diag(random +-1) @ H_n as a Rotation (butterfly-applied)."""
     p = plan(n, fallback)
     g = torch.Generator().manual_seed(seed)
-    signs = torch.randint(0, 2, (n,), generator=g, dtype=torch.int64).to(torch.float64) * 2 - 1
-    h = dense_matrix(p, base_matrix(p, seed))
-    return signs.unsqueeze(1) * h, p
+    signs = (torch.randint(0, 2, (n,), generator=g, dtype=torch.int64) * 2 - 1).to(torch.float64)
+    return Rotation(n, signs=signs, plan=p, base=base_matrix(p, seed))
+
+
+def random_orthogonal_rotation(n: int, seed: int = 0) -> Rotation:
+    """A Haar-random orthogonal Rotation (QR with sign fix), seeded."""
+    return Rotation(n, matrix=random_orthogonal(n, torch.Generator().manual_seed(seed)))
+
+
+def random_hadamard(n: int, seed: int = 0, fallback: str = "orthogonal") -> tuple[torch.Tensor, HadamardPlan]:
+    """diag(random signs) @ H_n as a dense float64 matrix (orthogonal), and its plan."""
+    rot = random_hadamard_rotation(n, seed, fallback)
+    return rot.dense(), rot.plan

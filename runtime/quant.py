@@ -24,7 +24,27 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from fxpress.runtime.ops import define_op
+
+# --- rounding -----------------------------------------------------------------------------------------
+_MAGIC = {torch.float32: 1.5 * 2.0**23, torch.float64: 1.5 * 2.0**52}
+
+
+def round_clamped(v: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """clamp(round(v), low, high) for integer bounds, rounding half to even exactly as torch.round / ONNX Round.
+
+    Computed as clamp first, then (v + 1.5*2^23) - 1.5*2^23 (float32; 2^52 for float64): adding the
+    magic number pushes the fraction out of the mantissa with the FPU's round-half-to-even. Same
+    result as torch.round for |v| < 2^22, and much cheaper than torch.round on small CPU tensors,
+    which costs tens of milliseconds per call on a busy 2-core machine (it is called once per
+    column in GPTQ).
+    """
+    v = torch.clamp(v, low, high)
+    magic = _MAGIC.get(v.dtype)
+    if magic is None:
+        return torch.round(v)
+    return (v + magic) - magic
 
 
 # --- bit packing ------------------------------------------------------------------------------------
@@ -51,7 +71,12 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
-    """Inverse of `pack_codes`: uint8 (..., B) -> int64 codes (..., length)."""
+    """Inverse of `pack_codes`: uint8 (..., B) -> codes (..., length) (uint8 for 1/2/4/8 bits, else int64)."""
+    if 8 % bits == 0:  # whole codes per byte: shift and mask in uint8, no wide temporaries
+        per_byte = 8 // bits
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)[..., :length]
     nbytes = packed.shape[-1]
     padded = -(-nbytes // bits) * bits
     p = packed.to(torch.int64)
@@ -128,14 +153,14 @@ def _quantize_act(x: torch.Tensor, bits: int, clip_ratio: float, symmetric: bool
         maxq = (1 << (bits - 1)) - 1
         scale = x.abs().amax(-1, keepdim=True) * (clip_ratio / max(maxq, 1))
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        return torch.clamp(torch.round(x / scale), -maxq - 1, maxq) * scale
+        return round_clamped(x / scale, -maxq - 1, maxq) * scale
     maxq = (1 << bits) - 1
     high = x.amax(-1, keepdim=True).clamp_min(0) * clip_ratio
     low = x.amin(-1, keepdim=True).clamp_max(0) * clip_ratio
     scale = (high - low) / maxq
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero = torch.round(-low / scale)
-    return (torch.clamp(torch.round(x / scale) + zero, 0, maxq) - zero) * scale
+    zero = round_clamped(-low / scale, 0, maxq)
+    return (round_clamped(x / scale + zero, 0, maxq) - zero) * scale
 
 
 def _quantize_act_fake(x, bits, clip_ratio, symmetric):

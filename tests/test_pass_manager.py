@@ -8,10 +8,10 @@ from typing import ClassVar
 
 import pytest
 import torch
-from fxpress.passes.base import PASS_REGISTRY, Pass, check_range, register_pass
 
 import fxpress
 from fxpress.errors import ConfigError, PassError, PassOrderError, RecipeError
+from fxpress.passes.base import PASS_REGISTRY, Pass, check_range, register_pass
 from fxpress.recipe import load_recipe, passes_from_recipe, recipe_dict, save_recipe
 
 

@@ -1,0 +1,193 @@
+"""Re-export a Program's (rewritten) GraphModule as a torch.export ExportedProgram that lowerings translate.
+
+Both the ONNX and the TVM lowering start here, so they see the same graph: a copy of the program's
+graph with capture artefacts that other frontends reject removed, exported again with dynamic
+batch / sequence / past-length dimensions.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+from torch.export import Dim
+
+from fxpress.errors import LoweringError
+from fxpress.program import Program
+
+EXPORT_BATCH, EXPORT_SEQ, EXPORT_PAST = 2, 8, 3  # > 1 so that export keeps the dims symbolic
+
+
+@dataclass
+class Signature:
+    """Names, example tensors and dynamic dims of an artifact's inputs and outputs."""
+
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    example_args: tuple[torch.Tensor, ...]
+    dynamic_shapes: tuple[dict[int, Dim], ...]
+    dim_names: dict[str, str]  # export symbol (e.g. "s70") -> readable name ("seq"), filled after export
+
+
+def _is_empty_vector(node: object) -> bool:
+    val = getattr(node, "meta", {}).get("val")
+    return isinstance(val, torch.Tensor) and val.ndim == 1 and val.shape[0] == 0
+
+
+def _fetch(module: torch.nn.Module, target: str) -> object:
+    obj: object = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def histc_by_comparison(x: torch.Tensor, bins: int = 100, min: float = 0.0, max: float = 0.0) -> torch.Tensor:  # noqa: A002
+    """aten.histc from comparisons and a sum, for frontends without histc (TVM).
+
+    transformers' MoE routing counts tokens per expert with histc on expert ids; the same counts
+    come from comparing each value's bin index with every bin. Values outside [min, max] are ignored,
+    and max itself falls in the last bin, as histc does.
+    """
+    if min == max:
+        min, max = x.min(), x.max()  # noqa: A001
+    scale = bins / (max - min)
+    index = ((x - min) * scale).floor().clamp(0, bins - 1)
+    inside = (x >= min) & (x <= max)
+    hits = (index.unsqueeze(-1) == torch.arange(bins, device=x.device, dtype=x.dtype)) & inside.unsqueeze(-1)
+    return hits.to(x.dtype).sum(0)
+
+
+def grouped_mm_by_masks(input: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:  # noqa: A002
+    """transformers' grouped_mm_fallback (rows sorted by expert, `offs` = cumulative rows per expert) in plain ops.
+
+    The original loops over `offs.tolist()`, which no frontend can import. Here every expert's matmul
+    runs on all rows and a mask keeps each row's own expert: E times the FLOPs of the fp32 expert
+    matmuls, but static shapes. Quantized MoE graphs use fxpress::grouped_linear_nbit instead.
+    """
+    rows = torch.arange(input.shape[0], device=input.device)
+    expert_of_row = (rows.unsqueeze(1) >= offs.unsqueeze(0)).sum(1)
+    out = (expert_of_row == 0).unsqueeze(1).to(input.dtype) * (input @ weight[0])  # no zeros(): TVM needs static
+    for e in range(1, weight.shape[0]):
+        out = out + (expert_of_row == e).unsqueeze(1).to(input.dtype) * (input @ weight[e])
+    return out
+
+
+def floor_divide_same_dtype(x: torch.Tensor, y: torch.Tensor | int) -> torch.Tensor:
+    """floor_divide with the divisor as a tensor of x's dtype: TVM's frontend makes a Python int an int32
+    constant and then rejects int64 // int32 (MoE routing divides expert slots by top-k this way)."""
+    if not isinstance(y, torch.Tensor):
+        y = torch.full((), y, dtype=x.dtype, device=x.device)
+    return torch.floor_divide(x, y.to(x.dtype))
+
+
+def empty_like_by_mul(x: torch.Tensor, **_: object) -> torch.Tensor:
+    """empty_like as x * 0: empty's contents are undefined anyway, and TVM's frontend cannot build an
+    empty/zeros tensor whose shape is symbolic (MoE routing inverts a permutation into one)."""
+    return x * 0
+
+
+FRONTEND_REPLACEMENTS = {
+    "aten.empty_like.default": empty_like_by_mul,
+    "aten.floor_divide.default": floor_divide_same_dtype,
+    "aten.histc.default": histc_by_comparison,
+    "transformers.grouped_mm_fallback.default": grouped_mm_by_masks,
+}
+
+
+def lowering_module(program: Program) -> torch.fx.GraphModule:
+    """A copy of the program's graph whose every weight is a parameter (storage shared, nothing copied).
+
+    Buffers and constants (packed low-bit weights, scales, Hadamard bases) become parameters so that
+    frontends keep them as weights (TVM binds buffers into the library otherwise). Also drops
+    capture artefacts that frontends reject: transformers' DynamicCache starts each layer from
+    `torch.tensor([])` and concatenates the past onto it, `cat([empty(0), past], -2)`, which PyTorch
+    accepts and TVM does not.
+    """
+    graph = copy.deepcopy(program.module.graph)
+    for node in graph.nodes:
+        if node.op == "call_function" and str(node.target) in FRONTEND_REPLACEMENTS:
+            node.target = FRONTEND_REPLACEMENTS[str(node.target)]  # traced into plain ops by the re-export
+        if node.op == "call_function" and node.target is torch.ops.aten.cat.default:
+            inputs = list(node.args[0])
+            kept = [a for a in inputs if not _is_empty_vector(a)]
+            if kept and len(kept) != len(inputs):
+                node.args = (kept, *node.args[1:])
+    root: dict[str, object] = {}
+    as_parameter: dict[int, torch.nn.Parameter] = {}
+    for node in graph.nodes:
+        if node.op not in ("get_attr", "call_module"):
+            continue
+        value = _fetch(program.module, node.target)
+        if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+            key = id(value)
+            if key not in as_parameter:
+                as_parameter[key] = torch.nn.Parameter(value.detach(), requires_grad=False)
+            value = as_parameter[key]
+        root[node.target] = value
+    module = torch.fx.GraphModule(root, graph)
+    module.graph.eliminate_dead_code()
+    module.recompile()
+    return module
+
+
+def signature(program: Program) -> Signature:
+    """Example arguments and dynamic shapes: (input_ids, past_keys, past_values) for causal LMs."""
+    info = program.info
+    if program.is_causal_lm:
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, info.vocab_size or 100, (EXPORT_BATCH, EXPORT_SEQ), generator=generator)
+        past_k, past_v = program.empty_cache(EXPORT_BATCH)
+        past_k = past_k.new_zeros(*past_k.shape[:3], EXPORT_PAST, past_k.shape[4])
+        past_v = past_v.new_zeros(*past_v.shape[:3], EXPORT_PAST, past_v.shape[4])
+        batch = Dim("batch", min=1, max=1024)
+        seq = Dim("seq", min=1, max=8192)
+        past = Dim("past", min=0, max=8192)
+        shapes = ({0: batch, 1: seq}, {1: batch, 3: past}, {1: batch, 3: past})
+        names_in = info.input_names or ("input_ids", "past_keys", "past_values")
+        names_out = info.output_names or ("logits", "present_keys", "present_values")
+        return Signature(tuple(names_in), tuple(names_out), (ids, past_k, past_v), shapes, {})
+    args = tuple(program.example_inputs)
+    for t in args:
+        if t.ndim == 0 or t.shape[0] < 2:
+            raise LoweringError(
+                f"example input of shape {tuple(t.shape)} has no batch dimension >= 2: capture the model with a "
+                "batch of at least 2 so the artifact keeps a dynamic batch"
+            )
+    batch = Dim("batch", min=1, max=1024)
+    names_in = info.input_names or tuple(f"input_{i}" for i in range(len(args)))
+    names_out = info.output_names or ("output",)
+    return Signature(tuple(names_in), tuple(names_out), args, tuple({0: batch} for _ in args), {})
+
+
+def _dim_names(ep: torch.export.ExportedProgram, sig: Signature) -> dict[str, str]:
+    """Map the exporter's symbols (s5, s70, ...) to the Dim names we asked for (batch, seq, past)."""
+    names: dict[str, str] = {}
+    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
+    user = [n for n in placeholders if n.name in {s.arg.name for s in ep.graph_signature.input_specs
+                                                    if s.kind.name == "USER_INPUT"}]
+    for node, spec in zip(user, sig.dynamic_shapes):
+        val = node.meta.get("val")
+        for axis, dim in spec.items():
+            names[str(val.shape[axis])] = dim.__name__
+    return names
+
+
+def reexport(program: Program, decompose: bool = False) -> tuple[torch.export.ExportedProgram, Signature]:
+    """torch.export the program's module again (dynamic dims); `decompose` runs the core ATen decompositions."""
+    sig = signature(program)
+    module = lowering_module(program)
+    try:
+        ep = torch.export.export(module, sig.example_args, dynamic_shapes=sig.dynamic_shapes, strict=False)
+        if decompose:
+            ep = ep.run_decompositions()
+    except Exception as err:  # torch.export raises many types; all mean "could not trace the rewritten graph"
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise LoweringError(
+            f"could not re-export the compiled program ({type(err).__name__}: {first}); a pass probably left an "
+            "op without a fake kernel or a shape that is not symbolic (passes run before: "
+            f"{', '.join(program.history) or 'none'})"
+        ) from err
+    sig.dim_names = _dim_names(ep, sig)
+    return ep, sig

@@ -1,0 +1,175 @@
+"""FoldHadamard: online Hadamards where a rotation cannot be folded away (R4 before down projections, R3 on q/k).
+
+R4: before every MLP down projection (dense, shared expert, every routed expert, fused 3-D experts)
+insert `fxpress::hadamard` on its input and fold H into the projection's input columns (W -> W H), so
+the down projection sees outlier-free inputs at the same output. R3: after RoPE, apply the head_dim
+Hadamard to queries and to the new keys before they enter the KV cache (q H . k H = q . k), so the
+cached keys are in the rotated basis that KV quantization wants. Sizes n = K * 2^m use the Hadamard
+constructions of `fxpress.runtime.hadamard`; a size none covers uses the documented fallback and is
+reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch.fx import GraphModule, Node
+
+from fxpress import graph as G
+from fxpress.errors import ConfigError
+from fxpress.passes.base import Pass, check_choice, register_pass
+from fxpress.runtime.hadamard import FALLBACKS, HadamardPlan, apply_rows, base_matrix, plan
+
+HADAMARD_OP = torch.ops.fxpress.hadamard.default
+
+
+class _Bases:
+    """One base-matrix buffer per transform size, shared by every online Hadamard of that size."""
+
+    def __init__(self, gm: GraphModule, fallback: str, seed: int):
+        self.gm, self.fallback, self.seed = gm, fallback, seed
+        self.plans: dict[int, HadamardPlan] = {}
+        self.tensors: dict[int, torch.Tensor] = {}
+        self.targets: dict[int, str] = {}
+
+    def get(self, n: int) -> tuple[HadamardPlan, torch.Tensor]:
+        if n not in self.plans:
+            p = plan(n, self.fallback)
+            self.plans[n] = p
+            self.tensors[n] = base_matrix(p, self.seed)
+        return self.plans[n], self.tensors[n]
+
+    def node(self, n: int, before: Node) -> Node:
+        """A get_attr of the float32 base for size n placed before `before`."""
+        _, base = self.get(n)
+        if n not in self.targets:
+            attr = G.add_param(self.gm, f"hadamard_base_{n}", base.to(torch.float32), before=before, buffer=True)
+            self.targets[n] = str(attr.target)
+            return attr
+        with self.gm.graph.inserting_before(before):
+            attr = self.gm.graph.get_attr(self.targets[n])
+        attr.meta["val"] = G.get_param(self.gm, self.targets[n])
+        return attr
+
+
+def _online(gm: GraphModule, bases: _Bases, user: Node, arg: Node, n: int) -> Node:
+    """Insert hadamard(arg) just before `user` and make `user` read it."""
+    base = bases.node(n, user)
+    with gm.graph.inserting_before(user):
+        new = gm.graph.call_function(HADAMARD_OP, (arg, base), {})
+    if "val" in arg.meta:
+        new.meta["val"] = arg.meta["val"]
+    user.replace_input_with(arg, new)
+    return new
+
+
+def _down_projections(blocks: list[G.Block]) -> dict[str, list[G.LinearUse]]:
+    """MLP down projections grouped by weight (a fused expert tensor or per-expert slices share one)."""
+    by_target: dict[str, list[G.LinearUse]] = {}
+    for block in blocks:
+        for use in block.mlp.writers if block.mlp is not None else []:
+            if G.last_dim(use.input) != use.in_features():
+                raise G.GraphPatternError(
+                    f"down projection '{use.node.name}' reads {G.last_dim(use.input)} features, not {use.in_features()}")
+            by_target.setdefault(str(use.weight.target), []).append(use)
+    return by_target
+
+
+def _attentions(blocks: list[G.Block]) -> list[G.Attention]:
+    """Every attention whose queries and keys share a head dim (R3 needs q H . k H = q . k)."""
+    out = []
+    for block in blocks:
+        att = block.attention.attention if block.attention else None
+        if att is None:
+            continue
+        hd = G.last_dim(att.q_in)
+        if hd is None or hd != G.last_dim(att.k_in):
+            raise G.GraphPatternError(
+                f"attention '{att.sdpa.name}': query and key head dims differ ({hd} vs {G.last_dim(att.k_in)})")
+        out.append(att)
+    return out
+
+
+@register_pass
+@dataclass
+class FoldHadamard(Pass):
+    """Insert online Hadamards (R4 before down projections, R3 on queries/keys) and fold their inverse offline."""
+
+    name: ClassVar[str] = "fold_hadamard"
+    version: ClassVar[int] = 1
+    preserves_function: ClassVar[bool] = True
+    not_after: ClassVar[tuple[str, ...]] = ("quantize", "quantize_experts", "fold_hadamard", "threshold_neurons", "prune_tokens")
+    tolerance: ClassVar[float] = 1e-4
+
+    r4: bool = True
+    r3: bool = True
+    fallback: str = "orthogonal"  # for sizes no Hadamard construction covers: "orthogonal", "block" or "error"
+    seed: int = 0  # only used by the orthogonal fallback
+
+    def validate(self) -> None:
+        check_choice(self.name, "fallback", self.fallback, FALLBACKS)
+        for field_name in ("r3", "r4"):
+            if not isinstance(getattr(self, field_name), bool):
+                raise ConfigError(f"fold_hadamard.{field_name} = {getattr(self, field_name)!r} must be True or False")
+        if not (self.r3 or self.r4):
+            raise ConfigError("fold_hadamard with r3=False and r4=False does nothing: enable at least one")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ConfigError(f"fold_hadamard.seed = {self.seed!r} must be an integer")
+
+    def run(self, program) -> dict[str, Any]:
+        gm = program.module
+        stream = G.residual_stream(gm, strict=False)
+        blocks = G.decoder_blocks(gm, stream)
+        bases = _Bases(gm, self.fallback, self.seed)
+        downs = _down_projections(blocks) if self.r4 else {}
+        atts = _attentions(blocks) if self.r3 else []
+        for n in {uses[0].in_features() for uses in downs.values()} | {G.last_dim(a.q_in) for a in atts}:
+            bases.get(n)  # every size planned (and a fallback="error" raised) before the graph changes
+        stats: dict[str, Any] = {}
+        if self.r4:
+            stats.update(self._r4(gm, downs, bases))
+        if self.r3:
+            stats.update(self._r3(gm, atts, bases))
+        gm.recompile()
+        G.reset_order_cache(gm.graph)
+        sizes = {n: p.describe() for n, p in sorted(bases.plans.items())}
+        stats["sizes"] = sizes
+        fallbacks = [p.describe() for p in bases.plans.values() if p.fallback]
+        if fallbacks:
+            stats["fallbacks"] = fallbacks
+            stats["warnings"] = [f"no Hadamard construction for {d}; used the {self.fallback} fallback" for d in fallbacks]
+        program.metadata["fold_hadamard"] = {"r3": self.r3, "r4": self.r4, "sizes": sizes,
+                                             "r3_nodes": stats.pop("r3_online_nodes", []),
+                                             "r4_nodes": stats.pop("r4_online_nodes", [])}
+        stats["online_hadamards"] = len(program.metadata["fold_hadamard"]["r3_nodes"]) + len(
+            program.metadata["fold_hadamard"]["r4_nodes"])
+        return stats
+
+    def _r4(self, gm: GraphModule, by_target: dict[str, list[G.LinearUse]], bases: _Bases) -> dict[str, Any]:
+        """Online Hadamard on every down projection's input, H folded into its input columns."""
+        nodes, experts = [], 0
+        for uses in by_target.values():
+            n = uses[0].in_features()
+            p, base = bases.get(n)
+            w = G.get_param(gm, uses[0].weight)
+            G.set_param(gm, uses[0].weight, apply_rows(w, p, base, axis=uses[0].in_axis))
+            for use in uses:
+                nodes.append(_online(gm, bases, use.node, use.input, n).name)
+            experts += int(uses[0].fused_experts) or int(uses[0].expert is not None)
+        return {"r4_down_projections": len(by_target), "r4_expert_tensors": experts, "r4_online_nodes": nodes}
+
+    def _r3(self, gm: GraphModule, atts: list[G.Attention], bases: _Bases) -> dict[str, Any]:
+        """Hadamard on queries (SDPA input) and new keys (before the cache concat, else SDPA input)."""
+        count, in_cache, nodes = 0, 0, []
+        for att in atts:
+            hd = G.last_dim(att.q_in)
+            nodes.append(_online(gm, bases, att.sdpa, att.q_in, hd).name)
+            if att.k_cache is not None and att.k_new is not None and G.last_dim(att.k_new) == hd:
+                nodes.append(_online(gm, bases, att.k_cache, att.k_new, hd).name)
+                in_cache += 1
+            else:
+                nodes.append(_online(gm, bases, att.sdpa, att.k_in, hd).name)
+            count += 1
+        return {"r3_attention_layers": count, "r3_keys_rotated_in_cache": in_cache, "r3_online_nodes": nodes}

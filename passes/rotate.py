@@ -1,0 +1,375 @@
+"""Rotate: fold norm scales, untie embeddings, rotate the residual stream (R1) and each head's values (R2).
+
+QuaRot / SpinQuant / DFRot as one graph pass: the residual stream, its readers and writers are found
+in the graph (`fxpress.graph.residual_stream`), so the same code serves dense and MoE models
+(routers, shared experts, fused 3-D or per-expert experts). With an orthogonal Q (H x H):
+readers W -> W Q, writers W -> Q^T W (and biases), embedding rows E -> E Q; RMSNorm commutes with Q
+once its scale is folded into the readers. R2 (head_dim) rotates v_proj outputs and o_proj inputs.
+
+Modes: "hadamard" (random signs times a Hadamard, the default), "orthogonal" (Haar random, QR with
+sign fix) and "dfrot" (start from the random Hadamard, then alternate B = quant(A R) and the
+orthogonal Procrustes step R = U V^T from svd(A^T W B), rows of massive-activation tokens weighted
+by alpha, on the RMSNorm outputs of calibration text).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch.fx import GraphModule, Node
+
+from fxpress import graph as G
+from fxpress.errors import ConfigError
+from fxpress.passes.base import Pass, check_choice, check_range, register_pass
+from fxpress.runtime.hadamard import (
+    FALLBACKS,
+    Rotation,
+    random_hadamard_rotation,
+    random_orthogonal_rotation,
+)
+
+MODES = ("hadamard", "orthogonal", "dfrot")
+
+
+def quantize_rtn(x: torch.Tensor, bits: int, group_size: int = 0, clip_ratio: float = 1.0,
+                 symmetric: bool = True) -> torch.Tensor:
+    """Round-to-nearest fake quantization per row of the last axis (or per `group_size` columns).
+
+    DFRot's default activation quantizer (per token, dynamic, like `fxpress::quantize_act`).
+    """
+    from fxpress.runtime.quant import _quantize_act
+
+    if group_size and x.shape[-1] % group_size == 0 and group_size < x.shape[-1]:
+        shape = x.shape
+        return _quantize_act(x.reshape(*shape[:-1], -1, group_size), bits, clip_ratio, symmetric).reshape(shape)
+    return _quantize_act(x, bits, clip_ratio, symmetric)
+
+
+@register_pass
+@dataclass
+class Rotate(Pass):
+    """Fold norm scales, untie embeddings, apply R1 (residual stream) and R2 (per head) offline.
+
+    `with_quantizer(fn)` (not a field, so not in recipes) sets a callable `x -> fake_quant(x)` that
+    DFRot uses in place of `quantize_rtn(x, dfrot_bits, dfrot_group, dfrot_clip_ratio)`.
+    """
+
+    name: ClassVar[str] = "rotate"
+    version: ClassVar[int] = 1
+    preserves_function: ClassVar[bool] = True
+    not_after: ClassVar[tuple[str, ...]] = ("quantize", "quantize_experts", "fold_hadamard", "threshold_neurons", "prune_tokens")
+    tolerance: ClassVar[float] = 1e-4
+
+    mode: str = "hadamard"
+    seed: int = 0
+    r2: bool = True
+    fallback: str = "orthogonal"  # for hidden sizes no Hadamard construction covers
+    dfrot_steps: int = 100
+    dfrot_alpha: float = 100.0
+    dfrot_bits: int = 4
+    dfrot_group: int = 0  # 0 = per token
+    dfrot_clip_ratio: float = 1.0
+    dfrot_samples: int = 1
+    dfrot_massive_ratio: float = 20.0  # a token is "massive" when its max |h| exceeds this x the median
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return self.mode == "dfrot"
+
+    def validate(self) -> None:
+        check_choice(self.name, "mode", self.mode, MODES)
+        check_choice(self.name, "fallback", self.fallback, FALLBACKS)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ConfigError(f"rotate.seed = {self.seed!r} must be an integer")
+        if not isinstance(self.r2, bool):
+            raise ConfigError(f"rotate.r2 = {self.r2!r} must be True or False")
+        check_range(self.name, "dfrot_steps", self.dfrot_steps, 0, 10_000)
+        check_range(self.name, "dfrot_alpha", self.dfrot_alpha, 1.0, 1e6)
+        check_range(self.name, "dfrot_bits", self.dfrot_bits, 2, 8)
+        check_range(self.name, "dfrot_group", self.dfrot_group, 0, 1 << 20)
+        check_range(self.name, "dfrot_clip_ratio", self.dfrot_clip_ratio, 0.05, 1.0)
+        check_range(self.name, "dfrot_samples", self.dfrot_samples, 1, 1 << 16)
+        check_range(self.name, "dfrot_massive_ratio", self.dfrot_massive_ratio, 1.0, 1e6)
+
+    def run(self, program) -> dict[str, Any]:
+        gm = program.module
+        before = G.residual_stream(gm, strict=True, allow_scales=True)  # every structural error before any change
+        check_rotatable(before)
+        calib = self._dfrot_activations(program, before) if self.mode == "dfrot" else None
+        weights = WeightEditor(gm)
+        untied = untie_embeddings(gm, before)
+        folded = fold_norm_scales(gm, before, weights)
+        stream = G.residual_stream(gm, strict=True)
+        stats: dict[str, Any] = {"mode": self.mode, "seed": self.seed, "hidden": stream.hidden,
+                                 "untied_embeddings": untied, "norms_folded": folded}
+        rotation, stats["r1"] = self._rotation(stream.hidden, calib, stats)
+        stats.update(apply_r1(stream, rotation, weights))
+        if self.r2:
+            stats.update(self._apply_r2(gm, stream, weights))
+        weights.commit()
+        gm.recompile()
+        G.reset_order_cache(gm.graph)
+        program.metadata["rotate"] = {"mode": self.mode, "seed": self.seed, "hidden": stream.hidden, "r1": stats["r1"],
+                                      "r2_head_dim": stats.get("r2_head_dim")}
+        if rotation.plan is not None and rotation.plan.fallback:
+            stats["r1_fallback"] = rotation.plan.fallback
+            stats.setdefault("warnings", []).append(f"R1: no Hadamard of size {stream.hidden}: {rotation.describe()}")
+        return stats
+
+    # -- R1 -------------------------------------------------------------------------------------
+    def _rotation(self, n: int, calib: tuple[torch.Tensor, torch.Tensor] | None,
+                  stats: dict[str, Any]) -> tuple[Rotation, str]:
+        """R1 and its description: random orthogonal, random Hadamard, or DFRot refined from the Hadamard."""
+        if self.mode == "orthogonal":
+            rotation = random_orthogonal_rotation(n, self.seed)
+            return rotation, f"random orthogonal {n}x{n}"
+        rotation = random_hadamard_rotation(n, self.seed, self.fallback)
+        if self.mode == "dfrot":
+            a, weight = calib
+            r, losses = dfrot_refine(a, weight, rotation.dense(), self._act_quantizer(), self.dfrot_steps)
+            stats["dfrot"] = {"rows": int(a.shape[0]), "massive_rows": int((weight > 1).sum()), "steps": self.dfrot_steps,
+                              "loss_start": losses[0], "loss_end": min(losses)}
+            return Rotation(n, matrix=r, plan=rotation.plan), f"DFRot-refined {rotation.describe()}"
+        return rotation, rotation.describe()
+
+    def _dfrot_activations(self, program, stream: G.ResidualStream) -> tuple[torch.Tensor, torch.Tensor]:
+        """RMSNorm outputs (before the scale) of calibration text, and per-row weights (alpha on massive tokens)."""
+        from fxpress.calibration import collect_activations
+
+        if program.calibration is None:
+            raise ConfigError("rotate(mode='dfrot') needs calibration data: pass calibration=... to fxpress.compile")
+        norms = [n for n in stream.norms if n.kind == "rms"]
+        names = {n.normalized.name for n in norms} | {n.input.name for n in norms}
+        acts = collect_activations(program, names, program.calibration.chunks(limit=self.dfrot_samples))
+        rows, massive = [], []
+        for norm in norms:
+            rows.append(torch.cat([t.reshape(-1, stream.hidden) for t in acts[norm.normalized.name]]))
+            peak = torch.cat([t.reshape(-1, stream.hidden) for t in acts[norm.input.name]]).abs().amax(-1)
+            massive.append(peak > self.dfrot_massive_ratio * peak.median().clamp_min(1e-12))
+        weight = torch.where(torch.cat(massive), self.dfrot_alpha, 1.0).to(torch.float64)
+        return torch.cat(rows).to(torch.float64), weight
+
+    def _act_quantizer(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        custom = getattr(self, "_quantizer", None)
+        if custom is not None:
+            return custom
+        bits, group, clip = self.dfrot_bits, self.dfrot_group, self.dfrot_clip_ratio
+        return lambda x: quantize_rtn(x, bits, group, clip)
+
+    def with_quantizer(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Rotate:
+        """Use `fn` (x -> fake-quantized x, per token) as DFRot's activation quantizer; returns self."""
+        self._quantizer = fn
+        return self
+
+    # -- R2 -------------------------------------------------------------------------------------
+    def _apply_r2(self, gm: GraphModule, stream: G.ResidualStream, weights: WeightEditor) -> dict[str, Any]:
+        done, skipped, head_dim = 0, [], None
+        rotations: dict[int, Rotation] = {}
+        for block in G.decoder_blocks(gm, stream):
+            att = block.attention.attention if block.attention else None
+            if att is None:
+                continue
+            if not (att.v_simple and att.o_simple and att.o_proj is not None and att.v_head_dim):
+                skipped.append(block.index)
+                continue
+            hd = head_dim = att.v_head_dim
+            if hd not in rotations:
+                rotations[hd] = self._head_rotation(hd)
+            rotate_heads(att.v_proj[0], att.o_proj, rotations[hd], hd, weights)
+            done += 1
+        out: dict[str, Any] = {"r2_layers": done, "r2_head_dim": head_dim}
+        if skipped:
+            out["r2_skipped_layers"] = skipped
+            out["warnings"] = [f"R2 skipped in blocks {skipped}: values do not come from a plain per-head "
+                               "projection (e.g. multi-head latent attention); R1 still applies"]
+        return out
+
+    def _head_rotation(self, hd: int) -> Rotation:
+        if self.mode == "orthogonal":
+            return random_orthogonal_rotation(hd, self.seed + 1)
+        return random_hadamard_rotation(hd, self.seed + 1, self.fallback)
+
+
+# ----------------------------------------------------------------------------------------------
+# the rewrites (plain functions so other passes and tests can reuse them)
+# ----------------------------------------------------------------------------------------------
+
+
+def _linear_targets(gm: GraphModule) -> dict[str, list[G.LinearUse]]:
+    out: dict[str, list[G.LinearUse]] = {}
+    for use in G.linear_uses(gm.graph):
+        out.setdefault(str(use.weight.target), []).append(use)
+    return out
+
+
+def untie_embeddings(gm: GraphModule, stream: G.ResidualStream) -> int:
+    """Give each embedding its own table when a linear (the LM head) shares it; returns how many."""
+    targets = _linear_targets(gm)
+    count = 0
+    for i, (emb, attr) in enumerate(stream.embeddings):
+        shared = str(attr.target) in targets
+        if not shared:
+            tensor = G.get_param(gm, attr)
+            shared = any(G.get_param(gm, uses[0].weight) is tensor for uses in targets.values())
+        if shared:
+            value = G.get_param(gm, attr).detach().clone()
+            new = G.add_param(gm, f"{emb.name}_weight", value, before=emb)
+            emb.replace_input_with(attr, new)
+            stream.embeddings[i] = (emb, new)
+            count += 1
+    return count
+
+
+def check_rotatable(stream: G.ResidualStream) -> None:
+    """Raise, before anything changes, when folding and rotating this stream could not keep the function."""
+    if stream.outputs:
+        raise G.GraphPatternError(
+            f"the graph returns residual-stream tensors ({', '.join(n.name for n in stream.outputs)}): "
+            "a rotation would change those outputs; capture a model whose outputs are read through a linear head"
+        )
+    norm_outputs = {n.output for n in stream.norms}
+    for scale in stream.scales:
+        if scale not in norm_outputs:
+            raise G.GraphPatternError(f"node '{scale.name}' scales the residual stream per channel outside a norm")
+    for norm in stream.norms:
+        if norm.weight is None:
+            continue
+        if norm.kind != "rms":
+            raise G.GraphPatternError(
+                f"LayerNorm '{norm.output.name}' on the residual stream: rotating LayerNorm models needs mean "
+                "centering, which fxpress does not do yet; only RMSNorm models can be rotated"
+            )
+        readers, others = G.norm_consumers(norm)
+        if others or not readers:
+            what = ", ".join(o.name for o in others) or "nothing"
+            raise G.GraphPatternError(
+                f"cannot fold the scale of norm '{norm.output.name}': it is read by {what} as well as by linears"
+            )
+
+
+class WeightEditor:
+    """Float64 working copies of parameters, written back once: folding and rotating round only at the end."""
+
+    def __init__(self, gm: GraphModule):
+        self.gm = gm
+        self.work: dict[str, tuple[Node, torch.Tensor]] = {}
+
+    def get(self, node: Node) -> torch.Tensor:
+        target = str(node.target)
+        if target not in self.work:
+            self.work[target] = (node, G.get_param(self.gm, node).detach().to(torch.float64))
+        return self.work[target][1]
+
+    def put(self, node: Node, value: torch.Tensor) -> None:
+        self.work[str(node.target)] = (node, value)
+
+    def commit(self) -> None:
+        for node, value in self.work.values():
+            G.set_param(self.gm, node, value)
+        self.work.clear()
+
+
+def fold_norm_scales(gm: GraphModule, stream: G.ResidualStream, weights: WeightEditor) -> int:
+    """Multiply each stream norm's scale into the columns of the linears reading it (float64), drop the scale."""
+    folded = 0
+    for norm in stream.norms:
+        if norm.weight is None:
+            continue
+        readers, _ = G.norm_consumers(norm)  # check_rotatable made sure these are all its consumers
+        scale = norm.scale(gm)
+        for use in {str(u.weight.target): u for u in readers}.values():
+            w = weights.get(use.weight)
+            weights.put(use.weight, (w.movedim(use.in_axis, -1) * scale).movedim(-1, use.in_axis))
+        out, weight = norm.output, norm.weight
+        if out is norm.normalized:  # a fused rms_norm op: drop its weight argument
+            scale_expr = [out.args[2]] if len(out.args) > 2 else [out.kwargs["weight"]]
+            if len(out.args) > 2:
+                out.update_arg(2, None)
+            else:
+                out.update_kwarg("weight", None)
+        else:
+            out.replace_all_uses_with(norm.normalized)
+            scale_expr = [a for a in out.args if isinstance(a, Node) and a is not norm.normalized]
+            gm.graph.erase_node(out)
+        for node in scale_expr + [weight]:
+            if node in gm.graph.nodes and not node.users:
+                gm.graph.erase_node(node)
+        folded += 1
+    G.reset_order_cache(gm.graph)
+    return folded
+
+
+def apply_r1(stream: G.ResidualStream, rotation: Rotation, weights: WeightEditor) -> dict[str, Any]:
+    """Rotate every stream reader's input axis, writer's output axis, embedding and stream bias by Q.
+
+    Readers W -> W Q (input axis times Q); writers W -> Q^T W, which is the output axis times Q, and
+    b -> Q^T b; embedding rows E -> E Q.
+    """
+    roles: dict[str, tuple[str, G.LinearUse]] = {}
+    for role, uses in (("reader", stream.readers), ("writer", stream.writers)):
+        for use in uses:
+            target = str(use.weight.target)
+            if target in roles and roles[target][0] != role:
+                raise G.GraphPatternError(f"parameter '{target}' both reads and writes the residual stream")
+            roles.setdefault(target, (role, use))
+    fused = 0
+    for role, use in roles.values():
+        axis = use.in_axis if role == "reader" else use.out_axis
+        weights.put(use.weight, rotation.apply(weights.get(use.weight), axis))
+        if role == "writer" and use.bias is not None:
+            weights.put(use.bias, rotation.apply(weights.get(use.bias)))
+        fused += int(use.fused_experts)
+    for _, attr in stream.embeddings:
+        weights.put(attr, rotation.apply(weights.get(attr)))
+    for bias in {b.target: b for b in stream.biases}.values():
+        weights.put(bias, rotation.apply(weights.get(bias)))
+    return {
+        "r1_readers": sum(1 for r, _ in roles.values() if r == "reader"),
+        "r1_writers": sum(1 for r, _ in roles.values() if r == "writer"),
+        "r1_fused_expert_tensors": fused,
+        "embeddings": len(stream.embeddings),
+    }
+
+
+def rotate_heads(v_proj: G.LinearUse, o_proj: G.LinearUse, r2: Rotation, head_dim: int, weights: WeightEditor) -> None:
+    """R2: each head's v_proj outputs -> R2^T (rows), each head's o_proj inputs -> columns @ R2."""
+    wv = weights.get(v_proj.weight).movedim(v_proj.out_axis, -1)  # [..., heads * head_dim]
+    shape = wv.shape
+    wv = r2.apply(wv.reshape(*shape[:-1], -1, head_dim)).reshape(shape)
+    weights.put(v_proj.weight, wv.movedim(-1, v_proj.out_axis))
+    if v_proj.bias is not None:
+        b = weights.get(v_proj.bias)
+        weights.put(v_proj.bias, r2.apply(b.reshape(-1, head_dim)).reshape(-1))
+    wo = weights.get(o_proj.weight).movedim(o_proj.in_axis, -1)
+    shape = wo.shape
+    wo = r2.apply(wo.reshape(*shape[:-1], -1, head_dim)).reshape(shape)
+    weights.put(o_proj.weight, wo.movedim(-1, o_proj.in_axis))
+
+
+def dfrot_refine(a: torch.Tensor, weight: torch.Tensor, r0: torch.Tensor,
+                 quant: Callable[[torch.Tensor], torch.Tensor], steps: int) -> tuple[torch.Tensor, list[float]]:
+    """Alternate B = quant(A R) and R = U V^T (svd of A^T diag(w) B); return the best R and the losses.
+
+    The loss is sum_i w_i ||A_i R - quant(A_i R)||^2: the quantization error of the rotated rows,
+    with massive-activation rows weighted up (DFRot's long-tail weighting).
+    """
+    a32 = a.to(torch.float32)
+    aw = (a * weight.unsqueeze(1)).to(torch.float32)
+    best, best_loss, losses = r0.to(torch.float64), float("inf"), []
+    r = r0.to(torch.float64)
+    for step in range(steps + 1):
+        y = a32 @ r.to(torch.float32)
+        b = quant(y)
+        loss = float(((y - b).pow(2).sum(-1).to(torch.float64) * weight).sum())
+        losses.append(loss)
+        if loss < best_loss:
+            best, best_loss = r, loss
+        if step == steps:
+            break
+        m = (aw.T @ b).to(torch.float64)
+        u, _, vh = torch.linalg.svd(m)
+        r = u @ vh
+    return best, losses

@@ -1,0 +1,225 @@
+"""One interface over a PyTorch program, an ONNX Runtime session and a TVM VM: token ids in, logits out.
+
+Every runner has `run(*inputs)` (the artifact's full signature, torch tensors in and out), `__call__`
+(token ids -> logits with an empty cache, or the model's output for other models) and, for language
+models, `step(input_ids, past_keys, past_values) -> (logits, keys, values)` plus `empty_cache(batch)`,
+which is all `fxpress.runtime.generate` needs. Artifacts are checked on load: a missing, truncated or
+foreign file is an `ArtifactError` that says which file and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fxpress.errors import ArtifactError
+from fxpress.program import ModelInfo, Program
+
+METADATA_KEY = "fxpress.info"  # ONNX metadata_props key (see fxpress.lowering.onnx)
+TVM_MANIFEST = "fxpress.json"  # TVM artifact directory: manifest, library, weights (see fxpress.lowering.tvm)
+SUPPORTED_VERSION = 1
+
+
+class Runner:
+    """Base: subclasses implement `run`; the LM helpers come from `info`."""
+
+    kind = "runner"
+    info: ModelInfo
+
+    @property
+    def is_causal_lm(self) -> bool:
+        return self.info.kind == "causal_lm"
+
+    def run(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def empty_cache(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        info = self.info
+        if not self.is_causal_lm or info.key_shape is None or info.value_shape is None:
+            raise ArtifactError(f"this {self.kind} artifact is not a language model with a KV cache")
+        kh, kd = info.key_shape
+        vh, vd = info.value_shape
+        return (torch.zeros(info.num_layers, batch, kh, 0, kd), torch.zeros(info.num_layers, batch, vh, 0, vd))
+
+    def step(self, input_ids: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tensor):
+        """One forward with the cache: (logits, present_keys, present_values)."""
+        logits, keys, values = self.run(input_ids, past_keys, past_values)
+        return logits, keys, values
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if self.is_causal_lm and len(inputs) == 1:
+            return self.run(inputs[0], *self.empty_cache(inputs[0].shape[0]))[0]
+        return self.run(*inputs)[0]
+
+
+class TorchRunner(Runner):
+    """The compiled program itself (reference kernels)."""
+
+    kind = "torch"
+
+    def __init__(self, program: Program):
+        self.program = program
+        self.info = program.info
+
+    def run(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.program.run(*inputs)
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _require(path: Path, what: str) -> None:
+    if not path.exists():
+        raise ArtifactError(f"{what} '{path}' does not exist: export it first (compiled.export(...))")
+
+
+def _check_meta(meta: Any, path: Path) -> dict[str, Any]:
+    if not isinstance(meta, dict) or meta.get("format") != "fxpress":
+        raise ArtifactError(f"'{path}' is not an fxpress artifact (no fxpress metadata): export it with fxpress")
+    if meta.get("version") != SUPPORTED_VERSION:
+        raise ArtifactError(
+            f"'{path}' is an fxpress artifact of version {meta.get('version')}, this fxpress reads version "
+            f"{SUPPORTED_VERSION}: export it again with this fxpress"
+        )
+    return meta
+
+
+class OnnxRunner(Runner):
+    """An fxpress ONNX artifact in an ONNX Runtime session (CPU)."""
+
+    kind = "onnx"
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, optimize: bool = True):
+        import onnxruntime as ort
+
+        path = Path(path)
+        _require(path, "ONNX artifact")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        if not optimize:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.log_severity_level = 3
+        level = self._accuracy_level(path)
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # ORT raises its own exception types for unreadable models
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ArtifactError(
+                f"ONNX Runtime cannot load '{path}' ({first[:300]}): the file (or its .data file) is truncated or "
+                "not an ONNX model; export it again"
+            ) from err
+        raw = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        try:
+            meta = json.loads(raw) if raw else None
+        except json.JSONDecodeError:
+            meta = None
+        self.meta = _check_meta(meta, path)
+        self.info = ModelInfo.from_dict(self.meta["info"])
+        self.path = path
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    @staticmethod
+    def _accuracy_level(path: Path) -> int:
+        """Read the artifact's MatMulNBits accuracy level without parsing the weights (0 if unknown)."""
+        try:
+            import onnx
+
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception as err:  # protobuf raises DecodeError and others for truncated files
+            raise ArtifactError(
+                f"'{path}' is not a readable ONNX model ({type(err).__name__}): it is truncated or foreign; export it again"
+            ) from err
+        for prop in model.metadata_props:
+            if prop.key == METADATA_KEY:
+                try:
+                    return int(json.loads(prop.value).get("accuracy_level", 0))
+                except (json.JSONDecodeError, TypeError, ValueError):
+                    return 0
+        return 0
+
+    def run(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feeds = {name: t.detach().cpu().numpy() for name, t in zip(self.input_names, inputs)}
+        return tuple(torch.from_numpy(np.asarray(o)) for o in self.session.run(None, feeds))
+
+
+class TvmRunner(Runner):
+    """An fxpress TVM artifact directory: shared library + weights, run by relax.VirtualMachine on CPU."""
+
+    kind = "tvm"
+
+    def __init__(self, path: str | os.PathLike):
+        import tvm
+        from tvm import relax
+
+        path = Path(path)
+        _require(path, "TVM artifact directory")
+        manifest = path / TVM_MANIFEST
+        if not path.is_dir() or not manifest.is_file():
+            raise ArtifactError(f"'{path}' is not an fxpress TVM artifact (a directory with {TVM_MANIFEST}): export it with fxpress")
+        try:
+            meta = json.loads(manifest.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ArtifactError(f"'{manifest}' is not valid JSON: the artifact is corrupt; export it again") from err
+        self.meta = _check_meta(meta, manifest)
+        for name, size in self.meta.get("files", {}).items():
+            file = path / name
+            _require(file, "TVM artifact file")
+            if file.stat().st_size != size:
+                raise ArtifactError(
+                    f"'{file}' has {file.stat().st_size} bytes, the manifest says {size}: it is truncated or was "
+                    "replaced; export the artifact again"
+                )
+        try:
+            lib = tvm.runtime.load_module(str(path / self.meta["library"]))
+        except Exception as err:  # TVM raises its own error types for unreadable libraries
+            raise ArtifactError(f"TVM cannot load '{path / self.meta['library']}': {str(err).splitlines()[0][:300]}") from err
+        self.vm = relax.VirtualMachine(lib, tvm.cpu())
+        self.params = self._load_weights(path / self.meta["weights"], self.meta["params"])
+        self.info = ModelInfo.from_dict(self.meta["info"])
+        self.path = path
+        self._tvm = tvm
+
+    def _load_weights(self, file: Path, names: list[str]) -> list[Any]:
+        import tvm
+        from safetensors.numpy import load_file
+
+        try:
+            arrays = load_file(str(file))
+        except Exception as err:  # safetensors raises SafetensorError on truncated headers/data
+            raise ArtifactError(f"cannot read TVM weights '{file}' ({err}): export the artifact again") from err
+        missing = [n for n in names if n not in arrays]
+        if missing:
+            raise ArtifactError(f"TVM weights '{file}' lack {len(missing)} tensors (e.g. {missing[0]}): export again")
+        tensors = {n: tvm.runtime.tensor(a) for n, a in arrays.items()}  # tied weights share one tensor
+        return [tensors[n] for n in names]
+
+    def run(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        tvm = self._tvm
+        args = [tvm.runtime.tensor(np.ascontiguousarray(t.detach().cpu().numpy())) for t in inputs]
+        out = self.vm["main"](*args, *self.params)
+        items = [out] if hasattr(out, "numpy") else list(out)
+        return tuple(torch.from_numpy(o.numpy()) for o in items)
+
+
+def load_runner(artifact: Any, **kwargs: Any) -> Runner:
+    """A runner for a Program / compiled model, an `.onnx` file, or a TVM artifact directory."""
+    if isinstance(artifact, Runner):
+        return artifact
+    if isinstance(artifact, Program):
+        return TorchRunner(artifact)
+    if isinstance(getattr(artifact, "program", None), Program):
+        return TorchRunner(artifact.program)
+    if not isinstance(artifact, (str, os.PathLike)):
+        raise ArtifactError(f"cannot run {type(artifact).__name__}: pass a Program, a compiled model or an artifact path")
+    path = Path(artifact)
+    if path.is_dir() or (path.parent / path.name / TVM_MANIFEST).exists():
+        return TvmRunner(path, **kwargs)
+    if path.suffix == ".onnx":
+        return OnnxRunner(path, **kwargs)
+    _require(path, "artifact")
+    raise ArtifactError(f"'{path}' is neither an .onnx file nor a TVM artifact directory: pass one of those")

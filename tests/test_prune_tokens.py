@@ -1,0 +1,157 @@
+"""prune_tokens: the gather/scatter rewrite, decode consistency, export, the pass, and quality vs ShortGPT."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from fxpress.calibration import Calibration
+from fxpress.capture import capture
+from fxpress.errors import ConfigError, PassError
+from fxpress.passes import PruneTokens, run_passes
+from fxpress.passes.prune_tokens import prune_flops
+from fxpress.token_router import MaskGate, TokenRouter, find_blocks, route_blocks
+from fxpress.zoo import tiny_causal_lm
+
+LAYERS = 4
+
+
+@pytest.fixture(scope="module")
+def tiny_program():
+    torch.manual_seed(0)
+    return capture(tiny_causal_lm("llama", num_hidden_layers=LAYERS))
+
+
+def clone(program):
+    twin = copy.copy(program)
+    twin.module = copy.deepcopy(program.module)
+    twin.history, twin.report, twin.metadata = [], [], {}
+    return twin
+
+
+def routed(program, mode: str, schedule: list[float], seed: int = 1):
+    """A copy of the program's graph with a random router, in gather or mask form."""
+    twin = clone(program)
+    router = TokenRouter(LAYERS, hidden=16, seed=seed)
+    router.sparsity.copy_(torch.tensor(schedule))
+    route_blocks(twin.module, router, mode, schedule, probes=4, gate=MaskGate(router) if mode == "mask" else None)
+    return twin
+
+
+def full_run(program, ids, past: int = 0, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    kh, kd = program.info.key_shape
+    keys = torch.randn(LAYERS, ids.shape[0], kh, past, kd, generator=gen)
+    values = torch.randn(LAYERS, ids.shape[0], kh, past, kd, generator=gen)
+    with torch.no_grad():
+        return program.run(ids, keys, values)
+
+
+def test_finds_one_block_per_layer_with_residual_bounds(tiny_program):
+    blocks = find_blocks(tiny_program.module)
+    assert len(blocks) == LAYERS
+    for block in blocks:
+        assert len(block.residual_adds) == 2  # attention add, MLP add
+        assert block.sdpa in block.query_side and block.h_out in block.query_side
+        assert block.query_path and block.sdpa not in block.query_path
+
+
+def test_gather_graph_equals_mask_graph_logits_and_cache(tiny_program):
+    schedule = [0.0, 0.5, 0.3, 0.25]
+    gather, mask = routed(tiny_program, "gather", schedule), routed(tiny_program, "mask", schedule)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    for past in (0, 5):
+        out_g, out_m, out_d = full_run(gather, ids, past), full_run(mask, ids, past), full_run(tiny_program, ids, past)
+        for a, b in zip(out_g, out_m):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert (out_g[0] - out_d[0]).abs().max() > 1e-3  # tokens really skipped blocks
+        assert out_g[1].shape == out_d[1].shape  # every position keeps its keys/values
+
+
+def test_short_chunks_and_decode_are_never_pruned(tiny_program):
+    schedule = [0.0, 0.3, 0.3, 0.3]
+    gather = routed(tiny_program, "gather", schedule)
+    for seq in (1, 3):  # floor(0.3 * seq) == 0: every token kept
+        ids = torch.randint(0, 256, (2, seq), generator=torch.Generator().manual_seed(seq))
+        for a, b in zip(full_run(gather, ids, past=7), full_run(tiny_program, ids, past=7)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_then_decode_uses_the_pruned_cache(tiny_program):
+    gather = routed(tiny_program, "gather", [0.0, 0.5, 0.5, 0.5])
+    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(3))
+    keys, values = gather.empty_cache(1)
+    with torch.no_grad():
+        _, keys, values = gather.run(ids[:, :19], keys, values)
+        step = gather.run(ids[:, 19:], keys, values)
+        dense_step = tiny_program.run(ids[:, 19:], keys, values)
+    assert step[1].shape[3] == 20
+    torch.testing.assert_close(step[0], dense_step[0], atol=1e-5, rtol=1e-5)
+
+
+def test_rejects_bad_configs_before_work(tiny_program):
+    with pytest.raises(ConfigError, match="sparsity"):
+        PruneTokens(sparsity=1.5).validate()
+    with pytest.raises(ConfigError, match="max_block_sparsity"):
+        PruneTokens(sparsity=0.6, max_block_sparsity=0.5).validate()
+    with pytest.raises(ConfigError, match="schedule"):
+        PruneTokens(schedule=[]).validate()
+    twin = clone(tiny_program)
+    twin.calibration = Calibration(torch.randint(0, 256, (4, 16)))
+    with pytest.raises(PassError, match="protect fewer blocks"):
+        run_passes(twin, [PruneTokens(sparsity=0.6, protect_first=3)], progress=False)
+    twin.calibration = None
+    with pytest.raises(ConfigError, match="calibration"):
+        run_passes(twin, [PruneTokens()], progress=False)
+
+
+def test_pass_guides_searches_distills_and_rewrites(tiny_program):
+    program = clone(tiny_program)
+    program.calibration = Calibration(torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(0)))
+    cfg = PruneTokens(sparsity=0.3, guide_steps=30, train_steps=2, search_evals=4, refine_evals=1, probes=4,
+                      progress=False)
+    stats = run_passes(program, [cfg], progress=False)[0].stats
+    schedule = program.metadata["prune_tokens"]["schedule"]
+    assert schedule[0] == 0.0 and abs(sum(schedule) / LAYERS - 0.3) < 0.01
+    assert stats["search_kl_best"] <= stats["search_kl_uniform"] + 1e-9
+    assert stats["distill_loss_first"] is not None
+    assert prune_flops(program.metadata["prune_tokens"], 256)["ratio"] < 0.85
+    targets = {str(n.target) for n in program.graph.nodes}
+    assert {"aten.topk.default", "aten.gather.default", "aten.scatter.src"} <= targets
+    assert all(n.op != "call_module" or n.target == "_guards_fn" for n in program.graph.nodes)
+    for seq in (1, 7, 40):  # dynamic sequence length, decode included
+        ids = torch.randint(0, 256, (2, seq), generator=torch.Generator().manual_seed(seq))
+        assert program(ids).shape == (2, seq, 256)
+
+
+def test_composes_with_rotate_and_quantize_and_exports_to_onnx(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    import fxpress
+    from fxpress.passes import Quantize, Rotate
+
+    torch.manual_seed(0)
+    model = tiny_causal_lm("llama", num_hidden_layers=LAYERS)
+    calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    prune = PruneTokens(sparsity=0.25, guide_steps=20, train_steps=1, search_evals=2, refine_evals=0, probes=4,
+                        sensitivity_probes=False, progress=False)
+    cm = fxpress.compile(model, passes=[Rotate(), Quantize(w_bits=4, group_size=32), prune], calibration=calib,
+                         progress=False)
+    assert cm.program.history == ["rotate", "quantize", "prune_tokens"]
+    result = cm.program.report[-1]
+    assert any("distillation skipped" in w for w in result.warnings)  # quantized ops carry no gradient
+    from fxpress.lowering.onnx import export_onnx
+
+    path = tmp_path / "composed.onnx"
+    export_onnx(cm.program, path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    kh, kd = cm.program.info.key_shape
+    for seq, past in ((40, 0), (1, 9)):
+        ids = torch.randint(0, 256, (2, seq), generator=torch.Generator().manual_seed(seq))
+        keys, values = torch.randn(LAYERS, 2, kh, past, kd), torch.randn(LAYERS, 2, kh, past, kd)
+        expected = cm.program.run(ids, keys, values)[0].numpy()
+        got = session.run(None, dict(zip(names, (ids.numpy(), keys.numpy(), values.numpy()))))[0]
+        assert np.abs(got - expected).max() < 1e-3 * max(1.0, np.abs(expected).max())

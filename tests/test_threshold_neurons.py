@@ -1,0 +1,182 @@
+"""The threshold_neurons pass and the fxpress::threshold_linear op, on scikit-learn's digits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fxpress.capture import capture
+from fxpress.errors import ConfigError, PassError
+from fxpress.passes import ThresholdNeurons, pass_from_dict, run_passes
+from fxpress.runtime.threshold import threshold_linear
+
+pytest.importorskip("sklearn")
+
+DENSITY = 0.5  # the accuracy choice: within 1 point of the conventional network over 8 seeds
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32)
+    y = torch.tensor(data.target, dtype=torch.long)
+    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
+    return xtr, ytr, xte, yte
+
+
+def _mlp(x, y, sizes=(64, 32, 10), steps=400):
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    model = nn.Sequential(*layers[:-1])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def _acc(fn, x, y) -> float:
+    with torch.no_grad():
+        return float((fn(x).argmax(-1) == y).float().mean())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These networks are tiny: one thread is several times faster than two fighting for 2 busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return _digits()
+
+
+@pytest.fixture(scope="module")
+def mlp(digits):
+    xtr, ytr, _, _ = digits
+    return _mlp(xtr, ytr)
+
+
+@pytest.fixture(scope="module")
+def converted(digits, mlp):
+    """The digits MLP with its hidden layer fine-tuned as threshold neurons, and the pass's stats."""
+    xtr, ytr, xte, yte = digits
+    program = _program(mlp, xtr, ytr)
+    program.metadata["eval_data"] = (xte, yte)
+    stats = run_passes(program, [ThresholdNeurons(density=DENSITY)], verify=False)[0].stats
+    return program, stats
+
+
+def _program(model, xtr, ytr=None):
+    program = capture(model, (xtr[:4],))
+    program.metadata["train_data"] = (xtr, ytr) if ytr is not None else xtr
+    return program
+
+
+def test_threshold_linear_is_excitatory_minus_inhibitory_minus_threshold():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 32, (5, 12), generator=gen).float()
+    conn = torch.randint(-1, 2, (7, 12), generator=gen).to(torch.int8)
+    theta = torch.randint(-20, 20, (7,), generator=gen).float()
+    out = threshold_linear(x, conn, theta, relu=False)
+    for j in range(7):
+        exc = x[:, conn[j] == 1].sum(1)
+        inh = x[:, conn[j] == -1].sum(1)
+        assert torch.equal(out[:, j], exc - inh - theta[j])
+    assert torch.equal(threshold_linear(x, conn, theta, relu=True), out.clamp_min(0))
+
+
+def test_threshold_linear_exports_again():
+    conn = torch.tensor([[1, -1, 0], [0, 1, 1]], dtype=torch.int8)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("conn", conn)
+            self.register_buffer("theta", torch.tensor([1.0, -2.0]))
+
+        def forward(self, x):
+            return threshold_linear(x, self.conn, self.theta, True)
+
+    ep = torch.export.export(M(), (torch.ones(2, 3),))
+    assert any("threshold_linear" in str(n.target) for n in ep.graph.nodes)
+    x = torch.tensor([[3.0, 1.0, 5.0], [0.0, 0.0, 0.0]])
+    assert torch.equal(ep.module()(x), torch.tensor([[1.0, 8.0], [0.0, 2.0]]))
+
+
+def test_threshold_network_within_two_points_of_conventional(digits, mlp, converted):
+    xtr, ytr, xte, yte = digits
+    acc_fp = _acc(mlp, xte, yte)
+    program, stats = converted
+    acc_tn = _acc(program, xte, yte)
+    assert acc_fp > 0.95
+    assert acc_tn >= acc_fp - 0.02, (acc_fp, acc_tn)
+    assert stats["eval_accuracy_after"] == pytest.approx(acc_tn)
+    (row,) = stats["layers"]
+    assert row["layer"] == "0" and stats["kept"] == ["2"]
+    assert stats["multiplications_removed"] == 64 * 32
+    assert row["excitatory"] + row["inhibitory"] == 32 * 32  # half of the 64 inputs per neuron
+    assert row["input_range"] == [0, 31] and row["input_scale"] == 1.0  # digits are exact 5-bit codes
+    ops = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    assert torch.ops.fxpress.threshold_linear.default in ops
+    assert sum(1 for t in ops if t == torch.ops.aten.linear.default) == 1  # the classifier is kept
+    assert stats["loss_last"] < stats["loss_first"]
+
+
+def test_fine_tuning_beats_initialisation(digits, mlp, converted):
+    xtr, ytr, xte, yte = digits
+    init = _program(mlp, xtr, ytr)
+    run_passes(init, [ThresholdNeurons(density=DENSITY, steps=0)], verify=False)
+    assert _acc(converted[0], xte, yte) > _acc(init, xte, yte) + 0.05
+
+
+def test_distillation_without_labels(digits, mlp):
+    xtr, _, xte, yte = digits
+    program = _program(mlp, xtr)  # inputs only: the pass distils the original outputs
+    run_passes(program, [ThresholdNeurons(density=0.5, steps=300)], verify=False)
+    assert _acc(program, xte, yte) > 0.9
+
+
+def test_chained_threshold_layers_stay_integer(digits):
+    xtr, ytr, xte, yte = digits
+    model = _mlp(xtr, ytr, sizes=(64, 24, 16, 10), steps=150)
+    program = _program(model, xtr, ytr)
+    stats = run_passes(program, [ThresholdNeurons(density=0.5, steps=60, keep_last=False)], verify=False)[0].stats
+    nodes = [n for n in program.graph.nodes if n.target == torch.ops.fxpress.threshold_linear.default]
+    assert len(nodes) == 3 and len(stats["layers"]) == 3
+    assert nodes[1].args[0] is nodes[0] and nodes[2].args[0] is nodes[1]  # no rescaling between them
+    assert [r["relu"] for r in stats["layers"]] == [True, True, False]
+    assert _acc(program, xte, yte) > 0.5
+
+
+def test_layer_patterns_and_multiplication_injection(digits, mlp):
+    xtr, ytr, _, _ = digits
+    program = _program(mlp, xtr, ytr)
+    result = run_passes(program, [ThresholdNeurons(keep=["0"], steps=0)], verify=False)[0]
+    assert not result.modified and "no linear layer matched" in result.warnings[0]
+
+
+def test_bad_configuration_is_refused_before_work(digits, mlp):
+    with pytest.raises(ConfigError, match="density"):
+        ThresholdNeurons(density=0.0).validate()
+    with pytest.raises(ConfigError, match="layers"):
+        ThresholdNeurons(layers="0").validate()
+    program = capture(mlp, (digits[0][:4],))
+    with pytest.raises(PassError, match="train_data"):
+        run_passes(program, [ThresholdNeurons(steps=10)], verify=False)
+    assert "threshold_linear" not in str(program.graph)
+
+
+def test_recipe_round_trip():
+    p = ThresholdNeurons(layers=["fc*"], keep=["fc3"], density=0.3, steps=5)
+    assert pass_from_dict(p.to_dict()) == p
