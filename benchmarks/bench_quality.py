@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--merge", nargs="+", default=None, help="only merge the .json results of earlier runs into --out")
     args = ap.parse_args(argv)
     args.eval_windows = args.eval_windows or (4 if args.quick else 16)
-    args.calib_windows = args.calib_windows or (8 if args.quick else 32)
+    args.calib_windows = args.calib_windows or (8 if args.quick else 64)
     args.rotations = args.rotations or ("none,hadamard" if args.quick else ",".join(ROTATIONS))
     return args
 

@@ -1,9 +1,11 @@
 """The main job on the embedded SmolLM2-135M-Instruct, end to end.
 
-rotate (random Hadamard) -> fold_hadamard (R3/R4 online) -> quantize (GPTQ W4, A4, KV4) on real
-calibration text; evaluate perplexity/KL/top-1 against the fp32 model on real evaluation text; save
-the program; export ONNX (ONNX Runtime's MatMulNBits int4 kernel) and check it against PyTorch; then
-generate text token by token with the KV cache from the ONNX artifact.
+1. rotate (random Hadamard) -> fold_hadamard (R3/R4 online) -> quantize (GPTQ W4, A4, KV4) on real
+   calibration text; evaluate perplexity/KL/top-1 against the fp32 model on real evaluation text; save.
+2. The shippable artifact: W4 weights (A16), exported to ONNX with ONNX Runtime's MatMulNBits int4
+   kernel, checked against PyTorch, and used to generate text token by token with the KV cache.
+   (4-bit activations are too sensitive for bit-level parity across runtimes: one flipped activation
+   code per layer compounds over 30 layers, so the parity check uses the weight-only artifact.)
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--calib", type=int, default=32, help="calibration windows")
     args = parser.parse_args()
-    out, console, rows = Path(args.out), Console(), []
+    out, console, rows = Path(args.out), Console(width=150), []
     torch.manual_seed(0)
 
     model, tokenizer = load_smollm2()
@@ -62,15 +64,18 @@ def main() -> None:
     ]
     rows.append(("saved program", str(cm.save(out / "program"))))
 
-    onnx_path = cm.export("onnx", out / "smollm2-w4a4kv4.onnx")
-    rows.append(("ONNX artifact", f"{onnx_path} ({onnx_path.stat().st_size / 2**20:.0f} MiB)"))
+    w4 = fxpress.compile(model, passes=[Quantize(w_bits=4, group_size=32)], progress=False)
+    q4 = evaluate(w4, windows, ref_fn=reference, progress=True)
+    rows.append(("perplexity W4A16 g32 (RTN)", f"{q4['perplexity']:.2f} ({q4['perplexity'] / fp['perplexity']:.2f}x fp32)"))
+    onnx_path = w4.export("onnx", out / "smollm2-w4.onnx")
+    rows.append(("ONNX artifact (MatMulNBits int4)", f"{onnx_path} ({onnx_path.stat().st_size / 2**20:.0f} MiB)"))
     runner = load_runner(onnx_path)
-    parity = compare_logits(cm, runner, windows[:2])
+    parity = compare_logits(w4, runner, windows[:2])
     rows.append(("ONNX Runtime vs PyTorch top-1 / KL", f"{parity['top1']:.1%} / {parity['kl']:.2e}"))
 
     prompt = tokenizer(PROMPT, return_tensors="pt").input_ids
     tokens = generate(runner, prompt, max_new_tokens=24)
-    torch_tokens = generate(cm, prompt, max_new_tokens=24)
+    torch_tokens = generate(w4, prompt, max_new_tokens=24)
     rows.append(("greedy tokens ONNX == PyTorch", str(bool(torch.equal(tokens, torch_tokens)))))
     rows.append(("ONNX Runtime says", repr(tokenizer.decode(tokens[0]))))
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from fxpress.calibration import for_each_activation
 from fxpress.errors import ConfigError
-from fxpress.token_router import CASTS, DecoderBlock, _drop_orphans, find_blocks, matmul_macs
+from fxpress.token_router import CASTS, DecoderBlock, _ancestors, _drop_orphans, find_blocks, matmul_macs
 
 
 def _cosine_gap(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
@@ -66,22 +66,12 @@ def sub_block_macs(block: DecoderBlock, seq: int) -> dict[str, float]:
     """Multiply-adds of one prefill of `seq` tokens spent in a block's attention and MLP sub-blocks."""
     mid = block.residual_adds[0]
     region = set(block.region)
-    attn_nodes = _ancestor_set(mid, region)
+    attn_nodes = _ancestors(mid, region)
     q = block.sdpa.args[0].meta["val"]
     attention = 2 * int(q.shape[1]) * int(q.shape[-1]) * seq * seq
     attn = seq * sum(matmul_macs(n) for n in block.region if n in attn_nodes) + attention
     mlp = seq * sum(matmul_macs(n) for n in block.region if n not in attn_nodes)
     return {"attn": float(attn), "mlp": float(mlp), "block": float(attn + mlp)}
-
-
-def _ancestor_set(end: torch.fx.Node, allowed: set[torch.fx.Node]) -> set[torch.fx.Node]:
-    seen, stack = {end}, [end]
-    while stack:
-        for inp in stack.pop().all_input_nodes:
-            if inp in allowed and inp not in seen:
-                seen.add(inp)
-                stack.append(inp)
-    return seen
 
 
 def drop(program, items: list[tuple[int, str]]) -> None:

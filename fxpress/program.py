@@ -96,15 +96,20 @@ class Program:
         return out[0] if isinstance(out, (tuple, list)) else out
 
     def weight_bytes(self) -> int:
-        """Bytes of every parameter, buffer and constant tensor the graph holds (packed weights count packed)."""
-        seen: set[int] = set()
+        """Bytes of the tensors the graph reads (get_attr nodes; packed weights count packed, shared ones once)."""
+        seen: set[tuple[int, int]] = set()
         total = 0
-        tensors = list(self.module.named_parameters()) + list(self.module.named_buffers())
-        tensors += [(n, getattr(self.module, n)) for n in dir(self.module) if n.startswith("_tensor_constant")]
-        for _, t in tensors:
-            if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
+        for node in self.graph.nodes:
+            if node.op != "get_attr":
+                continue
+            value = self.module
+            for part in str(node.target).split("."):
+                value = getattr(value, part, None)
+            if isinstance(value, torch.Tensor):
+                key = (value.untyped_storage().data_ptr(), value.storage_offset())
+                if key not in seen:
+                    seen.add(key)
+                    total += value.numel() * value.element_size()
         return total
 
     def summary(self) -> dict[str, Any]:
