@@ -100,7 +100,7 @@ class Program:
         seen: set[tuple[int, int]] = set()
         total = 0
         for node in self.graph.nodes:
-            if node.op != "get_attr":
+            if node.op != "get_attr" or not node.users:  # a weight nothing reads is not shipped
                 continue
             value = self.module
             for part in str(node.target).split("."):
