@@ -44,3 +44,12 @@ def smollm2_program(smollm2):
     from fxpress.capture import capture
 
     return capture(smollm2[0], source="smollm2")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny networks: one thread is several times faster than two fighting for 2 busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

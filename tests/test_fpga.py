@@ -21,13 +21,7 @@ pytest.importorskip("sklearn")
 KERNEL_NEURONS = 2  # the slice of the digits layer that is placed, routed and packed in the tests
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These networks are tiny: one thread is several times faster than two fighting for 2 busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny networks: one thread is faster
 
 
 @pytest.fixture(scope="module")

@@ -47,13 +47,7 @@ def _acc(fn, x, y) -> float:
         return float((fn(x).argmax(-1) == y).float().mean())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These networks are tiny: one thread is several times faster than two fighting for 2 busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny networks: one thread is faster
 
 
 @pytest.fixture(scope="module")
