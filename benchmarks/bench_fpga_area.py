@@ -20,24 +20,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from fxpress.capture import capture
+from fxpress.data import digits_split
+from fxpress.evaluate import accuracy
+from fxpress.lowering.fpga import build, netlist_from_program
+from fxpress.lowering.fpga.flow import choose_device, place_and_route, synthesize
+from fxpress.lowering.fpga.netlist import Netlist, first_neurons, mac_netlist
+from fxpress.lowering.fpga.verilog import emit_verilog
+from fxpress.passes import ThresholdNeurons, run_passes
+from fxpress.zoo import train_mlp
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-
-from threshold_digits import accuracy, digits, train_mlp  # noqa: E402
-
-from fxpress.capture import capture  # noqa: E402
-from fxpress.lowering.fpga import build, netlist_from_program  # noqa: E402
-from fxpress.lowering.fpga.flow import choose_device, place_and_route, synthesize  # noqa: E402
-from fxpress.lowering.fpga.netlist import Netlist, first_neurons, mac_netlist  # noqa: E402
-from fxpress.lowering.fpga.verilog import emit_verilog  # noqa: E402
-from fxpress.passes import ThresholdNeurons, run_passes  # noqa: E402
 
 
 def measure(name: str, netlist: Netlist, directory: Path, codes: torch.Tensor, place: bool = True,
@@ -73,7 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # a 64-32-10 network: threads only add overhead
 
-    xtr, ytr, xte, yte = digits()
+    xtr, ytr, xte, yte = digits_split()
     model = train_mlp(xtr, ytr)
     original = {k: v.clone() for k, v in model.state_dict().items()}
     acc_fp = accuracy(model, xte, yte)

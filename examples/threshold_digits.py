@@ -24,42 +24,14 @@ import json
 import time
 
 import torch
-import torch.nn as nn
 
 from fxpress.capture import capture
+from fxpress.data import digits_split
+from fxpress.evaluate import accuracy
 from fxpress.lowering.fpga import build, export_fpga, netlist_from_program
 from fxpress.lowering.fpga.netlist import first_neurons
 from fxpress.passes import ThresholdNeurons, run_passes
-
-
-def digits(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_train, y_train, x_test, y_test): 1347 / 450 stratified split of the 1797 digits."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32)
-    y = torch.tensor(data.target, dtype=torch.long)
-    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
-    return xtr, ytr, xte, yte
-
-
-def train_mlp(x: torch.Tensor, y: torch.Tensor, hidden: int = 32, steps: int = 400, seed: int = 0) -> nn.Sequential:
-    """The conventional network: full-batch Adam on the raw 0..16 pixels."""
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(x.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
-
-
-def accuracy(fn, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float((fn(x).argmax(-1) == y).float().mean())
+from fxpress.zoo import train_mlp
 
 
 def main() -> None:
@@ -73,8 +45,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # a 64-32-10 network: threads only add overhead
 
-    xtr, ytr, xte, yte = digits()
-    model = train_mlp(xtr, ytr, args.hidden)
+    xtr, ytr, xte, yte = digits_split()
+    model = train_mlp(xtr, ytr, sizes=(64, args.hidden, 10))
     acc_fp = accuracy(model, xte, yte)
 
     program = capture(model, (xtr[:4],))

@@ -69,3 +69,18 @@ def token_windows(tokenizer, split: str = "eval", seq_len: int = 256, max_window
     if n == 0:
         raise FxpressError(f"split '{split}' has fewer than {seq_len} tokens")
     return ids[: n * seq_len].view(n, seq_len)
+
+
+def digits_split(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_train, y_train, x_test, y_test): a 1347 / 450 stratified split of scikit-learn's 8x8 digits.
+
+    The threshold-neuron example, tests and FPGA benchmark share this split, so their accuracies compare.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32)
+    y = torch.tensor(data.target, dtype=torch.long)
+    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
+    return xtr, ytr, xte, yte

@@ -51,3 +51,9 @@ def evaluate(
     if ref_fn is not None:
         result.update(compare_logits(ref_fn, fn, windows, batch_size, progress))
     return result
+
+
+def accuracy(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> float:
+    """Share of rows whose highest-scoring class is the label: the classifiers' quality measure."""
+    with torch.no_grad():
+        return float((fn(x).argmax(-1) == y).float().mean())

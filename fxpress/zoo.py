@@ -66,3 +66,20 @@ def tiny_encoder(family: str = "bert", seed: int = 0) -> torch.nn.Module:
     config = BertConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=128, max_position_embeddings=128)
     return BertModel(config).eval()
+
+
+def train_mlp(x: torch.Tensor, y: torch.Tensor, sizes: tuple[int, ...] = (64, 32, 10), steps: int = 400,
+              seed: int = 0) -> torch.nn.Sequential:
+    """A small ReLU classifier trained full-batch with Adam: the conventional network threshold neurons start from."""
+    torch.manual_seed(seed)
+    layers: list[torch.nn.Module] = []
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        layers += [torch.nn.Linear(fan_in, fan_out), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers[:-1])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()

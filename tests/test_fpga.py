@@ -9,12 +9,14 @@ import torch
 
 from fxpress.calibration import collect_activations
 from fxpress.capture import capture
+from fxpress.data import digits_split
 from fxpress.errors import ArtifactError, ConfigError, LoweringError
 from fxpress.lowering.fpga import build, export_fpga, netlist_from_program
 from fxpress.lowering.fpga.flow import parse_icetime, parse_nextpnr, parse_yosys_stat
 from fxpress.lowering.fpga.netlist import Netlist, first_neurons, mac_netlist
 from fxpress.lowering.fpga.verilog import lint
 from fxpress.passes import ThresholdNeurons, run_passes
+from fxpress.zoo import train_mlp
 
 pytest.importorskip("sklearn")
 
@@ -27,21 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny networks: one t
 @pytest.fixture(scope="module")
 def converted():
     """(program, original model, x_test, y_test): the digits MLP with a threshold hidden layer."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    data = load_digits()
-    x, y = torch.tensor(data.data, dtype=torch.float32), torch.tensor(data.target, dtype=torch.long)
-    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(400):
-        loss = torch.nn.functional.cross_entropy(model(xtr), ytr)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    xtr, ytr, xte, yte = digits_split()
+    model = train_mlp(xtr, ytr)
     original = {k: v.clone() for k, v in model.state_dict().items()}
     program = capture(model, (xtr[:4],))
     program.metadata["train_data"] = (xtr, ytr)

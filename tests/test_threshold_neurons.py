@@ -7,44 +7,16 @@ import torch
 import torch.nn as nn
 
 from fxpress.capture import capture
+from fxpress.data import digits_split
 from fxpress.errors import ConfigError, PassError
+from fxpress.evaluate import accuracy
 from fxpress.passes import ThresholdNeurons, pass_from_dict, run_passes
 from fxpress.runtime.threshold import threshold_linear
+from fxpress.zoo import train_mlp
 
 pytest.importorskip("sklearn")
 
 DENSITY = 0.5  # the accuracy choice: within 1 point of the conventional network over 8 seeds
-
-
-def _digits():
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32)
-    y = torch.tensor(data.target, dtype=torch.long)
-    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
-    return xtr, ytr, xte, yte
-
-
-def _mlp(x, y, sizes=(64, 32, 10), steps=400):
-    torch.manual_seed(0)
-    layers: list[nn.Module] = []
-    for a, b in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    model = nn.Sequential(*layers[:-1])
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
-
-
-def _acc(fn, x, y) -> float:
-    with torch.no_grad():
-        return float((fn(x).argmax(-1) == y).float().mean())
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny networks: one thread is faster
@@ -52,13 +24,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny networks: one t
 
 @pytest.fixture(scope="module")
 def digits():
-    return _digits()
+    return digits_split()
 
 
 @pytest.fixture(scope="module")
 def mlp(digits):
     xtr, ytr, _, _ = digits
-    return _mlp(xtr, ytr)
+    return train_mlp(xtr, ytr)
 
 
 @pytest.fixture(scope="module")
@@ -110,9 +82,9 @@ def test_threshold_linear_exports_again():
 
 def test_threshold_network_within_two_points_of_conventional(digits, mlp, converted):
     xtr, ytr, xte, yte = digits
-    acc_fp = _acc(mlp, xte, yte)
+    acc_fp = accuracy(mlp, xte, yte)
     program, stats = converted
-    acc_tn = _acc(program, xte, yte)
+    acc_tn = accuracy(program, xte, yte)
     assert acc_fp > 0.95
     assert acc_tn >= acc_fp - 0.02, (acc_fp, acc_tn)
     assert stats["eval_accuracy_after"] == pytest.approx(acc_tn)
@@ -131,26 +103,26 @@ def test_fine_tuning_beats_initialisation(digits, mlp, converted):
     xtr, ytr, xte, yte = digits
     init = _program(mlp, xtr, ytr)
     run_passes(init, [ThresholdNeurons(density=DENSITY, steps=0)], verify=False)
-    assert _acc(converted[0], xte, yte) > _acc(init, xte, yte) + 0.05
+    assert accuracy(converted[0], xte, yte) > accuracy(init, xte, yte) + 0.05
 
 
 def test_distillation_without_labels(digits, mlp):
     xtr, _, xte, yte = digits
     program = _program(mlp, xtr)  # inputs only: the pass distils the original outputs
     run_passes(program, [ThresholdNeurons(density=0.5, steps=300)], verify=False)
-    assert _acc(program, xte, yte) > 0.9
+    assert accuracy(program, xte, yte) > 0.9
 
 
 def test_chained_threshold_layers_stay_integer(digits):
     xtr, ytr, xte, yte = digits
-    model = _mlp(xtr, ytr, sizes=(64, 24, 16, 10), steps=150)
+    model = train_mlp(xtr, ytr, sizes=(64, 24, 16, 10), steps=150)
     program = _program(model, xtr, ytr)
     stats = run_passes(program, [ThresholdNeurons(density=0.5, steps=60, keep_last=False)], verify=False)[0].stats
     nodes = [n for n in program.graph.nodes if n.target == torch.ops.fxpress.threshold_linear.default]
     assert len(nodes) == 3 and len(stats["layers"]) == 3
     assert nodes[1].args[0] is nodes[0] and nodes[2].args[0] is nodes[1]  # no rescaling between them
     assert [r["relu"] for r in stats["layers"]] == [True, True, False]
-    assert _acc(program, xte, yte) > 0.5
+    assert accuracy(program, xte, yte) > 0.5
 
 
 def test_layer_patterns_and_multiplication_injection(digits, mlp):
