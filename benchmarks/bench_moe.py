@@ -1,35 +1,63 @@
 """quantize_experts on the trained tiny MoE: MoQa-style vs uniform vs frequency-only allocation.
 
-    python benchmarks/bench_moe.py                 # writes benchmarks/results/moe.md
+    python benchmarks/bench_moe.py                 # writes the allocation part of benchmarks/results/moe.md
     python benchmarks/bench_moe.py --eval-windows 32 --out /tmp/moe.md   # quicker
 
 Equal average bits (3 and 2.5) over the routed experts' weights, same quantizer (RTN or GPTQ, same
-group size), same calibration text ("calib" split); perplexity on the "eval" split, plus KL and
-top-1 agreement against the fp32 model. Router and layer norms stay fp32; the model has no shared
-experts. Everything is measured in one run, side by side.
+group size), same calibration text ("calib" split); perplexity on the whole "eval" split, plus KL and
+top-1 agreement against the fp32 model, and a paired bootstrap over the eval windows of the
+perplexity difference between MoQa and each baseline. Router and layer norms stay fp32; the model
+has no shared experts. Everything is measured in one run, side by side.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
+import math
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from bench_moe_common import REPORT, describe_machine, md_table, tiny_moe_program, write_part
 
-from fxpress.calibration import Calibration
-from fxpress.capture import capture
 from fxpress.data import token_windows
-from fxpress.evaluate import evaluate
 from fxpress.moe_analysis import analyse_program
-from fxpress.moe_model import load_tiny_moe
 from fxpress.passes.manager import run_passes
 from fxpress.passes.quantize_experts import QuantizeExperts
 
 ALLOCATIONS = ("uniform", "frequency", "moqa")
+
+
+@torch.no_grad()
+def window_metrics(ref_fn, fns: dict, windows: torch.Tensor, batch_size: int = 8) -> dict[str, dict[str, torch.Tensor]]:
+    """Per window: mean next-token NLL, mean KL to `ref_fn` and top-1 agreement, for the reference and each fn.
+
+    One reference forward per batch serves every fn (the fp32 logits of the whole split would not fit).
+    """
+    out = {name: {"nll": [], "kl": [], "top1": []} for name in ["fp32", *fns]}
+    for batch in windows.split(batch_size):
+        ref = F.log_softmax(ref_fn(batch).double(), -1)
+        targets = batch[:, 1:]
+        for name, fn in [("fp32", None), *fns.items()]:
+            logp = ref if fn is None else F.log_softmax(fn(batch).double(), -1)
+            nll = -logp[:, :-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1).mean(1)
+            kl = (ref.exp() * (ref - logp)).sum(-1).mean(1)
+            top1 = (ref.argmax(-1) == logp.argmax(-1)).double().mean(1)
+            for key, value in (("nll", nll), ("kl", kl), ("top1", top1)):
+                out[name][key].append(value)
+    return {name: {k: torch.cat(v) for k, v in d.items()} for name, d in out.items()}
+
+
+def paired_bootstrap(nll_a: torch.Tensor, nll_b: torch.Tensor, samples: int = 2000, seed: int = 0) -> dict[str, float]:
+    """ppl(a) - ppl(b) over the same windows, its 95% interval by resampling windows, and P(a < b)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(nll_a), (samples, len(nll_a)), generator=g)
+    diff = nll_a[idx].mean(1).exp() - nll_b[idx].mean(1).exp()
+    lo, hi = torch.quantile(diff, torch.tensor([0.025, 0.975], dtype=diff.dtype)).tolist()
+    return {"diff": math.exp(float(nll_a.mean())) - math.exp(float(nll_b.mean())), "lo": lo, "hi": hi,
+            "p_better": float((diff < 0).double().mean()), "windows_better": float((nll_a < nll_b).double().mean())}
 
 
 def main() -> None:
@@ -37,95 +65,155 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[3.0, 2.5])
     parser.add_argument("--methods", nargs="+", default=["rtn", "gptq"])
     parser.add_argument("--group-size", type=int, default=64)
-    parser.add_argument("--calib-windows", type=int, default=32)
+    parser.add_argument("--calib-windows", type=int, default=64)
     parser.add_argument("--eval-windows", type=int, default=None, help="default: the whole split")
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "moe.md")
+    parser.add_argument("--sensitivity", default="fisher", help="quantize_experts.sensitivity for the moqa rows")
+    parser.add_argument("--variants", nargs="*", default=["output"],
+                        help="more MoQa rows, one per sensitivity (e.g. output: the layer-local routed error)")
+    parser.add_argument("--out", type=Path, default=REPORT)
+    parser.add_argument("--dump", type=Path, default=None, help="also save the per-window figures here (torch.save)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    model, tokenizer = load_tiny_moe()
-    calib = token_windows(tokenizer, "calib", args.seq, args.calib_windows)
+    base, tokenizer = tiny_moe_program(args.calib_windows, args.seq)
     windows = token_windows(tokenizer, "eval", args.seq, args.eval_windows)
-    base = capture(model)
-    base.calibration = Calibration(calib)
-    fp = evaluate(base, windows, batch_size=8)
-    print(f"fp32: perplexity {fp['perplexity']:.3f}")
     analysis = analyse_program(base, group_size=args.group_size)
 
-    rows = []
+    programs, plans, seconds = {}, {}, {}
     for method in args.methods:
         for budget in args.budgets:
-            for allocation in ALLOCATIONS:
+            runs = [(a, args.sensitivity) for a in ALLOCATIONS] + [("moqa", v) for v in args.variants]
+            for allocation, sensitivity in runs:
+                label = allocation if sensitivity == args.sensitivity else f"{allocation} ({sensitivity})"
+                key = (method, budget, label)
                 program = copy.deepcopy(base)
                 start = time.time()
                 run_passes(program, [QuantizeExperts(avg_bits=budget, allocation=allocation, method=method,
-                                                     group_size=args.group_size, verbose=False)])
-                seconds = time.time() - start
-                result = evaluate(program, windows, ref_fn=base, batch_size=8)
-                plan = program.metadata["quantize_experts"]
-                rows.append((method, budget, allocation, plan["avg_bits"], result, plan["bits_histogram"], seconds,
-                             program.weight_bytes()))
-                print(f"{method} {budget} {allocation:9s}: avg bits {plan['avg_bits']:.3f}  perplexity "
-                      f"{result['perplexity']:.3f}  KL {result['kl']:.4f}  top-1 {result['top1']:.3f}  ({seconds:.1f} s)")
-    write_report(args, fp, analysis, rows, base.weight_bytes(), len(windows))
+                                                     group_size=args.group_size, sensitivity=sensitivity,
+                                                     verbose=False)])
+                seconds[key] = time.time() - start
+                programs[key], plans[key] = program, program.metadata["quantize_experts"]
+                print(f"{method} {budget} {label:9s}: avg bits {plans[key]['avg_bits']:.3f}, "
+                      f"predicted {plans[key]['predicted_error']:.4g} ({seconds[key]:.0f} s)", flush=True)
+    metrics = window_metrics(base, programs, windows)
+    if args.dump is not None:  # the raw per-window figures, to re-check the report without rerunning
+        torch.save({"metrics": metrics, "plans": plans, "seconds": seconds,
+                    "bytes": {k: p.weight_bytes() for k, p in programs.items()}}, args.dump)
+    for key, m in metrics.items():
+        print(key, f"perplexity {math.exp(float(m['nll'].mean())):.3f}  KL {float(m['kl'].mean()):.4f}  "
+              f"top-1 {float(m['top1'].mean()):.3f}")
+    write_part("allocation", report(args, analysis, metrics, plans, seconds, base.weight_bytes(),
+                                    {k: p.weight_bytes() for k, p in programs.items()}, len(windows)), args.out)
 
 
-def findings(rows) -> list[str]:
-    """Which allocation wins each setting, per metric, computed from the rows above (not written by hand)."""
-    out = []
-    settings = sorted({(r[0], r[1]) for r in rows}, key=lambda t: (t[0], -t[1]))
-    for method, budget in settings:
-        group = {r[2]: r[4] for r in rows if r[0] == method and r[1] == budget}
-        best = {m: (min if m != "top1" else max)(group, key=lambda a, m=m: group[a][m]) for m in ("perplexity", "kl", "top1")}
-        spread = max(v["perplexity"] for v in group.values()) - min(v["perplexity"] for v in group.values())
-        out.append(f"- {method}, {budget} bits: lowest perplexity **{best['perplexity']}**, lowest KL **{best['kl']}**, "
-                   f"highest top-1 **{best['top1']}**; perplexity spread across allocations {spread:.3f}")
-    out.append("- The perplexity differences between allocations are a few tenths of a point on a model whose fp32 "
-               "perplexity is ~160 (an under-trained 4.4M-parameter model); KL to the fp32 model is the steadier "
-               "measure of what the allocation controls.")
-    return out
+def _ppl(m: dict[str, torch.Tensor]) -> float:
+    return math.exp(float(m["nll"].mean()))
 
 
-def write_report(args, fp, analysis, rows, fp_bytes, len_eval) -> None:
+def comparisons(metrics, keys) -> tuple[list[list[str]], list[str]]:
+    """Paired MoQa-vs-baseline rows per setting, and findings computed from them (never written by hand)."""
+    rows, findings = [], []
+    for method, budget in sorted({k[:2] for k in keys}, key=lambda t: (t[0], -t[1])):
+        moqa = metrics.get((method, budget, "moqa"))
+        if moqa is None:
+            continue
+        every = {k[2]: metrics[k] for k in keys if k[:2] == (method, budget)}
+        group = {a: m for a, m in every.items() if a in ALLOCATIONS}
+        best = min(group, key=lambda a: _ppl(group[a]))
+        best_kl = min(group, key=lambda a: float(group[a]["kl"].mean()))
+        verdicts = []
+        for other in every:
+            if other == "moqa":
+                continue
+            b = paired_bootstrap(moqa["nll"], every[other]["nll"])
+            sure = "significant" if b["hi"] < 0 or b["lo"] > 0 else "within noise"
+            rows.append([method, str(budget), f"moqa - {other}", f"{b['diff']:+.3f}", f"[{b['lo']:+.3f}, {b['hi']:+.3f}]",
+                         f"{b['windows_better']:.2f}", sure])
+            verdicts.append(f"vs {other} {b['diff']:+.3f} ({sure})")
+        findings.append(f"- {method}, {budget} bits: lowest perplexity **{best}**, lowest KL **{best_kl}**; "
+                        f"MoQa perplexity difference " + ", ".join(verdicts))
+    findings.append(summary_line(metrics, keys))
+    return rows, findings
+
+
+def summary_line(metrics, keys) -> str:
+    """In how many settings MoQa has the lowest perplexity / KL among uniform, frequency and MoQa."""
+    settings = sorted({k[:2] for k in keys})
+    wins = {"perplexity": [], "kl": []}
+    for setting in settings:
+        group = {a: metrics[(*setting, a)] for a in ALLOCATIONS if (*setting, a) in metrics}
+        wins["perplexity"].append(min(group, key=lambda a: _ppl(group[a])) == "moqa")
+        wins["kl"].append(min(group, key=lambda a: float(group[a]["kl"].mean())) == "moqa")
+    lost = [f"{m} {b}" for (m, b), won in zip(settings, wins["perplexity"]) if not won]
+    return (f"- Overall: MoQa has the lowest perplexity in {sum(wins['perplexity'])} of {len(settings)} settings and "
+            f"the lowest KL to the fp32 model in {sum(wins['kl'])} of {len(settings)}"
+            + (f"; it does not win perplexity at {', '.join(lost)} (differences above)." if lost else "."))
+
+
+def report(args, analysis, metrics, plans, seconds, fp_bytes, nbytes, len_eval) -> list[str]:
+    fp = metrics["fp32"]
+    keys = [k for k in metrics if k != "fp32"]
+    rows = []
+    for key in keys:
+        method, budget, allocation = key
+        m, plan = metrics[key], plans[key]
+        h = ", ".join(f"{b}b: {n}" for b, n in sorted(plan["bits_histogram"].items()))
+        rows.append([method, str(budget), allocation, f"{plan['avg_bits']:.3f}", f"{_ppl(m):.3f}",
+                     f"{float(m['kl'].mean()):.4f}", f"{float(m['top1'].mean()):.3f}", h, f"{nbytes[key]:,}",
+                     f"{seconds[key]:.0f}"])
+    paired, findings = comparisons(metrics, keys)
+    layer0 = analysis.layers[0]
     lines = [
         "# quantize_experts on the trained tiny MoE",
         "",
-        "Produced by `python benchmarks/bench_moe.py` "
-        f"({platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)).",
+        f"Produced by `python benchmarks/bench_moe.py` ({describe_machine(args.threads)}).",
         "",
-        "Model: `fxpress.moe_model.load_tiny_moe()` (Mixtral architecture, 4 layers, 8 experts of width 256 per "
-        "layer, top-2, trained by `examples/train_moe.py` on the \"train\" split). Calibration: "
+        "Model: `fxpress.moe_model.load_tiny_moe()` (Mixtral architecture, "
+        f"{len(analysis.layers)} layers, {layer0.num_experts} experts per layer, top-2, trained by "
+        "`python examples/train_moe.py` on the \"train\" split). Calibration: "
         f"{args.calib_windows} x {args.seq} tokens of the \"calib\" split. Evaluation: {len_eval} x {args.seq} "
         "tokens of the \"eval\" split; KL and top-1 against the fp32 model. "
         f"Group size {args.group_size}, bit choices 2/3/4, average bits over the routed experts' weights "
         "(router and attention stay fp32). Weight bytes include the fp32 attention and embeddings.",
         "",
-        f"fp32 perplexity: **{fp['perplexity']:.3f}**, weight bytes {fp_bytes:,}",
+        f"fp32 perplexity: **{_ppl(fp):.3f}**, weight bytes {fp_bytes:,}",
         "",
-        "| method | avg bits (target) | allocation | avg bits (achieved) | perplexity | KL | top-1 | bits histogram (params) | weight bytes |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *md_table(["method", "avg bits (target)", "allocation", "avg bits (achieved)", "perplexity", "KL", "top-1",
+                   "bits histogram (params)", "weight bytes", "pass s"], rows),
+        "",
+        "Allocations, all solved by the same exact knapsack: *uniform* = one bit width for every expert when "
+        "the budget is a bit choice, otherwise the data-free weight error alone decides; *frequency* = "
+        "activation frequency x weight error (earlier MoE work); *moqa* = stage 2 as the model pays it: "
+        "the model's output KL on the calibration text when only that expert projection is quantized at that "
+        "bit width, to second order from sampled-Fisher gradients of each routed row (sensitivity "
+        f"`{args.sensitivity}`; experts the text hardly reaches also pay the local error of rows routed to "
+        "them on purpose); *moqa (output)* = the previous objective, the layer-local MoE output error over the "
+        "rows routed to each expert, weighted by routing weight; *moqa (loss)* = the calibration text's loss "
+        "change to second order (its next-token gradient term added to the KL term).",
+        "",
+        "## MoQa against each baseline, paired over the eval windows",
+        "",
+        "Perplexity difference (negative: MoQa better), its 95% interval from 2000 bootstrap resamples of "
+        "the eval windows (the same windows for both), and the share of windows where MoQa's NLL is lower.",
+        "",
+        *md_table(["method", "avg bits", "comparison", "ppl difference", "95% interval", "windows better",
+                   "verdict"], paired),
+        "",
+        "## Findings",
+        "",
+        *findings,
+        "",
+        "## Analysis (stage 1: activation, stage 3: correlation) on the calibration text",
+        "",
+        "```", analysis.table(), "```",
+        "",
+        "Expert load (share of routed rows) per layer:",
+        "",
     ]
-    for method, budget, allocation, achieved, result, hist, _seconds, nbytes in rows:
-        h = ", ".join(f"{b}b: {n}" for b, n in sorted(hist.items()))
-        lines.append(f"| {method} | {budget} | {allocation} | {achieved:.3f} | {result['perplexity']:.3f} | "
-                     f"{result['kl']:.4f} | {result['top1']:.3f} | {h} | {nbytes:,} |")
-    lines += ["", "Allocations: *uniform* = one bit width for every expert when the budget is a bit choice, "
-              "otherwise the data-free weight error alone decides; *frequency* = activation frequency x weight "
-              "error (earlier MoE work); *moqa* = each expert projection's error on the MoE output over the rows "
-              "routed to it, weighted by routing weight (stage 2). All three use the same exact knapsack solver.",
-              "", "## Findings", ""] + findings(rows) + [
-              "", "## Analysis (stage 1: activation, stage 3: correlation) on the calibration text", "",
-              "```", analysis.table(), "```", "", "Expert load (share of routed rows) per layer:", ""]
-    for a in analysis.layers:
-        lines.append(f"- layer {a.layer}: " + " ".join(f"{s:.3f}" for s in a.share))
-    text = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out}")
+    lines += [f"- layer {a.layer}: " + " ".join(f"{s:.3f}" for s in a.share) for a in analysis.layers]
+    return lines
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Export the mixed-precision tiny MoE to ONNX and TVM and check them against the PyTorch program.
 
-    python benchmarks/bench_moe_export.py            # appends a section to benchmarks/results/moe.md
+    python benchmarks/bench_moe_export.py            # rewrites the export part of benchmarks/results/moe.md
 
 Quantizes the trained tiny MoE with quantize_experts (MoQa allocation, 2.5 and 3 average bits), exports
 ONNX (ONNX Runtime MatMulNBits) and TVM (llvm), and reports argmax agreement with the PyTorch compiled
@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import tempfile
 from pathlib import Path
 
 import torch
+from bench_moe_common import EXPORT_HEADING, REPORT, tiny_moe_program, write_part
 
-from fxpress.calibration import Calibration
-from fxpress.capture import capture
 from fxpress.data import token_windows
-from fxpress.moe_model import load_tiny_moe
 from fxpress.passes.manager import run_passes
 from fxpress.passes.quantize_experts import QuantizeExperts
 
@@ -46,19 +43,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.0])
     parser.add_argument("--eval-windows", type=int, default=16)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "moe.md")
+    parser.add_argument("--out", type=Path, default=REPORT)
     args = parser.parse_args()
     torch.set_num_threads(1)
     from fxpress.lowering.onnx import export_onnx
     from fxpress.lowering.tvm import export_tvm
     from fxpress.runtime.runners import load_runner
 
-    model, tokenizer = load_tiny_moe()
-    base = capture(model)
-    base.calibration = Calibration(token_windows(tokenizer, "calib", 128, 32))
+    base, tokenizer = tiny_moe_program(32)
     windows = token_windows(tokenizer, "eval", 128, args.eval_windows)
-    lines = ["", "## Exported artifacts (`python benchmarks/bench_moe_export.py`)", "",
-             f"MoQa allocation, RTN, group 64; argmax agreement with the PyTorch program over {args.eval_windows} x 128 "
+    lines = [f"{EXPORT_HEADING} (`python benchmarks/bench_moe_export.py`)", "",
+             f"MoQa allocation (default sensitivity: sampled-Fisher model KL), RTN, group 64; argmax agreement with the PyTorch program over {args.eval_windows} x 128 "
              "\"eval\" tokens. Expert code bytes = sum(params x bits) / 8 of the routed experts (the budget); the "
              "artifacts also hold scales, zero points, fp32 attention, norms and the embedding.", "",
              "| avg bits | target | artifact | bytes | expert code bytes | top-1 vs PyTorch | max abs logit diff |",
@@ -84,13 +79,7 @@ def main() -> None:
                 print(f"{budget} bits {target}: {size:,} bytes, top-1 {top1:.4f}, max diff {diff:.2e}")
                 lines.append(f"| {summary['avg_bits']:.3f} | {budget} | {target} | {size:,} | {expert_bytes(summary):,.0f} | "
                              f"{top1:.4f} | {diff:.2e} |")
-    text = args.out.read_text() if args.out.exists() else ""
-    marker = "\n## Exported artifacts"
-    text = text.split(marker)[0].rstrip("\n") + "\n" + "\n".join(lines) + "\n"
-    tmp_path = args.out.with_name(args.out.name + f".tmp{os.getpid()}")
-    tmp_path.write_text(text)
-    os.replace(tmp_path, args.out)
-    print(f"wrote {args.out}")
+    write_part("export", lines, args.out)
 
 
 if __name__ == "__main__":

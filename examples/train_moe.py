@@ -1,11 +1,15 @@
 """Train the small MoE that fxpress ships (fxpress/data/tiny_moe/) on real text, on CPU, in minutes.
 
-    python examples/train_moe.py            # ~8 minutes on 2 CPU cores, seed 0
+    python examples/train_moe.py            # the shipped weights: seed 0, 1000 steps x 32 x 128 tokens, 1 thread
     python examples/train_moe.py --steps 20 --out /tmp/tiny_moe   # a quick smoke run
 
 Mixtral architecture (4 layers, hidden 128, 8 experts of width 256 per layer, top-2, about 4.4M
 parameters), SmolLM2's tokenizer reduced to the 8191 most frequent tokens of the "train" split
-(+ <unk>), trained on the "train" split (the Python library reference) of `fxpress.data`.
+(+ <unk>), trained on the "train" split (the Python library reference) of `fxpress.data`: 4.1M tokens,
+about 2.6 epochs with a new shuffle each, AdamW, peak lr 4e-3, 50 warm-up steps, cosine to a tenth.
+About 1.6 s a step on one free core (~26 min); 56 min on the shared 2-core machine it was trained on.
+Eval perplexity of the shipped weights: 61.8 on the first 64 x 128 "eval" tokens, 44.5 on the whole
+split (535 x 128; the previous 360-step weights: 160.6).
 A small per-layer load-balancing loss keeps every expert alive while letting them specialise unevenly;
 the script reports expert load per layer and how much the routing depends on the token.
 """
@@ -93,14 +97,15 @@ def perplexity(model, windows: torch.Tensor, batch: int = 16) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=360)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--lr", type=float, default=4e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--out", type=Path, default=TINY_MOE_DIR)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 is fastest on a shared machine)")
+    parser.add_argument("--eval-every", type=int, default=250, help="print eval perplexity every N steps (0: never)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -119,22 +124,28 @@ def main() -> None:
     model = MixtralForCausalLM(config)
     print(f"parameters {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
+    gen = torch.Generator().manual_seed(args.seed)
+    epochs = -(-args.steps * args.batch // len(train))
+    order = torch.cat([torch.randperm(len(train), generator=gen) for _ in range(epochs)])  # a new shuffle per epoch
     start = time.time()
     model.train()
     bar = tqdm(range(args.steps), desc="train moe")
     for step in bar:
-        idx = order[(step * args.batch) % len(order) :][: args.batch]
+        idx = order[step * args.batch : (step + 1) * args.batch]
         x = train[idx]
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr, warmup=20)
+            group["lr"] = lr_at(step, args.steps, args.lr, warmup=50)
         out = model(input_ids=x, labels=x, output_router_logits=True)
         loss = out.loss - config.router_aux_loss_coef * out.aux_loss + config.router_aux_loss_coef * layer_balance(out, config)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            model.eval()
+            print(f"step {step + 1}: eval perplexity {perplexity(model, evalw[:16]):.2f}", flush=True)
+            model.train()
     model.eval()
     print(f"trained {args.steps} steps x {args.batch * args.seq} tokens in {time.time() - start:.0f} s")
 

@@ -4,7 +4,14 @@
    receives, and how uneven that is (coefficient of variation, max/min, normalised entropy).
 2. Data-parameter mapping: each expert's sensitivity, per projection and bit width: the squared
    error its quantization adds to the MoE output on the rows routed to it, weighted by the routing
-   weight (sum_r w_r^2 ||f_q(x_r) - f(x_r)||^2), next to the data-free weight error.
+   weight (sum_r w_r^2 ||f_q(x_r) - f(x_r)||^2), next to the data-free weight error; and what the
+   model's output pays (`model_kl`): the mean KL of the model's next-token distributions on the
+   calibration text when only that expert projection is quantized at that bit width, either to
+   second order from sampled-Fisher gradients of each routed row (`record_fisher`, one forward and a
+   few backwards per batch) or measured exactly by one forward per projection and bit width
+   (`model_sensitivity`). Experts the calibration text barely reaches add the local error of
+   `prior_rows` rows routed to them on purpose, converted to KL by the layer's measured KL per unit
+   of local error.
 3. Inter-expert correlation: how often experts fire together (co-firing lift) and how redundant
    their outputs are (cosine similarity of two experts' outputs on the same tokens).
 
@@ -16,6 +23,7 @@ Everything is read from the graph (`fxpress.graph.expert_layers`) through one FX
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,7 +111,9 @@ class LayerData:
     chosen: torch.Tensor  # [T, E] bool: expert e among token t's top-k
     rows: list[torch.Tensor]  # per expert [n_e, H]
     row_weights: list[torch.Tensor]  # per expert [n_e]
-    row_fisher: list[torch.Tensor] | None = None  # per expert [n_e, H]: (d loss / d expert output)^2
+    row_fisher: list[torch.Tensor] | None = None  # per expert [n_e, S, H]: d log p(y_s) / d expert output row
+    positions: int = 0  # output positions the Fisher rows were measured on
+    row_text_grad: list[torch.Tensor] | None = None  # per expert [n_e, H]: d log p(next text token) / d row
 
 
 def _wanted(layer: ExpertLayer) -> dict[str, Any]:
@@ -136,34 +146,52 @@ def _grad_nodes(layer: ExpertLayer) -> list[str]:
     return [layer.down.node.name] if layer.fused else [ex.down.node.name for ex in layer.experts]
 
 
-def record_fisher(program, layers: list[ExpertLayer], batches: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
-    """Squared gradients of the next-token loss w.r.t. each expert's output rows (empirical Fisher).
+def record_fisher(program, layers: list[ExpertLayer], batches: list[torch.Tensor], samples: int = 8,
+                  seed: int = 0, text_gradient: bool = False) -> dict[str, list[torch.Tensor]]:
+    """Per expert output row, `samples` gradients g_s = d log p(y_s) / d row with y_s drawn from the model.
 
-    The gradient already carries the routing weight (the expert output is scaled by it before it
-    reaches the loss), so sum_h F_h * delta_h^2 is the loss increase a change delta of one expert's
-    output causes, to second order.
+    E_s[g_s g_s^T] is the Fisher of the model's next-token distributions w.r.t. that row, so a change
+    delta of the row costs KL = 1/2 E_s[(g_s . delta)^2] to second order: the downstream layers, the
+    LM head and the routing weight (the row is scaled by it before it reaches the output) are all in g.
+    Labels are sampled, not the text's next tokens: the KL, not the loss on one text, is measured.
+    With `text_gradient`, one more slot holds d log p(next token of the text) / d row (first-order
+    term of the calibration loss). Stored as [rows, (samples + text_gradient) * hidden] per batch.
     """
-    wanted = {name for layer in layers for name in _grad_nodes(layer)}
+    wanted = sorted({name for layer in layers for name in _grad_nodes(layer)})
     store: dict[str, list[torch.Tensor]] = {name: [] for name in wanted}
+    gen = torch.Generator().manual_seed(seed)
     for batch in batches:
-        recorder = _GradRecorder(program.module, wanted)
+        recorder = _GradRecorder(program.module, set(wanted))
         with torch.enable_grad():
             out = recorder.run(*program_inputs(program, batch))
-            logits = (out[0] if isinstance(out, (tuple, list)) else out).float()
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+            logp = F.log_softmax((out[0] if isinstance(out, (tuple, list)) else out).float(), -1)
+            flat = logp.reshape(-1, logp.shape[-1])
+            labels = torch.multinomial(flat.detach().exp(), samples, replacement=True, generator=gen)  # [P, S]
+            if text_gradient:
+                nxt = torch.cat([batch[:, 1:], batch[:, :1]], 1).reshape(-1, 1)  # last position: masked below
+                keep = torch.ones_like(batch, dtype=flat.dtype)
+                keep[:, -1] = 0
+                labels = torch.cat([labels, nxt], 1)
             leaves = [recorder.leaves[n] for n in wanted]
-            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-        for name, leaf, grad in zip(wanted, leaves, grads):
-            g = torch.zeros_like(leaf) if grad is None else grad
-            store[name].append(g.detach().reshape(-1, g.shape[-1]).float().square())
+            per_sample = []
+            slots = labels.shape[1]
+            for s in range(slots):
+                picked = flat.gather(1, labels[:, s : s + 1]).squeeze(1)
+                if text_gradient and s == samples:
+                    picked = picked * keep.reshape(-1)
+                grads = torch.autograd.grad(picked.sum(), leaves, retain_graph=s + 1 < slots, allow_unused=True)
+                per_sample.append([torch.zeros_like(leaf) if g is None else g.detach() for leaf, g in zip(leaves, grads)])
+        for i, name in enumerate(wanted):
+            g = torch.stack([ps[i].reshape(-1, ps[i].shape[-1]) for ps in per_sample], 1)  # [rows, S, H]
+            store[name].append(g.reshape(g.shape[0], -1).float())
     return store
 
 
 def record_routing(program, layers: list[ExpertLayer], samples: torch.Tensor | None = None,
-                   fisher: bool = False) -> list[LayerData]:
+                   fisher: bool = False, fisher_samples: int = 8, text_gradient: bool = False) -> list[LayerData]:
     """Run the calibration data once and split each layer's routed rows by expert.
 
-    With `fisher` (causal LMs), also record each routed row's empirical Fisher (see `record_fisher`).
+    With `fisher` (causal LMs), also record each routed row's sampled Fisher gradients (see `record_fisher`).
     """
     wanted = [_wanted(layer) for layer in layers]
     store: dict[str, list[torch.Tensor]] = {}
@@ -180,12 +208,18 @@ def record_routing(program, layers: list[ExpertLayer], samples: torch.Tensor | N
     else:
         batches = list(samples.split(4))
     for_each_activation(program, names, lambda n, t: store[n].append(t), batches)
-    grads = record_fisher(program, layers, batches) if fisher and program.is_causal_lm else None
+    grads = None
+    if fisher and program.is_causal_lm:
+        grads = record_fisher(program, layers, batches, fisher_samples, text_gradient=text_gradient)
     data = []
     for layer, w in zip(layers, wanted):
         d = _layer_data(layer, w, store)
         if grads is not None:
-            d.row_fisher = _split_fisher(layer, w, store, grads)
+            slots = fisher_samples + int(text_gradient)
+            split = [f.reshape(f.shape[0], slots, f.shape[1] // slots) for f in _split_fisher(layer, w, store, grads)]
+            d.row_fisher = [f[:, :fisher_samples] for f in split]
+            d.row_text_grad = [f[:, fisher_samples] for f in split] if text_gradient else None
+            d.positions = sum(int(b.numel()) for b in batches)
         data.append(d)
     return data
 
@@ -259,12 +293,20 @@ class LayerAnalysis:
     cofire_lift: list[list[float]] = field(default_factory=list)
     redundancy: list[list[float]] = field(default_factory=list)
     significance: float = 1.0  # end-to-end KL per unit of predicted output error (layer_significance)
+    prior_rows: float = 2.0  # rows every expert is assumed to receive beyond the calibration's
+    model_kl: dict[tuple[int, str], dict[int, float]] | None = None  # (expert, proj) -> bits -> model output KL
+    quantized: dict[tuple[int, str, int], Any] = field(default_factory=dict, repr=False)  # reused by the rewrite
 
     def to_dict(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        d["sensitivity"] = {f"{e}.{p}": v for (e, p), v in self.sensitivity.items()}
-        d["weight_error"] = {f"{e}.{p}": v for (e, p), v in self.weight_error.items()}
+        d = {k: v for k, v in self.__dict__.items() if k != "quantized"}
+        for name in ("sensitivity", "weight_error", "model_kl"):
+            if d[name] is not None:
+                d[name] = {f"{e}.{p}": v for (e, p), v in d[name].items()}
         return d
+
+    def prior_error(self, e: int, proj: str, bits: int) -> float:
+        """The part of the local error that comes from the `prior_rows` assumed rows (the rest is routed)."""
+        return self.sensitivity[(e, proj)][bits] * self.prior_rows / (self.rows[e] + self.prior_rows)
 
 
 def _unevenness(share: torch.Tensor) -> tuple[float, float, float]:
@@ -288,15 +330,18 @@ def calibration_rows(data: LayerData, e: int, min_rows: int) -> tuple[torch.Tens
     return torch.cat([x, data.inputs[take]]), torch.cat([w, torch.full((len(take),), fill)]), len(take)
 
 
-def fisher_rows(data: LayerData, e: int, n_forced: int) -> torch.Tensor | None:
-    """Expert e's Fisher rows; rows routed on purpose get the layer's mean Fisher (they have no gradient)."""
-    if data.row_fisher is None:
-        return None
-    f = data.row_fisher[e]
-    if n_forced:
-        mean = torch.cat(data.row_fisher).mean(0, keepdim=True)
-        f = torch.cat([f, mean.expand(n_forced, -1)])
-    return f
+def fisher_kl(data: LayerData, e: int, delta: torch.Tensor) -> float:
+    """1/2 E_s[(g_s . delta_r)^2] summed over expert e's routed rows, per output position: the model's
+    mean KL to second order when those rows change by `delta` (its first rows; extra rows routed
+    on purpose do not reach the model and are ignored)."""
+    g = data.row_fisher[e]
+    proj = torch.einsum("rsh,rh->rs", g.double(), delta[: g.shape[0]].double())
+    kl = 0.5 * float(proj.square().mean(1).sum()) / max(1, data.positions)
+    if data.row_text_grad is None:
+        return kl
+    # calibration loss change to second order: -g_text . delta + the KL term (the Gauss-Newton part)
+    first = -float((data.row_text_grad[e].double() * delta[: g.shape[0]].double()).sum()) / max(1, data.positions)
+    return first + kl
 
 
 def quantize_matrix(weight: torch.Tensor, bits: int, group_size: int, method: str = "rtn",
@@ -317,8 +362,9 @@ def weighted_hessian(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def analyse_layer(
     fns: list[ExpertFn], data: LayerData, index: int, bit_choices: tuple[int, ...], group_size: int,
     min_rows: int = 32, prior_rows: float = 2.0, method: str = "rtn", redundancy_rows: int = 256,
+    keep_quantized: bool = False,
 ) -> LayerAnalysis:
-    """Stages 1-3 for one layer (see the module docstring)."""
+    """Stages 1-3 for one layer (see the module docstring); `keep_quantized` keeps every quantized matrix."""
     e_count = len(fns)
     counts = torch.tensor([r.shape[0] for r in data.rows], dtype=torch.float64)
     wsum = torch.tensor([float(w.sum()) for w in data.row_weights], dtype=torch.float64)
@@ -328,38 +374,54 @@ def analyse_layer(
     sens: dict[tuple[int, str], dict[int, float]] = {}
     werr: dict[tuple[int, str], dict[int, float]] = {}
     forced: dict[int, int] = {}
+    kept: dict[tuple[int, str, int], Any] = {}
+    measured: dict[tuple[int, str], dict[int, float]] = {}
     for e, fn in enumerate(fns):
         x, w, n_forced = calibration_rows(data, e, min_rows)
         if n_forced:
             forced[e] = n_forced
         scale = (float(counts[e]) + prior_rows) / max(1, x.shape[0])  # expected routed rows per row used
         ref = fn(x)
-        fisher = fisher_rows(data, e, n_forced)
         inner = fn.inner(x) if method == "gptq" else None
         for proj in projections:
             weight = fn.weights[proj]
             h = None
             if method == "gptq":
                 h = weighted_hessian(inner if proj == proj_name(fn.down) else x, w)
-            sens[(e, proj)], werr[(e, proj)] = {}, {}
+            sens[(e, proj)], werr[(e, proj)], measured[(e, proj)] = {}, {}, {}
             for bits in bit_choices:
-                q = quantize_matrix(weight, bits, group_size, method, h).dequantize().to(weight.dtype)
+                qw = quantize_matrix(weight, bits, group_size, method, h)
+                if keep_quantized:
+                    kept[(e, proj, bits)] = qw
+                q = qw.dequantize().to(weight.dtype)
                 out = fn(x, {proj: q})
-                if fisher is not None:  # loss increase to second order (routing weight is in the gradient)
-                    err = float(((out - ref).square() * fisher).sum()) * scale
-                else:  # output error of the MoE, weighted by the routing weight
-                    err = float(((out - ref).square().sum(-1) * w.square()).sum()) * scale
-                sens[(e, proj)][bits] = err
+                # output error of the MoE, weighted by the routing weight
+                sens[(e, proj)][bits] = float(((out - ref).square().sum(-1) * w.square()).sum()) * scale
+                if data.row_fisher is not None:  # the model's KL, to second order
+                    measured[(e, proj)][bits] = fisher_kl(data, e, out - ref)
                 werr[(e, proj)][bits] = float((q - weight).double().square().sum())
     numel = {p: fns[0].weights[p].numel() for p in projections}
     analysis = LayerAnalysis(
         layer=index, num_experts=e_count, rows=counts.long().tolist(), weight=wsum.tolist(), share=share.tolist(),
         cv=cv, max_over_min=mom, entropy=ent, forced=forced, projections=projections, numel=numel,
-        sensitivity=sens, weight_error=werr,
+        sensitivity=sens, weight_error=werr, prior_rows=prior_rows, quantized=kept,
     )
+    if data.row_fisher is not None:
+        with_prior(analysis, measured)
     analysis.cofire_lift = cofire_lift(data.chosen).tolist()
     analysis.redundancy = output_redundancy(fns, data.inputs[:redundancy_rows]).tolist()
     return analysis
+
+
+def with_prior(a: LayerAnalysis, measured: dict[tuple[int, str], dict[int, float]]) -> None:
+    """Set `a.model_kl` = measured model KL + the prior rows' local error converted to KL.
+
+    The conversion factor is the layer's measured KL per unit of routed local error, so an expert
+    the calibration text never reaches costs what `prior_rows` rows routed to it on purpose would.
+    """
+    routed = sum(v[b] - a.prior_error(e, p, b) for (e, p), v in a.sensitivity.items() for b in v)
+    per_unit = max(0.0, sum(v for d in measured.values() for v in d.values()) / routed) if routed > 0 else 0.0
+    a.model_kl = {key: {b: v + per_unit * a.prior_error(*key, b) for b, v in d.items()} for key, d in measured.items()}
 
 
 def cofire_lift(chosen: torch.Tensor) -> torch.Tensor:
@@ -410,14 +472,14 @@ class MoEAnalysis:
 def analyse_program(
     program, bit_choices: tuple[int, ...] = (2, 3, 4), group_size: int = 64, min_rows: int = 32,
     method: str = "rtn", samples: torch.Tensor | None = None, layers: list[ExpertLayer] | None = None,
-    fisher: bool = False,
+    fisher: bool = False, fisher_samples: int = 8,
 ) -> MoEAnalysis:
     """Run stages 1-3 on every MoE layer of `program` with its calibration data (or `samples`)."""
     layers = expert_layers(program.module) if layers is None else layers
     if not layers:
         raise ConfigError("no mixture-of-experts layer found in the graph: quantize_experts needs a router (topk) "
                           "feeding fused grouped_mm experts or per-expert linears")
-    data = record_routing(program, layers, samples, fisher=fisher)
+    data = record_routing(program, layers, samples, fisher=fisher, fisher_samples=fisher_samples)
     result = []
     with torch.no_grad():
         for layer, d in zip(layers, data):
@@ -482,3 +544,69 @@ def layer_significance(program, layers: list[ExpertLayer], fns: list[list[Expert
             a.significance = kl / predicted if predicted > 0 else 1.0
             factors.append(a.significance)
     return factors
+
+
+# --- stage 2, end to end: what quantizing one expert projection costs at the model output -----------
+@contextmanager
+def swapped_weight(gm: torch.fx.GraphModule, layer: ExpertLayer, e: int, proj: str, weight: torch.Tensor):
+    """Expert `e`'s projection `proj` holds `weight` ([out, in]) in the graph while the block runs."""
+    uses = [*layer.up, layer.down] if layer.fused else [*layer.experts[e].up, layer.experts[e].down]
+    saved = []
+    with torch.no_grad():
+        for use in uses:
+            if proj_name(use) != proj:
+                continue
+            param = get_param(gm, use.weight)
+            index = use.expert if use.expert is not None else (e if param.dim() == 3 else None)
+            view = param.data if index is None else param.data[index]
+            saved.append((view, view.clone()))
+            view.copy_((weight if use.in_axis == -1 else weight.T).to(view.dtype))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for view, old in saved:
+                view.copy_(old)
+
+
+def _divergence(causal_lm: bool, ref: torch.Tensor, out: torch.Tensor) -> float:
+    """Summed per-position KL(ref || out) of next-token distributions (LMs), else summed squared error."""
+    if causal_lm:
+        p = F.log_softmax(ref.double(), -1)
+        q = F.log_softmax(out.double(), -1)
+        return float((p.exp() * (p - q)).sum())
+    return float((out.double() - ref.double()).square().sum())
+
+
+def model_sensitivity(program, layers: list[ExpertLayer], analyses: list[LayerAnalysis], samples: torch.Tensor,
+                      batch_size: int = 8) -> None:
+    """Stage 2 end to end: per (expert, projection, bits), the model's mean output KL on `samples`
+    when only that projection is quantized (with the matrices `analyse_layer(keep_quantized=True)` kept).
+
+    The knapsack adds these up: to second order, independent quantization errors of different
+    projections add in the KL. Quantizing an expert changes the model only on the tokens routed to
+    it, so this already weighs each expert by how often and how strongly the text uses it. An expert
+    the calibration text hardly reaches would measure ~0 and fall to the lowest bits; it also pays
+    `prior_rows` rows of local error measured on tokens routed to it on purpose
+    (`LayerAnalysis.prior_error`), converted to KL by the layer's measured KL per unit of local error.
+    Sets `analysis.model_kl`.
+    """
+    gm = program.module
+    chunks = list(samples.split(batch_size))
+    positions = max(1, samples.shape[0] * (samples.shape[1] if samples.dim() > 1 else 1))
+    causal = bool(program.is_causal_lm)
+    with torch.no_grad():
+        ref = [_logits(program, b) for b in chunks]
+        for layer, a in zip(layers, analyses):
+            measured: dict[tuple[int, str], dict[int, float]] = {}
+            for (e, proj), errors in a.sensitivity.items():
+                measured[(e, proj)] = {}
+                for bits in errors:
+                    qw = a.quantized.get((e, proj, bits))
+                    if qw is None:
+                        raise ConfigError("model_sensitivity needs the quantized matrices: run analyse_layer with "
+                                          "keep_quantized=True")
+                    with swapped_weight(gm, layer, e, proj, qw.dequantize()):
+                        total = sum(_divergence(causal, r, _logits(program, b)) for r, b in zip(ref, chunks))
+                    measured[(e, proj)][bits] = total / positions
+            with_prior(a, measured)

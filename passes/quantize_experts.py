@@ -9,12 +9,17 @@ all with packed low-bit storage. Routers and small gates stay in full precision;
 
 Fields: `avg_bits` (budget over the routed experts' weights), `bit_choices`, `group_size`, `allocation`,
 `granularity` ("projection": gate/up and down get their own bits; "expert": one width per expert),
-`method` ("rtn", or "gptq" with each expert's routing-weighted Hessian), `sensitivity` ("output": MoE
-output error weighted by routing weight; "fisher": the same error weighted by the squared gradient of
-the next-token loss), `layer_calibration` (rescale each layer's errors by a measured end-to-end KL),
+`method` ("rtn", or "gptq" with each expert's routing-weighted Hessian), `sensitivity` ("fisher", the
+default: the model's output KL on the calibration text when only that expert projection is quantized
+at that bit width, to second order from `fisher_samples` sampled-label gradients per routed row, one
+forward and `fisher_samples` backwards per calibration batch; "kl": the same KL measured exactly, one
+forward over the calibration text per projection and bit width (slow); "output": the MoE output error
+weighted by routing weight, local to the layer; causal LMs only for "fisher" and "kl" on KL, other
+programs fall back to the output error),
+`layer_calibration` (with "output"/"fisher": rescale each layer's errors by a measured end-to-end KL),
 `min_rows` (experts with fewer routed rows get tokens routed to them on purpose), `shared_bits`.
 
-Allocations: "moqa" (routed output error weighted by routing weight, the analysis' stage 2),
+Allocations: "moqa" (the analysis' stage 2 sensitivity: end-to-end KL, or routed output error),
 "frequency" (activation frequency x weight error, as earlier MoE work), "uniform" (every expert
 alike: one bit width when the budget is one of the choices, else weight error alone).
 """
@@ -34,12 +39,14 @@ import fxpress.runtime.quant  # noqa: F401  (defines fxpress::linear_nbit)
 from fxpress.errors import ConfigError
 from fxpress.graph import ExpertLayer, LinearUse, add_param, expert_layers, param_source
 from fxpress.moe_analysis import (
+    LayerAnalysis,
     LayerData,
     MoEAnalysis,
     analyse_layer,
     calibration_rows,
     expert_functions,
     layer_significance,
+    model_sensitivity,
     proj_name,
     quantize_matrix,
     record_routing,
@@ -110,7 +117,9 @@ def allocation_items(analysis: MoEAnalysis, allocation: str, granularity: str) -
             for projs in groups:
                 errors = {}
                 for bits in analysis.bit_choices:
-                    if allocation == "moqa":
+                    if allocation == "moqa" and a.model_kl is not None:
+                        errors[bits] = sum(a.model_kl[(e, p)][bits] for p in projs)
+                    elif allocation == "moqa":
                         errors[bits] = a.significance * sum(a.sensitivity[(e, p)][bits] for p in projs)
                     elif allocation == "frequency":
                         errors[bits] = a.share[e] * sum(a.weight_error[(e, p)][bits] for p in projs)
@@ -188,7 +197,7 @@ class QuantizeExperts(Pass):
     """Mixed-precision weight quantization of MoE experts under an average-bit budget (MoQa-style)."""
 
     name: ClassVar[str] = "quantize_experts"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2
     needs_calibration: ClassVar[bool] = True
     not_after: ClassVar[tuple[str, ...]] = ("quantize", "quantize_experts")
 
@@ -201,7 +210,8 @@ class QuantizeExperts(Pass):
     shared_bits: int | None = 8
     min_rows: int = 32
     prior_rows: float = 2.0
-    sensitivity: str = "output"
+    sensitivity: str = "fisher"
+    fisher_samples: int = 8
     layer_calibration: bool = False
     calib_samples: int | None = None
     verbose: bool = True
@@ -216,7 +226,8 @@ class QuantizeExperts(Pass):
         check_choice(self.name, "allocation", self.allocation, ("moqa", "frequency", "uniform"))
         check_choice(self.name, "granularity", self.granularity, ("projection", "expert"))
         check_choice(self.name, "method", self.method, ("rtn", "gptq"))
-        check_choice(self.name, "sensitivity", self.sensitivity, ("fisher", "output"))
+        check_choice(self.name, "sensitivity", self.sensitivity, ("fisher", "loss", "kl", "output"))
+        check_range(self.name, "fisher_samples", self.fisher_samples, 1, 256)
         if self.shared_bits is not None:
             check_range(self.name, "shared_bits", self.shared_bits, 2, 8)
         check_range(self.name, "min_rows", self.min_rows, 1, 1 << 20)
@@ -230,16 +241,20 @@ class QuantizeExperts(Pass):
         samples = None
         if self.calib_samples is not None:
             samples = program.calibration.batches[: self.calib_samples]
-        data = record_routing(program, layers, samples, fisher=self.sensitivity == "fisher")
+        fisher = self.allocation == "moqa" and self.sensitivity in ("fisher", "loss")
+        data = record_routing(program, layers, samples, fisher=fisher, fisher_samples=self.fisher_samples,
+                              text_gradient=self.sensitivity == "loss")
         with torch.no_grad():
             fns = [expert_functions(gm, layer) for layer in layers]
             analysis = MoEAnalysis([
                 analyse_layer(f, d, layer.index, tuple(self.bit_choices), self.group_size, self.min_rows,
-                              prior_rows=self.prior_rows, method=self.method)
+                              prior_rows=self.prior_rows, method=self.method, keep_quantized=True)
                 for layer, f, d in zip(layers, fns, data)
             ], tuple(self.bit_choices), self.group_size)
-            if self.layer_calibration and self.allocation == "moqa":
-                calib = samples if samples is not None else program.calibration.batches
+            calib = samples if samples is not None else program.calibration.batches
+            if self.allocation == "moqa" and self.sensitivity == "kl":
+                model_sensitivity(program, layers, analysis.layers, calib)
+            elif self.layer_calibration and self.allocation == "moqa":
                 layer_significance(program, layers, fns, analysis.layers, calib, min(self.bit_choices), self.group_size)
             items = allocation_items(analysis, self.allocation, self.granularity)
             if self.allocation == "uniform" and self.avg_bits in self.bit_choices:
@@ -247,9 +262,13 @@ class QuantizeExperts(Pass):
             else:
                 plan = solve_allocation(items, self.avg_bits)
             bits = self._bits_per_projection(analysis, plan)
-            for layer, f, d in zip(layers, fns, data):
-                self._rewrite_layer(gm, layer, f, d, bits)
+            for layer, f, d, a in zip(layers, fns, data, analysis.layers):
+                self._rewrite_layer(gm, layer, f, d, a, bits)
+                a.quantized.clear()
             warnings = self._shared_and_gates(gm, layers)
+            if self.allocation == "moqa" and self.sensitivity in ("fisher", "loss") and not program.is_causal_lm:
+                warnings.append(f"sensitivity={self.sensitivity!r} needs a causal LM's next-token distributions: "
+                                "the allocation used the routed MoE output error instead")
         summary = self._summary(analysis, items, plan, bits, layers)
         program.metadata["quantize_experts"] = summary
         program.metadata["moe_analysis"] = analysis.to_dict()
@@ -271,26 +290,28 @@ class QuantizeExperts(Pass):
         h = weighted_hessian(x, w) if self.method == "gptq" and x is not None else None
         return quantize_matrix(weight, bits, self.group_size, self.method, h)
 
-    def _rewrite_layer(self, gm, layer: ExpertLayer, fns, data: LayerData, bits) -> None:
-        rows = [calibration_rows(data, e, self.min_rows)[:2] for e in range(len(fns))] if self.method == "gptq" else None
-
-        def inputs(e: int, use: LinearUse) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-            if rows is None:
-                return None, None
-            x, w = rows[e]
-            return (fns[e].inner(x) if proj_name(use) == proj_name(fns[e].down) else x), w
+    def _rewrite_layer(self, gm, layer: ExpertLayer, fns, data: LayerData, analysis: LayerAnalysis, bits) -> None:
+        """Replace the layer's expert matmuls, reusing the matrices the analysis already quantized."""
+        def quantized(e: int, use: LinearUse, weight: torch.Tensor):
+            p = proj_name(use)
+            b = bits[(layer.index, e, p)]
+            if (e, p, b) in analysis.quantized:
+                return analysis.quantized[(e, p, b)]
+            x = w = None
+            if self.method == "gptq":
+                x, w, _ = calibration_rows(data, e, self.min_rows)
+                x = fns[e].inner(x) if p == proj_name(fns[e].down) else x
+            return self._quantize(weight, b, x, w)
 
         if layer.fused:
             for use in [*layer.up, layer.down]:
                 p = proj_name(use)
-                quantized = [self._quantize(fns[e].weights[p], bits[(layer.index, e, p)], *inputs(e, use))
-                             for e in range(layer.num_experts)]
-                replace_grouped(gm, use, layer.offsets, quantized)
+                replace_grouped(gm, use, layer.offsets, [quantized(e, use, fns[e].weights[p])
+                                                         for e in range(layer.num_experts)])
             return
         for e, ex in enumerate(layer.experts):
             for use in [*ex.up, ex.down]:
-                p = proj_name(use)
-                replace_linear(gm, use, self._quantize(weight_matrix(gm, use), bits[(layer.index, e, p)], *inputs(e, use)))
+                replace_linear(gm, use, quantized(e, use, weight_matrix(gm, use)))
 
     def _shared_and_gates(self, gm, layers: list[ExpertLayer]) -> list[str]:
         warnings = []
@@ -318,6 +339,7 @@ class QuantizeExperts(Pass):
                              "forced_rows": a.forced.get(e, 0), "bits": {p: bits[(a.layer, e, p)] for p in a.projections}})
         return {
             "allocation": self.allocation, "granularity": self.granularity, "method": self.method,
+            "sensitivity": self.sensitivity if self.allocation == "moqa" else None,
             "avg_bits_target": self.avg_bits, "avg_bits": average_bits(items, plan),
             "group_size": self.group_size, "bit_choices": list(self.bit_choices),
             "predicted_error": sum(it.errors[plan[it.key]] for it in items),

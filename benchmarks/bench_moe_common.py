@@ -1,0 +1,62 @@
+"""What bench_moe.py and bench_moe_export.py share: the measured program and the report file.
+
+benchmarks/results/moe.md has two parts: the allocation study (written by bench_moe.py) and the
+exported artifacts (written by bench_moe_export.py, from EXPORT_HEADING on). Each script rewrites
+only its own part, atomically, and keeps the other.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from fxpress.calibration import Calibration
+from fxpress.capture import capture
+from fxpress.data import token_windows
+from fxpress.moe_model import load_tiny_moe
+
+REPORT = Path(__file__).parent / "results" / "moe.md"
+EXPORT_HEADING = "## Exported artifacts"
+PARTS = ("allocation", "export")
+
+
+def tiny_moe_program(calib_windows: int, seq: int = 128):
+    """The trained tiny MoE captured, with `calib_windows` x `seq` tokens of the "calib" split; and its tokenizer."""
+    model, tokenizer = load_tiny_moe()
+    program = capture(model)
+    program.calibration = Calibration(token_windows(tokenizer, "calib", seq, calib_windows))
+    return program, tokenizer
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table as lines."""
+    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _split(text: str) -> dict[str, str]:
+    head, sep, tail = text.partition("\n" + EXPORT_HEADING)
+    return {"allocation": head.strip("\n"), "export": (EXPORT_HEADING + tail).strip("\n") if sep else ""}
+
+
+def write_part(part: str, lines: list[str], path: Path = REPORT) -> None:
+    """Replace one part of the report (see the module docstring), keep the other, write atomically."""
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+    if part == "export" and not lines[0].startswith(EXPORT_HEADING):
+        raise ValueError(f"the export part must start with {EXPORT_HEADING!r}")
+    parts = _split(path.read_text()) if path.exists() else {p: "" for p in PARTS}
+    parts[part] = "\n".join(lines).strip("\n")
+    text = "\n\n".join(parts[p] for p in PARTS if parts[p]) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    print(f"wrote the {part} part of {path}")
+
+
+def describe_machine(threads: int) -> str:
+    import platform
+
+    return f"{platform.machine()}, torch {torch.__version__}, {threads} thread(s)"
