@@ -7,7 +7,8 @@
   BI needs a single forward, and says so in the report).
 
 Both are graph rewrites on a Program (the residual stream bypasses what is dropped); FLOPs are
-counted from the graph, a dropped block's k/v projections included as saved.
+counted from the graph; a dropped block's k/v projections still run (they fill the KV cache), as in
+`prune_tokens`, so they are not counted as saved.
 """
 
 from __future__ import annotations
@@ -63,14 +64,15 @@ def influence(program, samples: torch.Tensor) -> dict[tuple[int, str], float]:
 
 
 def sub_block_macs(block: DecoderBlock, seq: int) -> dict[str, float]:
-    """Multiply-adds of one prefill of `seq` tokens spent in a block's attention and MLP sub-blocks."""
+    """Multiply-adds of one prefill of `seq` tokens a dropped attention / MLP sub-block saves (its k/v
+    projections are not counted: the graph still runs them, their output fills the KV cache)."""
     mid = block.residual_adds[0]
     region = set(block.region)
-    attn_nodes = _ancestors(mid, region)
+    attn_nodes = _ancestors(mid, region) & set(block.query_side)  # k/v projections still run: they fill the cache
     q = block.sdpa.args[0].meta["val"]
     attention = 2 * int(q.shape[1]) * int(q.shape[-1]) * seq * seq
     attn = seq * sum(matmul_macs(n) for n in block.region if n in attn_nodes) + attention
-    mlp = seq * sum(matmul_macs(n) for n in block.region if n not in attn_nodes)
+    mlp = seq * sum(matmul_macs(n) for n in block.region if n not in _ancestors(mid, region))
     return {"attn": float(attn), "mlp": float(mlp), "block": float(attn + mlp)}
 
 

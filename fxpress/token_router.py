@@ -10,7 +10,11 @@ What a skipped token does in a block (the contract the pass keeps):
   an unpruned model;
 - the choice is a top-k over the chunk (as in FTP and Mixture-of-Depths), so whether a token
   is kept can depend on later tokens of the same prefill chunk; the logits themselves stay
-  causal in everything but that choice.
+  causal in everything but that choice;
+- position 0 (the attention sink) is never skipped by a router;
+- a block at sparsity 1.0 is the limit case, layer dropping: every token (decode steps too)
+  bypasses it and it has no router; its k/v projections still fill its cache slot (never read),
+  so the cache layout stays that of the unpruned model.
 
 Router inputs (FTP's four factors plus two cheap extras): log position, relative position,
 attention the token receives from the last `probes` queries of the block (their query path is
@@ -36,6 +40,7 @@ CASTS = {aten.to.dtype, aten.alias.default, aten._to_copy.default, aten.clone.de
 MATMULS = {aten.linear.default, aten.mm.default, aten.matmul.default, aten.addmm.default}
 FEATURES = ("log_position", "relative_position", "attention", "attention_rank", "hidden_norm", "sparsity", "depth")
 SPARSITY_SCALE = 1000  # per-block sparsity is baked into the graph as an integer fraction of this
+SINK_BONUS = 1e4  # added to the router score of absolute position 0 (never skipped)
 
 
 # --- graph structure -------------------------------------------------------------------------------
@@ -170,19 +175,34 @@ def block_costs(block: DecoderBlock) -> dict[str, int]:
 
 # --- runtime helpers (plain ATen ops: gather, scatter, topk) -----------------------------------------
 
+def _flat_rows(idx: torch.Tensor, batch, seq) -> torch.Tensor:
+    """Row numbers [B*k] of tokens `idx` [B, k] in a [batch*seq, ...] view (batch 1 broadcasts)."""
+    if isinstance(batch, int) and batch == 1:
+        return idx.reshape(-1)
+    offsets = torch.arange(idx.shape[0], device=idx.device).unsqueeze(-1) * seq
+    return (idx + offsets).reshape(-1)
+
+
 def take_rows(t: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
-    """Rows `idx` [B, k] of `t` along its sequence dimension `dim` (batch is dim 0)."""
-    batch, k = idx.shape[0], idx.shape[1]
-    t = t.expand(batch, *t.shape[1:])
-    view = [batch] + [1] * (t.dim() - 1)
-    view[dim] = k
-    size = [batch] + [t.shape[i] if i != dim else k for i in range(1, t.dim())]
-    return torch.gather(t, dim, idx.reshape(view).expand(size))
+    """Rows `idx` [B, k] of `t` along its sequence dimension `dim` (batch is dim 0).
+
+    Whole rows are read through a flat [batch*seq, ...] view with one index per row (ONNX Gather,
+    a row copy), not an element-wise gather with an index expanded to the full output size.
+    """
+    if dim != 1:
+        return take_rows(t.movedim(dim, 1), idx, 1).movedim(1, dim)
+    batch, seq, rest = t.shape[0], t.shape[1], t.shape[2:]
+    flat = t.reshape(batch * seq, *rest).index_select(0, _flat_rows(idx, batch, seq))
+    return flat.reshape(idx.shape[0], idx.shape[1], *rest)
 
 
 def put_rows(h: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """The residual stream with rows `idx` replaced by the block's outputs; other tokens ride unchanged."""
-    return h.scatter(1, idx.unsqueeze(-1).expand(rows.shape), rows)
+    """The residual stream with rows `idx` replaced by the block's outputs; other tokens ride unchanged.
+
+    One row index per token (ONNX ScatterND over rows), not an element-wise scatter."""
+    batch, seq, width = h.shape
+    flat = h.reshape(batch * seq, width).index_put((_flat_rows(idx, batch, seq),), rows.reshape(-1, width))
+    return flat.reshape(batch, seq, width)
 
 
 def probe_rows(h: torch.Tensor, probes: int) -> torch.Tensor:
@@ -218,6 +238,14 @@ def probe_attention(q: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | Non
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
     return logits.softmax(-1).mean(dim=(1, 2))
+
+
+def keep_sink(score: torch.Tensor, past) -> torch.Tensor:
+    """Position 0 always ranks first: it is the attention sink (massive activations form on it in
+    early blocks), and a sink that skips a block changes every later token's attention."""
+    seq = score.shape[1]
+    first = ((torch.arange(seq, device=score.device) + past) == 0).to(score.dtype)
+    return score + SINK_BONUS * first
 
 
 # --- the router --------------------------------------------------------------------------------------
@@ -265,7 +293,8 @@ class TokenRouter(nn.Module):
         score = self.score_features(feats)
         if self.trace is not None:
             self.trace[block] = {"features": feats.detach(), "score": score}
-        return score
+        return keep_sink(score, key.shape[2] - h.shape[1])
+
 
 
 class MaskGate(nn.Module):
@@ -300,7 +329,9 @@ class MaskGate(nn.Module):
         update = h_out - h_in
         if router.trace is not None:
             rel = update.detach().norm(dim=-1) / h_in.detach().norm(dim=-1).clamp_min(1e-6)
+            rel[:, 0] = rel.max() + 1.0  # training chunks start at position 0: the sink is always kept
             router.trace[block]["importance"] = rel
+            router.trace[block]["cos"] = torch.cosine_similarity(h_in.detach(), h_out.detach(), dim=-1)
         return h_in + gate.unsqueeze(-1) * update
 
 
@@ -367,7 +398,10 @@ def route_blocks(gm: torch.fx.GraphModule, router: TokenRouter, mode: str, sched
         gm.add_submodule("prune_gate", gate or MaskGate(router))
     for block, sparsity in zip(blocks, schedule):
         permille = int(round(sparsity * SPARSITY_SCALE))
-        if permille <= 0 and mode == "gather":
+        if mode == "gather" and permille <= 0:
+            continue
+        if mode == "gather" and permille >= SPARSITY_SCALE:  # every token skips: the block is dropped, no router
+            block.h_out.replace_all_uses_with(block.h_in)
             continue
         _route_block(graph, block, mode, permille, seq, probes)
     _drop_orphans(graph)

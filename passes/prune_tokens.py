@@ -6,10 +6,12 @@ Reads top to bottom as the pass runs:
    final gather/scatter graph, but differentiable and with the schedule in a buffer);
 3. guide: fit the shared router MLP to an oracle ranking (relative size of each token's block
    update) on calibration text, for random required sparsities (FTP's guide loss);
-4. schedule: a genetic search over per-block sparsity with mean = `sparsity`, seeded with the
-   uniform schedule and a greedy allocation from the oracle costs, scored by KL divergence to
-   the unpruned model on the held-out part of the calibration text;
-5. distill: a few end-to-end steps with the model frozen: KL to the unpruned logits, a
+4. schedule: a genetic search over per-block sparsity on a grid 0, 1/levels, ..., 1 under a FLOPs
+   budget (the cost of skipping `sparsity` of all token-block visits). 0 leaves a block alone and
+   1 drops it whole (layer dropping is the limit case of token dropping: neither has a router),
+   so ShortGPT's choice is one of the seeds (with uniform and measured drop sensitivity), and
+   every candidate is scored by KL divergence to the unpruned model on held-out calibration text;
+5. distill (when some block is routed, 0 < s < 1): end-to-end steps with the model frozen: KL to the unpruned logits, a
    sparsity-constraint loss on the soft gates and the guide loss;
 6. refine the schedule with the trained router, then rewrite the real graph in gather mode
    (score -> top-k -> gather -> block -> scatter) and re-export it to plain ATen.
@@ -21,7 +23,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -51,36 +53,38 @@ class PruneTokens(Pass):
     """Token-wise pruning with a learned router and a searched per-block sparsity schedule."""
 
     name: ClassVar[str] = "prune_tokens"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2
     needs_calibration: ClassVar[bool] = True
 
-    sparsity: float = 0.3  # mean fraction of tokens that skip a block, over all blocks
-    schedule: list[float] | None = None  # fixed per-block sparsity (skips the search)
-    max_block_sparsity: float = 0.9
+    sparsity: float = 0.3  # global token sparsity: the FLOPs of skipping this fraction of all token-block visits
+    schedule: list[float] | None = None  # fixed per-block sparsity (skips the search); 1.0 drops a block
+    levels: int = 8  # per-block sparsity grid 0, 1/levels, ..., 1
+    max_block_sparsity: float = 1.0  # below 1.0 no block is dropped whole (pure token routing)
     protect_first: int = 1  # blocks at the start that never skip tokens
     protect_last: int = 0
     router_hidden: int = 64
     probes: int = 16  # last queries whose attention gives the "attention received" factor
     guide_steps: int = 300
-    train_steps: int = 8  # end-to-end distillation steps (model frozen)
+    train_steps: int = 16  # end-to-end distillation steps (model frozen)
     train_batch: int = 2
     lr: float = 3e-3
-    sensitivity_probes: bool = True  # measure each block's held-out KL at 50% sparsity to seed the search
-    search_evals: int = 12  # held-out evaluations in the genetic schedule search
-    refine_evals: int = 4  # evaluations re-tuning the schedule after distillation
+    sensitivity_probes: bool = True  # one held-out evaluation per block, dropped, to seed and steer the search
+    search_evals: int = 40  # candidates scored by the search after its seeds (and the sensitivity probes)
+    refine_evals: int = 8  # evaluations re-tuning the schedule after distillation
     heldout_fraction: float = 0.25  # last part of the calibration samples, used only to score schedules
     seed: int = 0
     progress: bool = True
 
     def validate(self) -> None:
         n = self.name
-        check_range(n, "sparsity", self.sparsity, 0.0, 0.9)
-        check_range(n, "max_block_sparsity", self.max_block_sparsity, 0.01, 0.95)
+        check_range(n, "sparsity", self.sparsity, 0.0, 0.95)
+        check_range(n, "max_block_sparsity", self.max_block_sparsity, 0.01, 1.0)
         if self.sparsity > self.max_block_sparsity:
             raise ConfigError(f"{n}.sparsity = {self.sparsity} exceeds max_block_sparsity = {self.max_block_sparsity}: "
                               "raise max_block_sparsity or lower sparsity")
         for field_name in ("protect_first", "protect_last", "guide_steps", "train_steps", "search_evals", "refine_evals"):
             check_range(n, field_name, getattr(self, field_name), 0, 100000)
+        check_range(n, "levels", self.levels, 1, SPARSITY_SCALE)
         check_range(n, "router_hidden", self.router_hidden, 1, 4096)
         check_range(n, "probes", self.probes, 1, 1024)
         check_range(n, "train_batch", self.train_batch, 1, 1024)
@@ -90,7 +94,7 @@ class PruneTokens(Pass):
             if not isinstance(self.schedule, (list, tuple)) or not self.schedule:
                 raise ConfigError(f"{n}.schedule must be a list of per-block sparsities, got {self.schedule!r}")
             for value in self.schedule:
-                check_range(n, "schedule[i]", value, 0.0, 0.95)
+                check_range(n, "schedule[i]", value, 0.0, 1.0)
 
     # -- the pass -------------------------------------------------------------------------------
     def run(self, program) -> dict[str, Any]:
@@ -100,7 +104,17 @@ class PruneTokens(Pass):
             raise ConfigError("prune_tokens needs calibration text: pass calibration=token windows to fxpress.compile")
         ensure_meta(program)
         blocks = find_blocks(program.module)
-        lo, hi = self._bounds(len(blocks))
+        seq = int(program.calibration.batches.shape[1])
+        meta = {"probes": self.probes, "blocks": [block_costs(b) for b in blocks],
+                "head_macs": (program.info.vocab_size or 0) * (program.info.hidden_size or 0)}
+        top = self._top_levels(len(blocks))
+        allowed = flops_budget(meta, seq, self.sparsity)
+        if self.schedule is None and prune_flops(meta, seq, [t / self.levels for t in top])["pruned"] > allowed * (1 + 1e-9):
+            raise ConfigError(
+                f"prune_tokens cannot reach a token sparsity of {self.sparsity} over {len(blocks)} blocks with "
+                f"{self.protect_first}+{self.protect_last} protected blocks and max_block_sparsity "
+                f"{self.max_block_sparsity}: protect fewer blocks or raise max_block_sparsity"
+            )
         torch.manual_seed(self.seed)
         rng = random.Random(self.seed)
         train, held = self._split(program.calibration.batches)
@@ -116,35 +130,34 @@ class PruneTokens(Pass):
         try:
             start = time.perf_counter()
             records = collect(masked, router, program, train)
-            stats["guide_loss"] = fit_guide(router, records, hi, self.guide_steps, self.seed)
+            stats["guide_loss"] = fit_guide(router, records, top, self.levels, self.guide_steps, self.seed)
             timings["guide"] = time.perf_counter() - start
 
             start = time.perf_counter()
             score = self._scorer(masked, router, program, held, teacher)
+            search = ScheduleSearch(score, lambda s: prune_flops(meta, seq, s)["pruned"], allowed, top, self.levels, rng)
             if self.schedule is not None:
                 schedule = self._fixed_schedule(len(blocks))
             else:
-                seeds = initial_schedules(router, collect(masked, router, program, held), lo, hi, self.sparsity)
-                if self.sensitivity_probes:
-                    seeds.insert(1, sensitivity_schedule(score, lo, hi, self.sparsity))
-                schedule, searched = genetic_search(score, seeds, lo, hi, self.sparsity, self.search_evals, rng)
-                stats["search_kl_uniform"] = searched[0][0]
-                stats["search_kl_best"] = min(s for s, _ in searched)
+                schedule = self._search(search, records, stats)
             timings["search"] = time.perf_counter() - start
 
             start = time.perf_counter()
+            partial = any(0 < s < 1 for s in schedule)
             losses = []
-            if self.train_steps and not differentiable(program.module):
+            if not partial:
+                warnings.append("the schedule drops whole blocks only: no router runs, distillation skipped")
+            elif self.train_steps and not differentiable(program.module):
                 warnings.append("end-to-end distillation skipped: the graph holds fxpress ops without gradients "
                                 "(e.g. quantized linears); the router keeps its guide-loss fit. List prune_tokens "
                                 "before quantize to distill it.")
             else:
+                guided = {k: v.clone() for k, v in router.state_dict().items()}
+                before = score(schedule)
                 losses = distill(masked, router, program, train, teacher, schedule, self)
+                schedule = self._refine(search, score, schedule, before, guided, router, stats)
             stats["distill_loss_first"] = losses[0] if losses else None
             stats["distill_loss_last"] = losses[-1] if losses else None
-            if self.schedule is None and self.refine_evals:
-                schedule, refined = genetic_search(score, [schedule], lo, hi, self.sparsity, self.refine_evals + 1, rng)
-                stats["refine_kl_best"] = min(s for s, _ in refined)
             timings["distill"] = time.perf_counter() - start
         finally:
             for name, p in program.module.named_parameters():
@@ -152,19 +165,19 @@ class PruneTokens(Pass):
             router.trace = None
 
         router.sparsity.copy_(torch.tensor(schedule))
-        costs = [block_costs(b) for b in blocks]
         route_blocks(program.module, router, "gather", schedule, self.probes)
         retrace(program)
-        seq = int(program.calibration.batches.shape[1])
-        meta = {"schedule": list(schedule), "probes": self.probes, "blocks": costs,
-                "head_macs": (program.info.vocab_size or 0) * (program.info.hidden_size or 0)}
+        meta["schedule"] = list(schedule)
         program.metadata["prune_tokens"] = meta
         flops = prune_flops(meta, seq)
         stats.update({
             "blocks": len(blocks),
             "block_sparsity": [round(s, 3) for s in schedule],
+            "dropped_blocks": [i for i, s in enumerate(schedule) if s >= 1.0],
+            "routed_blocks": [i for i, s in enumerate(schedule) if 0 < s < 1.0],
             "mean_sparsity": sum(schedule) / len(schedule),
             f"flops_ratio@{seq}": flops["ratio"],
+            f"flops_budget@{seq}": allowed / flops["dense"],
             "block_flops_saved": [round(x, 3) for x in flops["block_saved"]],
             "stage_seconds": {k: round(v, 1) for k, v in timings.items()},
             "warnings": warnings,
@@ -172,19 +185,54 @@ class PruneTokens(Pass):
         return stats
 
     # -- helpers ------------------------------------------------------------------------------------
-    def _bounds(self, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-        lo = torch.zeros(num_blocks)
-        hi = torch.full((num_blocks,), self.max_block_sparsity)
-        hi[: self.protect_first] = 0.0
-        if self.protect_last:
-            hi[num_blocks - self.protect_last:] = 0.0
-        if self.schedule is None and float(hi.sum()) + 1e-9 < self.sparsity * num_blocks:
-            raise ConfigError(
-                f"prune_tokens cannot reach a mean sparsity of {self.sparsity} over {num_blocks} blocks with "
-                f"{self.protect_first}+{self.protect_last} protected blocks and max_block_sparsity "
-                f"{self.max_block_sparsity}: protect fewer blocks or raise max_block_sparsity"
-            )
-        return lo, hi
+    def _top_levels(self, num_blocks: int) -> list[int]:
+        """Highest grid level per block: protected blocks 0, others floor(max_block_sparsity * levels)."""
+        top = [int(math.floor(self.max_block_sparsity * self.levels + 1e-9))] * num_blocks
+        for i in range(min(self.protect_first, num_blocks)):
+            top[i] = 0
+        for i in range(max(num_blocks - self.protect_last, 0), num_blocks):
+            top[i] = 0
+        return top
+
+    def _search(self, search: ScheduleSearch, records, stats: dict[str, Any]) -> list[float]:
+        """Seeds (uniform, ShortGPT, drop sensitivity), then the genetic search on held-out KL."""
+        n = len(search.top)
+        bi = block_influence(records)
+        seeds = {"uniform": search.uniform(), "shortgpt": search.fill(sorted(range(n), key=bi.__getitem__))}
+        if self.sensitivity_probes:
+            kl = []
+            for b in range(n):
+                probe = [0] * n
+                probe[b] = search.top[b]
+                kl.append(search.evaluate(tuple(probe)) if search.top[b] else math.inf)
+            search.weights = [1.0 / max(k, 1e-6) if math.isfinite(k) else 0.0 for k in kl]
+            order = sorted(range(n), key=kl.__getitem__)
+            seeds["sensitivity"] = search.fill(order)
+            seeds["sensitivity_half"] = search.fill(order, max(1, self.levels // 2))
+            stats["block_drop_kl"] = [round(k, 3) if math.isfinite(k) else None for k in kl]
+        for name, s in seeds.items():
+            stats[f"search_kl_{name}"] = search.evaluate(s)
+        best, kl = search.run(list(seeds.values()), len(search.pool) + self.search_evals)
+        stats["search_kl_best"] = kl
+        stats["search_scored"] = len(search.pool)
+        return search.fractions(best)
+
+    def _refine(self, search: ScheduleSearch, score, schedule: list[float], before: float, guided: dict,
+                router: TokenRouter, stats: dict[str, Any]) -> list[float]:
+        """Re-tune the schedule with the distilled router; keep distillation only if held-out KL improved."""
+        after = score(schedule)
+        best, kl = tuple(round(s * self.levels) for s in schedule), after
+        if self.schedule is None and self.refine_evals:
+            ranked = sorted(search.pool, key=search.pool.__getitem__)[:4]
+            search.pool = {}  # the router changed: old scores are stale
+            best, kl = search.run(ranked, len(ranked) + self.refine_evals)
+            stats["refine_kl_best"] = kl
+        stats["distill_kl_before"], stats["distill_kl_after"] = before, after
+        stats["distill_kept"] = kl <= before
+        if kl > before:  # distillation did not pay on held-out text: back to the guide-fitted router
+            router.load_state_dict(guided)
+            return schedule
+        return search.fractions(best) if self.schedule is None else schedule
 
     def _fixed_schedule(self, num_blocks: int) -> list[float]:
         if len(self.schedule) != num_blocks:
@@ -297,9 +345,9 @@ def collect(masked, router: TokenRouter, program, samples: torch.Tensor) -> dict
             router.trace = {}
             run_logits(masked, program, batch)
             for block, rec in router.trace.items():
-                slot = out.setdefault(block, {"features": [], "importance": []})
-                slot["features"].append(rec["features"])
-                slot["importance"].append(rec["importance"])
+                slot = out.setdefault(block, {"features": [], "importance": [], "cos": []})
+                for key in slot:
+                    slot[key].append(rec[key])
     router.trace = None
     return {b: {k: torch.cat(v) for k, v in rec.items()} for b, rec in out.items()}
 
@@ -312,14 +360,14 @@ def keep_labels(importance: torch.Tensor, sparsity: torch.Tensor) -> torch.Tenso
     return (rank < keep.unsqueeze(-1)).float()
 
 
-def fit_guide(router: TokenRouter, records, hi: torch.Tensor, steps: int, seed: int) -> float | None:
+def fit_guide(router: TokenRouter, records, top: list[int], levels: int, steps: int, seed: int) -> float | None:
     """FTP's guide loss: BCE between router logits and oracle keep labels at random required sparsities."""
-    blocks = [b for b in sorted(records) if hi[b] > 0]
+    blocks = [b for b in sorted(records) if top[b] > 0]
     if not blocks:
         return None
     feats = torch.cat([records[b]["features"] for b in blocks])
     imp = torch.cat([records[b]["importance"] for b in blocks])
-    limit = torch.cat([hi[b].expand(records[b]["features"].shape[0]) for b in blocks])
+    limit = torch.cat([torch.tensor(min(top[b] / levels, 0.95)).expand(records[b]["features"].shape[0]) for b in blocks])
     flat = feats.reshape(-1, feats.shape[-1])
     router.shift.copy_(flat.mean(0))
     router.scale.copy_(flat.std(0).clamp_min(1e-3))
@@ -340,87 +388,118 @@ def fit_guide(router: TokenRouter, records, hi: torch.Tensor, steps: int, seed: 
 
 # --- schedule search ----------------------------------------------------------------------------------
 
-def project(s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, target: float) -> torch.Tensor:
-    """The nearest schedule within [lo, hi] whose mean is `target`, on the permille grid."""
-    s = s.clamp(lo, hi)
-    for _ in range(100):
-        gap = target * len(s) - float(s.sum())
-        if abs(gap) < 1e-6:
-            break
-        free = (s < hi - 1e-9) if gap > 0 else (s > lo + 1e-9)
-        if not bool(free.any()):
-            break
-        s = (s + gap / int(free.sum()) * free).clamp(lo, hi)
-    return (s * SPARSITY_SCALE).round() / SPARSITY_SCALE
+@dataclass
+class ScheduleSearch:
+    """Per-block sparsity on a grid (level / levels; the top level 1.0 drops the block) under a FLOPs budget.
+
+    A steady-state genetic search: seeds (uniform, ShortGPT's Block-Influence drop order, the measured
+    per-block drop sensitivity), then children of the best schedules by swaps, level moves and
+    crossover, each repaired to the budget (raise blocks, sensitivity-weighted, while over it; lower
+    blocks while slack allows).
+    Every candidate is scored by held-out KL to the unpruned model; duplicates are not re-scored.
+    """
+
+    score: Callable[[list[float]], float]
+    flops: Callable[[list[float]], float]
+    allowed: float  # pruned multiply-adds allowed
+    top: list[int]  # highest level per block (0 = protected)
+    levels: int
+    rng: random.Random
+    weights: list[float] = field(default_factory=list)  # how readily repair raises each block
+    pool: dict[tuple[int, ...], float] = field(default_factory=dict)
+
+    def fractions(self, sched: tuple[int, ...]) -> list[float]:
+        return [lv / self.levels for lv in sched]
+
+    def feasible(self, sched) -> bool:
+        return self.flops(self.fractions(sched)) <= self.allowed * (1 + 1e-9)
+
+    def evaluate(self, sched: tuple[int, ...]) -> float:
+        """Held-out KL of a schedule; feasible ones join the pool the search breeds from."""
+        if sched in self.pool:
+            return self.pool[sched]
+        kl = self.score(self.fractions(sched))
+        if self.feasible(sched):
+            self.pool[sched] = kl
+        return kl
+
+    def repair(self, sched) -> tuple[int, ...]:
+        s = [min(max(lv, 0), t) for lv, t in zip(sched, self.top)]
+        while not self.feasible(s):
+            free = [i for i in range(len(s)) if s[i] < self.top[i]]
+            if not free:
+                break
+            i = self.rng.choices(free, [self.weights[j] if self.weights else 1.0 for j in free])[0]
+            s[i] += 1
+        order = [i for i in range(len(s)) if s[i] > 0]
+        self.rng.shuffle(order)
+        for i in order:  # use the slack: lower blocks while the budget still holds
+            while s[i] > 0:
+                s[i] -= 1
+                if not self.feasible(s):
+                    s[i] += 1
+                    break
+        return tuple(s)
+
+    def fill(self, order: list[int], level: int | None = None) -> tuple[int, ...]:
+        """Raise blocks in `order` to `level` (default their top) until the budget holds."""
+        s = [0] * len(self.top)
+        for i in order:
+            if self.feasible(s):
+                break
+            s[i] = self.top[i] if level is None else min(level, self.top[i])
+        return self.repair(s)
+
+    def uniform(self) -> tuple[int, ...]:
+        for level in range(1, self.levels + 1):
+            s = tuple(min(level, t) for t in self.top)
+            if self.feasible(s):
+                return self.repair(s)
+        return self.repair(tuple(self.top))
+
+    def child(self) -> tuple[int, ...]:
+        """A neighbour of the best (or of an elite) schedule: swap two blocks' levels (a dropped block for
+        a kept one costs the same FLOPs), move some levels from one block to another, or cross two elites."""
+        ranked = sorted(self.pool, key=self.pool.__getitem__)
+        elite = ranked[: max(2, min(6, len(ranked)))]
+        a = list(ranked[0] if self.rng.random() < 0.6 else self.rng.choice(elite))
+        free = [i for i in range(len(a)) if self.top[i] > 0]
+        pruned = [i for i in free if a[i] > 0]
+        move = self.rng.random()
+        if move < 0.15 and len(elite) > 1:  # uniform crossover
+            b = self.rng.choice(elite)
+            a = [x if self.rng.random() < 0.5 else y for x, y in zip(a, b)]
+        elif pruned and move < 0.65:  # swap a pruned block with a less pruned one
+            i = self.rng.choice(pruned)
+            lower = [j for j in free if a[j] < a[i]]
+            if lower:
+                j = self.rng.choice(lower)
+                a[i], a[j] = min(a[j], self.top[i]), min(a[i], self.top[j])
+        elif pruned:  # move d levels from block i to block j
+            i = self.rng.choice(pruned)
+            room = [j for j in free if j != i and a[j] < self.top[j]]
+            if room:
+                j = self.rng.choice(room)
+                d = self.rng.randint(1, min(a[i], self.top[j] - a[j]))
+                a[i], a[j] = a[i] - d, a[j] + d
+        return self.repair(a)
+
+    def run(self, seeds: list[tuple[int, ...]], budget: int) -> tuple[tuple[int, ...], float]:
+        for s in seeds:
+            self.evaluate(s)
+        tries = 0
+        while len(self.pool) < budget and tries < 20 * budget:
+            tries += 1
+            c = self.child()
+            if c not in self.pool and self.feasible(c):
+                self.evaluate(c)
+        best = min(self.pool, key=self.pool.__getitem__)
+        return best, self.pool[best]
 
 
-def initial_schedules(router: TokenRouter, records, lo, hi, target: float) -> list[list[float]]:
-    """Seeds for the search: uniform, and a greedy allocation by oracle cost of the router's choices."""
-    uniform = project(torch.full_like(hi, target), lo, hi, target)
-    costs = []
-    with torch.no_grad():
-        for b in sorted(records):
-            x = records[b]["features"].clone()
-            x[..., SPARSITY_COLUMN] = target
-            score, imp = router.score_features(x), records[b]["importance"].pow(2)
-            order = score.argsort(-1)  # lowest first: skipped first
-            ranked = imp.gather(-1, order).cumsum(-1).mean(0) / imp.shape[-1]
-            costs.append(torch.cat([torch.zeros(1), ranked]))
-
-    def marginal(b: int, a: float, c: float) -> float:
-        seq = costs[b].shape[0] - 1
-        return float(costs[b][min(int(c * seq), seq)] - costs[b][int(a * seq)])
-
-    greedy = greedy_allocation(marginal, lo, hi, target)
-    return [uniform.tolist(), greedy.tolist()]
-
-
-def greedy_allocation(marginal: Callable[[int, float, float], float], lo, hi, target: float,
-                      step: float = 0.05) -> torch.Tensor:
-    """Water-filling: raise the block whose next step of sparsity costs least until the mean is reached."""
-    s = lo.clone()
-    while float(s.mean()) < target - 1e-9:
-        options = [(marginal(b, float(s[b]), float(s[b]) + step), b) for b in range(len(s)) if s[b] + step <= hi[b] + 1e-9]
-        if not options:
-            break
-        s[min(options)[1]] += step
-    return project(s, lo, hi, target)
-
-
-def sensitivity_schedule(score: Callable[[list[float]], float], lo, hi, target: float, level: float = 0.5,
-                         power: float = 2.0) -> list[float]:
-    """Seed from measured sensitivity: held-out KL with one block at `level`, cost modelled as (s/level)^power."""
-    level = min(level, float(hi.max()))
-    kl = []
-    for b in range(len(hi)):
-        if hi[b] <= lo[b]:
-            kl.append(math.inf)
-            continue
-        probe = [0.0] * len(hi)
-        probe[b] = min(level, float(hi[b]))
-        kl.append(max(score(probe), 1e-9))
-    return greedy_allocation(lambda b, a, c: kl[b] * ((c / level) ** power - (a / level) ** power), lo, hi, target).tolist()
-
-
-def genetic_search(score: Callable[[list[float]], float], seeds: list[list[float]], lo, hi, target: float,
-                   budget: int, rng: random.Random) -> tuple[list[float], list[tuple[float, list[float]]]]:
-    """A steady-state genetic search: tournament parents, uniform crossover, mass-preserving mutation."""
-    pool: list[tuple[float, list[float]]] = []
-    budget = max(budget, 1)
-    for s in seeds[:budget]:
-        pool.append((score(s), s))
-    free = [i for i in range(len(hi)) if hi[i] > lo[i]]
-    while len(pool) < budget and len(free) >= 2:
-        a, b = (min(rng.sample(pool, min(2, len(pool))))[1] for _ in range(2))
-        child = torch.tensor([x if rng.random() < 0.5 else y for x, y in zip(a, b)])
-        for _ in range(rng.randint(1, 3)):
-            i, j = rng.sample(free, 2)
-            delta = rng.choice([0.025, 0.05, 0.1])
-            child[i] += delta
-            child[j] -= delta
-        child = project(child, lo, hi, target).tolist()
-        pool.append((score(child), child))
-    return min(pool)[1], pool
+def block_influence(records) -> list[float]:
+    """ShortGPT's Block Influence per block: 1 - mean cos(block input, block output) on calibration text."""
+    return [float(1.0 - records[b]["cos"].mean()) for b in sorted(records)]
 
 
 # --- distillation ---------------------------------------------------------------------------------------
@@ -440,7 +519,7 @@ def distill(masked, router: TokenRouter, program, samples: torch.Tensor, teacher
         sparse, guide = [], []
         for block, rec in router.trace.items():
             s = float(router.sparsity[block])
-            if s <= 0 or "soft" not in rec:
+            if not 0 < s < 1 or "soft" not in rec:  # untouched or dropped blocks have no router
                 continue
             sparse.append((rec["soft"].mean() - (1.0 - s)) ** 2)
             labels = keep_labels(rec["importance"], torch.full(rec["importance"].shape[:1], s))
@@ -449,7 +528,7 @@ def distill(masked, router: TokenRouter, program, samples: torch.Tensor, teacher
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     router.trace = None
     return losses
 
@@ -465,7 +544,9 @@ def prune_flops(meta: dict[str, Any], seq: int, schedule: list[float] | None = N
         attn = 2 * cost["heads"] * cost["head_dim"] * seq  # per query, over every key
         dense = seq * (cost["kept_macs"] + cost["every_macs"] + attn)
         permille = int(round(s * SPARSITY_SCALE))
-        if permille > 0:
+        if permille >= SPARSITY_SCALE:  # dropped: only the k/v projections still run (they fill the cache)
+            pruned = seq * cost["every_macs"]
+        elif permille > 0:
             k = keep_count(seq, permille)
             router = probes * (cost["query_macs"] + attn) + seq * 1000
             pruned = k * (cost["kept_macs"] + attn) + seq * cost["every_macs"] + router
@@ -477,3 +558,12 @@ def prune_flops(meta: dict[str, Any], seq: int, schedule: list[float] | None = N
     head = seq * meta.get("head_macs", 0)
     return {"dense": dense_total + head, "pruned": pruned_total + head,
             "ratio": (pruned_total + head) / (dense_total + head), "block_saved": saved}
+
+
+def flops_budget(meta: dict[str, Any], seq: int, sparsity: float) -> float:
+    """Multiply-adds allowed for a token sparsity: the dense count less `sparsity` of what every
+    token-block visit could save (its query-side matmuls and attention), with no router cost.
+    At 0.3 on equal blocks this is the cost of dropping 30% of the blocks."""
+    dense = prune_flops(meta, seq, [0.0] * len(meta["blocks"]))["dense"]
+    savable = sum(seq * (c["kept_macs"] + 2 * c["heads"] * c["head_dim"] * seq) for c in meta["blocks"])
+    return dense - sparsity * savable
