@@ -6,9 +6,12 @@ non-overlapping windows of the "eval" split, GPTQ calibrated on the disjoint "ca
 table shows W4 weight-only at several group sizes: SmolLM2 ships as Q4_1 (4-bit, blocks of 32), so
 g32 sits on the grid the weights came from, and the main table uses g128 (or what --group-size says).
 
-    python benchmarks/bench_quality.py              # full: 16 x 256 eval tokens, GPTQ on 32 x 128 calib
+    python benchmarks/bench_quality.py              # full: 16 x 256 eval tokens, GPTQ on 64 x 128 calib
     python benchmarks/bench_quality.py --quick      # 4 x 256 eval, 8 x 128 calib, rotation none+hadamard
     python benchmarks/bench_quality.py --out benchmarks/results/quality.md
+    # the W4A4KV4 headline: asymmetric per-token activations with a clip ratio searched per quantizer
+    python benchmarks/bench_quality.py --threads 1 --rows W4A4KV4 --act-clip-search --act-asym --clip-ratio 1.0 \
+        --no-group-table --rotations dfrot,hadamard,orthogonal --methods gptq --out /tmp/q.md
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--clip-ratio", type=float, default=0.8,
                     help="activation clip ratio at 4 bits (1.0 above); 0.8 beat 0.9 and 1.0 on SmolLM2 with hadamard")
     ap.add_argument("--kv-clip-ratio", type=float, default=0.95)
+    ap.add_argument("--act-clip-search", action="store_true",
+                    help="search each activation quantizer's clip ratio (<= --clip-ratio) on the calibration set")
+    ap.add_argument("--act-asym", action="store_true", help="asymmetric activations (integer zero point per token)")
     ap.add_argument("--no-act-order", action="store_true", help="GPTQ without act-order")
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--rotations", default=None, help=f"comma list of {', '.join(ROTATIONS)}")
@@ -104,7 +110,9 @@ def quantize_cell(program, row: str, method: str, args) -> tuple[object, dict]:
     cfg = Quantize(
         w_bits=w, a_bits=a, kv_bits=kv, group_size=args.group_size, method=method,
         act_order=method == "gptq" and not args.no_act_order, clip_ratio=args.clip_ratio if a <= 4 else 1.0,
-        kv_clip_ratio=args.kv_clip_ratio, seed=args.seed,
+        kv_clip_ratio=args.kv_clip_ratio, act_clip_search=getattr(args, "act_clip_search", False) and a <= 4,
+        act_symmetric=not getattr(args, "act_asym", False),
+        seed=args.seed,
     )
     result = run_passes(q, [cfg], progress=False)[0]
     return q, {"seconds": round(result.seconds, 1), "bytes_before": result.bytes_before, "bytes_after": result.bytes_after}
@@ -140,7 +148,10 @@ def markdown(results: dict, args, command: str, seconds: float) -> str:
            f"GPTQ calibration: {args.calib_windows} x {args.calib_len} tokens of \"calib\" (HOWTOs); weights "
            f"asymmetric, group size {args.group_size} (576 = 4.5 x 128: each row's last group has 64 columns), "
            f"GPTQ with act-order {'off' if args.no_act_order else 'on'}, clipping search on; activations "
-           f"symmetric per token (clip {args.clip_ratio} at 4 bits); KV asymmetric per token and head "
+           f"{'asymmetric' if getattr(args, 'act_asym', False) else 'symmetric'} per token ("
+           + (f"clip ratio searched per quantizer on the calibration set, at most {args.clip_ratio}, at 4 bits"
+              if getattr(args, "act_clip_search", False) else f"clip {args.clip_ratio} at 4 bits")
+           + f"); KV asymmetric per token and head "
            f"(clip {args.kv_clip_ratio}); lm_head and the embedding stay fp32.\n",
            f"fp32: perplexity **{fp['ppl']:.3f}**" + "".join(
                f"; rotated ({r}) fp32 {v['ppl']:.3f}" for r, v in results.get("rotated_fp", {}).items()) + "\n"]

@@ -88,10 +88,44 @@ def empty_like_by_mul(x: torch.Tensor, **_: object) -> torch.Tensor:
     return x * 0
 
 
+def new_empty_as_zeros(x: torch.Tensor, size: list, dtype: torch.dtype | None = None, **_: object) -> torch.Tensor:
+    """new_empty as new_zeros: TVM's frontend builds `empty` from the raw size list, which fails on symbolic
+    dims (DeepSeek-V3's MLA keys, [batch, heads, past+seq, dim], are assembled in a new_empty); new_zeros
+    resolves them. empty's contents are undefined anyway."""
+    return x.new_zeros(size, dtype=dtype or x.dtype)
+
+
+def topk_sorted(x: torch.Tensor, k: int, dim: int = -1, largest: bool = True, sorted: bool = True):  # noqa: A002
+    """topk with sorted output: TVM's frontend supports only that, and sorted is one valid order of an
+    unsorted topk (DeepSeek-V3 picks expert groups and experts with sorted=False; what follows is a mask
+    or a weighted sum, which the order does not change beyond float rounding)."""
+    return torch.topk(x, k, dim, largest, True)
+
+
+def view_through_flat(x: torch.Tensor, size: list) -> torch.Tensor:
+    """aten.view as a 1-D view first: TVM's frontend skips identity reshapes by comparing a same-rank
+    reshape's old and new shapes element by element, and a symbolic dim there (DeepSeek-V3's MLA key/value
+    view, [batch, 1, past+seq, 96] -> [batch, past+seq, -1, 24]) raises "Cannot use and/or/not operator to
+    Expr". Through a 1-D view the ranks differ, so the comparison never runs; the data is not copied."""
+    return x.reshape(-1).view(size)
+
+
+def _same_rank_symbolic_view(node: torch.fx.Node) -> bool:
+    """A view/reshape of rank >= 2 to the same rank, with a symbolic input dim: what view_through_flat avoids."""
+    if node.op != "call_function" or node.target not in (torch.ops.aten.view.default, torch.ops.aten.reshape.default):
+        return False
+    before, after = (getattr(n, "meta", {}).get("val") for n in (node.args[0], node))
+    if not isinstance(before, torch.Tensor) or not isinstance(after, torch.Tensor):
+        return False
+    return before.ndim == after.ndim >= 2 and any(not isinstance(d, int) for d in before.shape)
+
+
 FRONTEND_REPLACEMENTS = {
     "aten.empty_like.default": empty_like_by_mul,
     "aten.floor_divide.default": floor_divide_same_dtype,
     "aten.histc.default": histc_by_comparison,
+    "aten.new_empty.default": new_empty_as_zeros,
+    "aten.topk.default": topk_sorted,
     "transformers.grouped_mm_fallback.default": grouped_mm_by_masks,
 }
 
@@ -109,11 +143,18 @@ def lowering_module(program: Program) -> torch.fx.GraphModule:
     for node in graph.nodes:
         if node.op == "call_function" and str(node.target) in FRONTEND_REPLACEMENTS:
             node.target = FRONTEND_REPLACEMENTS[str(node.target)]  # traced into plain ops by the re-export
+        elif _same_rank_symbolic_view(node):
+            node.target = view_through_flat
         if node.op == "call_function" and node.target is torch.ops.aten.cat.default:
             inputs = list(node.args[0])
             kept = [a for a in inputs if not _is_empty_vector(a)]
             if kept and len(kept) != len(inputs):
                 node.args = (kept, *node.args[1:])
+    # Before collecting weights: an unread get_attr (a tied model's second name for its table, whose other
+    # use a pass replaced by packed storage) would otherwise become an artifact weight nothing reads.
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
     root: dict[str, object] = {}
     as_parameter: dict[int, torch.nn.Parameter] = {}
     for node in graph.nodes:

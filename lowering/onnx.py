@@ -42,6 +42,7 @@ MATMULNBITS_BITS = (2, 4, 8)  # bit widths ONNX Runtime's MatMulNBits runs on CP
 # placeholder ops: name -> (number of inputs, attributes); inputs may be optional or variadic
 _PLACEHOLDERS: dict[str, tuple[int, dict[str, str]]] = {
     "LinearNBits": (5, {"bits": "INT", "block_size": "INT", "in_features": "INT"}),
+    "EmbeddingNBits": (4, {"bits": "INT", "block_size": "INT", "embedding_dim": "INT"}),
     "GroupedLinearNBits": (-1, {"bits": "INTS", "block_size": "INT", "in_features": "INT", "num_experts": "INT"}),
     "Hadamard": (2, {}),
     "QuantizeAct": (1, {"bits": "INT", "clip_ratio": "FLOAT", "symmetric": "INT"}),
@@ -104,6 +105,17 @@ def _translate_linear_nbit(x, qweight, scales, zero_points=None, bias=None, bits
     return _like(out, x, qweight.shape[0] if qweight.shape is not None else None)
 
 
+def _translate_embedding_nbit(ids, qweight, scales, zero_points=None, bits=4, block_size=32, embedding_dim=0):
+    import onnx_ir as ir
+
+    out = _fx_opset().EmbeddingNBits(ids, qweight, scales, zero_points, bits=bits, block_size=block_size,
+                                     embedding_dim=embedding_dim)
+    out.dtype = scales.dtype
+    if ids.shape is not None:
+        out.shape = ir.Shape([*ids.shape, embedding_dim])
+    return out
+
+
 def _translate_grouped_linear_nbit(x, offsets, qweights, scales, zero_points, bits, block_size, in_features):
     qweights, zero_points = list(qweights), list(zero_points)
     out = _fx_opset().GroupedLinearNBits(x, offsets, scales, *qweights, *zero_points, bits=list(bits),
@@ -126,6 +138,7 @@ def _translate_threshold_linear(x, conn, threshold, relu=False):
 
 _TRANSLATIONS: dict[str, Callable] = {
     "linear_nbit": _translate_linear_nbit,
+    "embedding_nbit": _translate_embedding_nbit,
     "grouped_linear_nbit": _translate_grouped_linear_nbit,
     "hadamard": _translate_hadamard,
     "quantize_act": _translate_quantize_act,
@@ -167,7 +180,9 @@ class _Materializer:
         self.accuracy_level = accuracy_level
         self.counter = 0
         self.functions: dict[str, Any] = {}
-        self.stats = {"matmulnbits": 0, "dequantizelinear": 0, "functions": 0, "warnings": []}
+        self.shared: dict[str, dict[Any, tuple]] = {}  # packed tensor name -> layout -> initializers (tied tables)
+        self.stats = {"matmulnbits": 0, "dequantizelinear": 0, "gatherblockquantized": 0, "functions": 0,
+                      "warnings": []}
 
     # -- helpers ---------------------------------------------------------------------------------
     def const(self, value: Any) -> np.ndarray:
@@ -219,6 +234,19 @@ class _Materializer:
         return self.dequantize_matmul(node, x, qweight, scales, zeros, bits, block, in_features, tag)
 
     def matmulnbits(self, node, x, qweight, scales, zeros, bits, block, sub, in_features, tag) -> Any:
+        cached = self.shared.get(tag, {})
+        key = next((k for k in cached if k[0] == "nbits"), ("nbits", sub))  # a tied table's layout, if made
+        if key not in cached:
+            cached[key] = self.nbits_initializers(qweight, scales, zeros, bits, block, key[1], in_features, tag)
+            self.shared[tag] = cached
+        inputs = [x, *(v for v in cached[key] if v is not None)]
+        self.stats["matmulnbits"] += 1
+        attrs = {"K": in_features, "N": qweight.shape[0], "bits": bits, "block_size": key[1],
+                 "accuracy_level": self.accuracy_level}
+        return self.node(node, MS_DOMAIN, "MatMulNBits", inputs, attrs)
+
+    def nbits_initializers(self, qweight, scales, zeros, bits, block, sub, in_features, tag) -> tuple:
+        """MatMulNBits' B (N, k_blocks, blob), scales and packed zero points (or None), re-blocked to `sub`."""
         from fxpress.runtime.quant import pack_codes, unpack_codes
 
         n, k_blocks, _ = qweight.shape
@@ -234,19 +262,32 @@ class _Materializer:
         codes, scales = codes[:, :used], scales[:, :used]
         zero_codes = None if zero_codes is None else zero_codes[:, :used]
         packed = pack_codes(torch.from_numpy(codes), bits).numpy()
-        inputs = [x, self.initializer(f"{tag}.qweight", packed), self.initializer(f"{tag}.scales", scales)]
+        zero_value = None
         if zero_codes is not None:
-            inputs.append(self.initializer(f"{tag}.zero_points", pack_codes(torch.from_numpy(zero_codes), bits).numpy()))
-        self.stats["matmulnbits"] += 1
-        attrs = {"K": in_features, "N": n, "bits": bits, "block_size": sub, "accuracy_level": self.accuracy_level}
-        return self.node(node, MS_DOMAIN, "MatMulNBits", inputs, attrs)
+            zero_value = self.initializer(f"{tag}.zero_points", pack_codes(torch.from_numpy(zero_codes), bits).numpy())
+        return self.initializer(f"{tag}.qweight", packed), self.initializer(f"{tag}.scales", scales), zero_value
 
     def dequantize_matmul(self, node, x, qweight, scales, zeros, bits, block, in_features, tag) -> Any:
         """Standard ONNX: blocked DequantizeLinear of W.T (codes as UINT4/UINT2/UINT8), Slice to K rows, MatMul."""
+        w, s, z = self.transposed_initializers(qweight, scales, zeros, bits, block, tag)
+        weight = self.node(node, "", "DequantizeLinear", [w, s, z], {"axis": 0, "block_size": block})
+        if qweight.shape[1] * block != in_features:
+            starts = self.initializer(f"{tag}.starts", np.array([0], dtype=np.int64))
+            ends = self.initializer(f"{tag}.ends", np.array([in_features], dtype=np.int64))
+            weight = self.node(node, "", "Slice", [weight, starts, ends])
+        self.stats["dequantizelinear"] += 1
+        return self.node(node, "", "MatMul", [x, weight])
+
+    def transposed_initializers(self, qweight, scales, zeros, bits, block, tag) -> tuple:
+        """Codes.T (K_padded, N) as UINT2/UINT4/UINT8, scales.T and zero codes.T (k_blocks, N); made once per
+        packed tensor, so a tied embedding (a Gather on axis 1) and LM head share them."""
         import ml_dtypes
 
         from fxpress.runtime.quant import unpack_codes
 
+        cached = self.shared.setdefault(tag, {})
+        if "transposed" in cached:
+            return cached["transposed"]
         ir = self.ir
         n, k_blocks, _ = qweight.shape
         codes = _unpack(qweight, bits, block).reshape(n, k_blocks * block)
@@ -263,13 +304,60 @@ class _Materializer:
         w = self.initializer(f"{tag}.qweight_t", np.ascontiguousarray(codes.T).astype(np_type), ir_type)
         z = self.initializer(f"{tag}.zero_points_t", np.ascontiguousarray(zero_codes.T).astype(np_type), ir_type)
         s = self.initializer(f"{tag}.scales_t", np.ascontiguousarray(scales.T))
-        weight = self.node(node, "", "DequantizeLinear", [w, s, z], {"axis": 0, "block_size": block})
-        if k_blocks * block != in_features:
+        cached["transposed"] = (w, s, z)
+        return w, s, z
+
+    # -- packed embeddings ---------------------------------------------------------------------------
+    def embedding_nbits(self, node: Any) -> None:
+        """GatherBlockQuantized over MatMulNBits' bytes (weights="matmulnbits"), else Gather + DequantizeLinear."""
+        ins = list(node.inputs) + [None] * (4 - len(node.inputs))
+        ids, qweight, scales, zeros = ins[:4]
+        a = node.attributes
+        bits, block, dim = a["bits"].value, a["block_size"].value, a["embedding_dim"].value
+        q, s, z = self.const(qweight), self.const(scales), self.const(zeros)
+        sub = _matmulnbits_block(math.gcd(block, dim))  # the gathered row has exactly `dim` codes: no padding
+        if self.weights == "matmulnbits" and bits in MATMULNBITS_BITS and sub is not None:
+            out = self.gather_block_quantized(node, ids, q, s, z, bits, block, sub, dim, qweight.name)
+        else:
+            if self.weights == "matmulnbits":
+                self.stats["warnings"].append(
+                    f"{qweight.name}: a {bits}-bit table in blocks of {block} over {dim} columns has no "
+                    "GatherBlockQuantized kernel (needs bits in (2, 4, 8) and a power-of-two block >= 16 dividing "
+                    "the block and the row): used Gather + DequantizeLinear")
+            out = self.dequantize_gather(node, ids, q, s, z, bits, block, dim, qweight.name)
+        self.replace(node, out)
+
+    def gather_block_quantized(self, node, ids, qweight, scales, zeros, bits, block, sub, dim, tag) -> Any:
+        """One B for the tied LM head's MatMulNBits and this gather: the gather reads it as (V, dim*bits/8)."""
+        cached = self.shared.setdefault(tag, {})
+        key = ("nbits", sub)
+        if key not in cached:
+            cached[key] = self.nbits_initializers(qweight, scales, zeros, bits, block, sub, dim, tag)
+        packed, s, z = cached[key]
+        rows = self.initializer(f"{tag}.rows", np.array([qweight.shape[0], -1], dtype=np.int64))
+        data = self.node(node, "", "Reshape", [packed, rows])
+        self.stats["gatherblockquantized"] += 1
+        attrs = {"bits": bits, "block_size": sub, "gather_axis": 0, "quantize_axis": 1}
+        return self.node(node, MS_DOMAIN, "GatherBlockQuantized", [data, ids, s, *([z] if z is not None else [])],
+                         attrs)
+
+    def dequantize_gather(self, node, ids, qweight, scales, zeros, bits, block, dim, tag) -> Any:
+        """Standard ONNX on the LM head's transposed codes (shared when tied): Gather columns of codes.T (as uint8),
+        scales.T and zeros.T, blocked DequantizeLinear along K, move K last, Slice off the padding."""
+        w, s, z = self.transposed_initializers(qweight, scales, zeros, bits, block, tag)
+        if bits < 8:  # Gather takes no 4-/2-bit tensors: widen first (constant-folded once by the runtime)
+            w, z = (self.node(node, "", "Cast", [t], {"to": self.ir.DataType.UINT8}) for t in (w, z))
+        picked = [self.node(node, "", "Gather", [t, ids], {"axis": 1}) for t in (w, s, z)]
+        rows = self.node(node, "", "DequantizeLinear", picked, {"axis": 0, "block_size": block})
+        rank = len(ids.shape) if ids.shape is not None else 2
+        out = self.node(node, "", "Transpose", [rows], {"perm": [*range(1, rank + 1), 0]})
+        if qweight.shape[1] * block != dim:
             starts = self.initializer(f"{tag}.starts", np.array([0], dtype=np.int64))
-            ends = self.initializer(f"{tag}.ends", np.array([in_features], dtype=np.int64))
-            weight = self.node(node, "", "Slice", [weight, starts, ends])
+            ends = self.initializer(f"{tag}.ends", np.array([dim], dtype=np.int64))
+            axes = self.initializer(f"{tag}.axes", np.array([-1], dtype=np.int64))
+            out = self.node(node, "", "Slice", [out, starts, ends, axes])
         self.stats["dequantizelinear"] += 1
-        return self.node(node, "", "MatMul", [x, weight])
+        return out
 
     def linear_nbits(self, node: Any) -> None:
         ins = list(node.inputs) + [None] * (5 - len(node.inputs))
@@ -349,11 +437,14 @@ class _Materializer:
     def run(self) -> dict:
         handlers = {"LinearNBits": self.linear_nbits, "GroupedLinearNBits": self.grouped_linear_nbits,
                     "Hadamard": self.hadamard, "QuantizeAct": self.quantize_act, "ThresholdLinear": self.threshold_linear}
+        for node in list(self.graph):  # embeddings first: a tied LM head then reuses the table's gather layout
+            if node.domain == DOMAIN and node.op_type == "EmbeddingNBits":
+                self.embedding_nbits(node)
         for node in list(self.graph):
             if node.domain == DOMAIN and node.op_type in handlers:
                 handlers[node.op_type](node)
         self.model.opset_imports[DOMAIN] = 1
-        if self.stats["matmulnbits"]:
+        if self.stats["matmulnbits"] or self.stats["gatherblockquantized"]:
             self.model.opset_imports[MS_DOMAIN] = 1
         _drop_unused_initializers(self.graph)
         return self.stats

@@ -51,6 +51,23 @@ def _code(T: Any, buf: Any, row: Any, block_ix: Any, pos: Any, bits: int) -> Any
     return T.bitwise_and(T.shift_right(T.bitwise_or(low, T.shift_left(high, 8)), shift), mask)
 
 
+def _accumulate_row(k: int, k_blocks: int, block: int, bits: int, dtype: str) -> Any:
+    """TVMScript macro shared by the packed kernels: y[r, j] += Σ_k x[r, k] · (code[j, k] − zero) · scale, block by
+    block (y[r, j] must be zeroed first); inlined where it is called, so each kernel stays one loop nest."""
+    from tvm.script import tirx as T
+
+    @T.macro
+    def accumulate(x: Any, qw: Any, sc: Any, zp: Any, y: Any, r: Any, j: Any) -> None:
+        for b in range(k_blocks):
+            zero = T.Cast(dtype, _code(T, zp, j, 0, b * bits, bits))
+            partial = T.Cast(dtype, 0)
+            for i in range(T.min(block, k - b * block)):
+                partial = partial + x[r, b * block + i] * (T.Cast(dtype, _code(T, qw, j, b, i * bits, bits)) - zero)
+            y[r, j] = y[r, j] + partial * sc[j, b]
+
+    return accumulate
+
+
 def linear_nbit_kernel(n: int, k: int, k_blocks: int, block: int, bits: int, zero_bytes: int,
                        dtype: str = "float32") -> Any:
     """y[r, j] = Σ_k x[r, k] · (code[j, k] − zero[j, k / block]) · scale[j, k / block], rows symbolic.
@@ -60,6 +77,7 @@ def linear_nbit_kernel(n: int, k: int, k_blocks: int, block: int, bits: int, zer
     from tvm.script import tirx as T
 
     bytes_per_block = block * bits // 8
+    accumulate = _accumulate_row(k, k_blocks, block, bits, dtype)
 
     @T.prim_func(private=True, check_well_formed=False)
     def kernel(var_x: T.handle, qw: T.Buffer((n, k_blocks, bytes_per_block), "uint8"),
@@ -72,22 +90,18 @@ def linear_nbit_kernel(n: int, k: int, k_blocks: int, block: int, bits: int, zer
             for j in T.parallel(n):
                 for r in range(rows):
                     y[r, j] = T.Cast(dtype, 0)
-                    for b in range(k_blocks):
-                        zero = T.Cast(dtype, _code(T, zp, j, 0, b * bits, bits))
-                        partial = T.Cast(dtype, 0)
-                        for i in range(T.min(block, k - b * block)):
-                            partial = partial + x[r, b * block + i] * (T.Cast(dtype, _code(T, qw, j, b, i * bits, bits)) - zero)
-                        y[r, j] = y[r, j] + partial * sc[j, b]
+                    accumulate(x, qw, sc, zp, y, r, j)
 
     return kernel
 
 
 def grouped_linear_nbit_kernel(n: int, k: int, k_blocks: int, block: int, bits: int, zero_bytes: int,
                                experts: int, expert: int, offset_dtype: str, dtype: str = "float32") -> Any:
-    """One expert's rows [offsets[e-1], offsets[e]) of the grouped matmul; other rows are 0."""
+    """One expert's rows [offsets[e-1], offsets[e]) of the grouped matmul (linear_nbit's loop body); other rows are 0."""
     from tvm.script import tirx as T
 
     bytes_per_block = block * bits // 8
+    accumulate = _accumulate_row(k, k_blocks, block, bits, dtype)
 
     @T.prim_func(private=True, check_well_formed=False)
     def kernel(var_x: T.handle, offsets: T.Buffer((experts,), offset_dtype),
@@ -103,12 +117,34 @@ def grouped_linear_nbit_kernel(n: int, k: int, k_blocks: int, block: int, bits: 
                     y[r, j] = T.Cast(dtype, 0)
                     start = T.Cast("int64", offsets[expert - 1]) if expert > 0 else T.int64(0)
                     if start <= r and r < T.Cast("int64", offsets[expert]):
-                        for b in range(k_blocks):
-                            zero = T.Cast(dtype, _code(T, zp, j, 0, b * bits, bits))
-                            partial = T.Cast(dtype, 0)
-                            for i in range(T.min(block, k - b * block)):
-                                partial = partial + x[r, b * block + i] * (T.Cast(dtype, _code(T, qw, j, b, i * bits, bits)) - zero)
-                            y[r, j] = y[r, j] + partial * sc[j, b]
+                        accumulate(x, qw, sc, zp, y, r, j)
+
+    return kernel
+
+
+def embedding_nbit_kernel(vocab: int, dim: int, k_blocks: int, block: int, bits: int, zero_bytes: int,
+                          ids_dtype: str, dtype: str = "float32") -> Any:
+    """y[r, c] = (code[id, c] − zero[id, c / block]) · scale[id, c / block] with id = ids[r] (clamped into the
+    table, so a bad id reads a real row instead of foreign memory); only the gathered rows are unpacked."""
+    from tvm.script import tirx as T
+
+    bytes_per_block = block * bits // 8
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def kernel(var_ids: T.handle, qw: T.Buffer((vocab, k_blocks, bytes_per_block), "uint8"),
+               sc: T.Buffer((vocab, k_blocks), dtype), zp: T.Buffer((vocab, 1, zero_bytes), "uint8"), var_y: T.handle):
+        T.func_attr({"tir.noalias": True})
+        rows = T.int64()
+        ids = T.match_buffer(var_ids, (rows,), ids_dtype)
+        y = T.match_buffer(var_y, (rows, dim), dtype)
+        with T.sblock("root"):
+            for r in T.parallel(rows):
+                for c in range(dim):
+                    row = T.max(T.min(T.Cast("int64", ids[r]), T.int64(vocab - 1)), T.int64(0))
+                    b = c // block
+                    code = T.Cast(dtype, _code(T, qw, row, b, (c % block) * bits, bits))
+                    zero = T.Cast(dtype, _code(T, zp, row, 0, b * bits, bits))
+                    y[r, c] = (code - zero) * sc[row, b]
 
     return kernel
 
@@ -212,6 +248,26 @@ def _convert_linear_nbit(node: Any, importer: Any) -> Any:
     return _restore(bb, y, lead, n)
 
 
+def _convert_embedding_nbit(node: Any, importer: Any) -> Any:
+    from tvm import relax, tirx
+
+    bb = importer.block_builder
+    ids, qw, sc, zp = (_arg(importer, node, i) for i in range(4))
+    bits, block, dim = (int(_arg(importer, node, i)) for i in (4, 5, 6))
+    vocab, k_blocks = (int(d) for d in _shape(qw)[:2])
+    dtype = _dtype(sc)
+    lead = _shape(ids)
+    rows = tirx.const(1, "int64")
+    for d in lead:
+        rows = rows * d
+    flat = bb.emit(relax.op.reshape(ids, [rows]))
+    zp3, zero_bytes = _zero_input(bb, zp, vocab, k_blocks, bits)
+    kernel = embedding_nbit_kernel(vocab, dim, k_blocks, block, bits, zero_bytes, _dtype(ids), dtype)
+    gv = bb.add_func(kernel, f"embedding_nbit_{bits}b")
+    y = bb.emit(relax.call_tir(gv, [flat, qw, sc, zp3], out_ty=relax.TensorType([rows, dim], dtype)))
+    return _restore(bb, y, lead, dim)
+
+
 def _convert_grouped_linear_nbit(node: Any, importer: Any) -> Any:
     from tvm import relax
 
@@ -309,6 +365,7 @@ def _convert_threshold_linear(node: Any, importer: Any) -> Any:
 
 _CONVERTERS: dict[str, Callable] = {
     "linear_nbit": _convert_linear_nbit,
+    "embedding_nbit": _convert_embedding_nbit,
     "grouped_linear_nbit": _convert_grouped_linear_nbit,
     "hadamard": _convert_hadamard,
     "quantize_act": _convert_quantize_act,

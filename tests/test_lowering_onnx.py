@@ -202,3 +202,14 @@ def test_smollm2_onnx_matches_pytorch_and_generates_the_same_tokens(tmp_path, sm
     assert (actual.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.99
     prompt = eval_windows[:1, :24]
     assert torch.equal(generate(runner, prompt, 12), generate(ref, prompt, 12))
+
+
+# --- helper B (session 2): quantize_act codes across runtimes ---------------------------------------------
+def test_searched_activation_quantizers_give_pytorchs_codes_on_real_activations(tmp_path):
+    """Same inputs, same codes: the ONNX function computes the scale, division, clip and half-to-even
+    rounding in PyTorch's order, for every clip ratio the search chose (arbitrary floats like 0.65)."""
+    from _act_cases import searched_act_case
+
+    program, rows = searched_act_case()  # searched symmetric activations and asymmetric KV configurations
+    export_onnx(program, tmp_path / "acts.onnx")
+    assert torch.equal(OnnxRunner(tmp_path / "acts.onnx", threads=1)(rows), program(rows))

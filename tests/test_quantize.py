@@ -55,6 +55,8 @@ def _count(program, target) -> int:
         ({"skip": "lm_head"}, "skip"),
         ({"skip": ["(unclosed"]}, "regular expression"),
         ({"symmetric": "yes"}, "symmetric"),
+        ({"act_clip_search": 1}, "act_clip_search"),
+        ({"act_symmetric": None}, "act_symmetric"),
     ],
 )
 def test_bad_fields_raise_config_errors(fields, needle):
@@ -204,3 +206,46 @@ def test_smollm2_w4a16_keeps_perplexity(smollm2_program, eval_windows):
     ppl = perplexity(q, eval_windows, batch_size=8)
     # measured ~1.5x on 4 x 256 eval tokens: a 135M model loses much more to W4 than 7B ones do
     assert fp < ppl < 1.8 * fp, (fp, ppl)
+
+
+def test_act_clip_search_needs_calibration_and_is_refused_before_work(tiny_llama):
+    program = copy.deepcopy(tiny_llama[0])
+    program.calibration = None
+    before = len(program.graph.nodes)
+    with pytest.raises(ConfigError, match="calibration"):
+        run_passes(program, [Quantize(w_bits=None, a_bits=4, act_clip_search=True)])
+    assert len(program.graph.nodes) == before
+
+
+def _act_error(program, q, ids) -> float:
+    ref = program(ids)
+    return float((q(ids) - ref).norm() / ref.norm())
+
+
+def test_act_clip_search_picks_a_ratio_per_quantizer_and_lowers_the_error(tiny_llama):
+    """Each activation quantizer gets its own ratio from the grid (at most clip_ratio); KV quantizers keep
+    kv_clip_ratio; the searched model is closer to fp than the fixed ratio on held-out tokens."""
+    program, ids = tiny_llama
+    fixed, _ = _quantized(program, Quantize(w_bits=None, a_bits=4, kv_bits=4, clip_ratio=0.9))
+    searched, result = _quantized(program, Quantize(w_bits=None, a_bits=4, kv_bits=4, clip_ratio=0.9,
+                                                    act_clip_search=True))
+    chosen = result.stats["act_clip_ratios"]
+    assert len(chosen) == result.stats["activation_quantizers"] == 4 * program.info.num_layers
+    assert all(0.5 <= r <= 0.9 for r in chosen.values())
+    nodes = {n.name: n for n in searched.graph.nodes}
+    assert all(nodes[name].args[2] == r for name, r in chosen.items())
+    assert all(w.new.args[2] == 1.0 for w in G.cache_writes(searched.module))
+    assert _act_error(program, searched, ids) < _act_error(program, fixed, ids)
+
+
+def test_asymmetric_activations_use_a_zero_point_and_all_levels(tiny_llama):
+    program, ids = tiny_llama
+    q, result = _quantized(program, Quantize(w_bits=None, a_bits=3, act_symmetric=False))
+    acts = [n for n in q.graph.nodes if n.target is QUANTIZE_ACT]
+    assert len(acts) == result.stats["activation_quantizers"] and all(n.args[3] is False for n in acts)
+    x = torch.rand(64, 48) * 4 - 1  # skewed rows in [-1, 3]: the symmetric grid wastes its negative half
+    x[:, 0], x[:, 1] = -1.0, 3.0
+    asym, sym = QUANTIZE_ACT(x, 3, 1.0, False), QUANTIZE_ACT(x, 3, 1.0, True)
+    assert min(len(torch.unique(r)) for r in asym) == 8 and max(len(torch.unique(r)) for r in sym) <= 5
+    assert float((asym - x).abs().max()) <= 4 / 7 / 2 + 1e-6
+    assert float((asym - x).norm()) < 0.7 * float((sym - x).norm())
