@@ -166,6 +166,25 @@ def insert_after(gm: GraphModule, node: Node, target: Any, args: tuple, kwargs: 
     return new
 
 
+def replace_with_call(gm: GraphModule, node: Node, target: Any, args: tuple) -> Node:
+    """Put `target(*args)` in place of `node` (same example value and provenance) and erase `node`."""
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(target, args)
+    new.meta.update({key: v for key, v in node.meta.items() if key in ("val", "stack_trace", "nn_module_stack")})
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
+
+
+def drop_param(gm: GraphModule, node: Node) -> None:
+    """Erase an unused get_attr node and, when no other node reads it, the tensor behind it (so it no longer counts)."""
+    owner, name = _resolve(gm, str(node.target))
+    gm.graph.erase_node(node)
+    if not any(n.op == "get_attr" and n.target == node.target for n in gm.graph.nodes):
+        owner._parameters.pop(name, None)
+        owner._buffers.pop(name, None)
+
+
 def insert_before_use(gm: GraphModule, user: Node, arg: Node, target: Any, extra_args: tuple = ()) -> Node:
     """Insert `target(arg, *extra_args)` just before `user` and make only `user` read it."""
     with gm.graph.inserting_before(user):

@@ -259,10 +259,10 @@ class Quantize(Pass):
                 bytes_packed += sum(t.numel() * t.element_size() for t in (qweight, scales, zeros) if t is not None)
                 if k % qw.block_size:
                     partial.add((k, qw.block_size))
-            _replace_call(gm, use.node, LINEAR_NBIT, (use.node.args[0], *packed_nodes[use.name], _bias(use.node),
+            G.replace_with_call(gm, use.node, LINEAR_NBIT, (use.node.args[0], *packed_nodes[use.name], _bias(use.node),
                                                       self.w_bits, qw.block_size, k))
             if not use.weight.users:
-                _drop_param(gm, use.weight)
+                G.drop_param(gm, use.weight)
         G.reset_order_cache(gm.graph)
         notes = [
             f"in_features {k} is not a multiple of block {b}: the last group of each row has {k % b} columns "
@@ -318,9 +318,9 @@ class Quantize(Pass):
                 shared += len(mine) > 1
                 for node in mine:
                     if G.is_op(node, torch.ops.aten.embedding):
-                        _replace_call(gm, node, EMBEDDING_NBIT, (node.args[1], *packed, bits, qw.block_size, weight.shape[1]))
+                        G.replace_with_call(gm, node, EMBEDDING_NBIT, (node.args[1], *packed, bits, qw.block_size, weight.shape[1]))
                     else:
-                        _replace_call(gm, node, LINEAR_NBIT, (node.args[0], *packed, _bias(node), bits, qw.block_size,
+                        G.replace_with_call(gm, node, LINEAR_NBIT, (node.args[0], *packed, _bias(node), bits, qw.block_size,
                                                               weight.shape[1]))
             if len(widths) > 1:
                 warnings.append(f"{name} is tied (embedding and LM head) but gets {widths[0]} and {widths[-1]} bits: stored "
@@ -331,7 +331,7 @@ class Quantize(Pass):
                                 "packed and in float: set embedding_bits and lm_head_bits both to pack it once")
             for attr in attrs:
                 if not attr.users:
-                    _drop_param(gm, attr)
+                    G.drop_param(gm, attr)
         G.reset_order_cache(gm.graph)
         return {"embedding_bits": self.embedding_bits, "lm_head_bits": self.lm_head_bits, "tables_packed": len(groups),
                 "tied_tables_shared": shared, "table_bytes_fp": bytes_fp, "table_bytes_packed": bytes_packed,
@@ -340,16 +340,6 @@ class Quantize(Pass):
 
 def _bias(node: Node) -> Any:
     return node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-
-
-def _replace_call(gm: GraphModule, node: Node, target: Any, args: tuple) -> Node:
-    """Put `target(*args)` in place of `node` (same example value and provenance) and erase `node`."""
-    with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(target, args)
-    new.meta.update({key: v for key, v in node.meta.items() if key in ("val", "stack_trace", "nn_module_stack")})
-    node.replace_all_uses_with(new)
-    gm.graph.erase_node(node)
-    return new
 
 
 def _lm_heads(gm: GraphModule) -> list[G.LinearUse]:
@@ -371,15 +361,6 @@ def _lm_heads(gm: GraphModule) -> list[G.LinearUse]:
             return []
         node = inputs[0]
     return []
-
-
-def _drop_param(gm: GraphModule, node: Node) -> None:
-    """Erase an unused get_attr node and the tensor behind it (so the fp weight no longer counts)."""
-    owner, name = G._resolve(gm, str(node.target))
-    gm.graph.erase_node(node)
-    if not any(n.op == "get_attr" and n.target == node.target for n in gm.graph.nodes):
-        owner._parameters.pop(name, None)
-        owner._buffers.pop(name, None)
 
 
 SEARCH_ROWS = 1024  # token rows per quantizer that score the clip ratios (the cost is rows x K^2 per ratio)

@@ -37,7 +37,15 @@ import torch
 import fxpress.runtime.moe_quant  # noqa: F401  (defines fxpress::grouped_linear_nbit)
 import fxpress.runtime.quant  # noqa: F401  (defines fxpress::linear_nbit)
 from fxpress.errors import ConfigError
-from fxpress.graph import ExpertLayer, LinearUse, add_param, expert_layers, param_source
+from fxpress.graph import (
+    ExpertLayer,
+    LinearUse,
+    add_param,
+    drop_param,
+    expert_layers,
+    param_source,
+    replace_with_call,
+)
 from fxpress.moe_analysis import (
     LayerAnalysis,
     LayerData,
@@ -131,24 +139,22 @@ def allocation_items(analysis: MoEAnalysis, allocation: str, granularity: str) -
 
 
 # --- rewriting ------------------------------------------------------------------------------------
-def _erase_chain(gm: torch.fx.GraphModule, node: torch.fx.Node, weight: torch.fx.Node) -> None:
-    """Erase a replaced matmul, the transposes/casts of its weight nothing else reads, and the orphaned parameter."""
-    src = param_source(node.args[1] if node.args[1] is not None else weight)
-    gm.graph.erase_node(node)
+def _weight_source(node: torch.fx.Node, weight: torch.fx.Node) -> tuple | None:
+    """The get_attr behind a matmul's weight operand and the view/cast chain between them."""
+    return param_source(node.args[1] if node.args[1] is not None else weight)
+
+
+def _erase_weight_chain(gm: torch.fx.GraphModule, src: tuple | None) -> None:
+    """Erase the transposes/casts of a replaced matmul's weight that nothing else reads, and the orphaned parameter."""
     if src is None:
         return
     attr, chain = src
-    for n in [*chain[::-1], attr]:
+    for n in chain[::-1]:
         if n.users:
             return
         gm.graph.erase_node(n)
-    if not any(m.op == "get_attr" and m.target == attr.target for m in gm.graph.nodes):
-        *path, name = str(attr.target).split(".")
-        owner = gm
-        for part in path:
-            owner = getattr(owner, part)
-        owner._parameters.pop(name, None)
-        owner._buffers.pop(name, None)
+    if not attr.users:
+        drop_param(gm, attr)
 
 
 def _packed_nodes(gm, base: str, quantized, before) -> tuple[Any, Any, Any]:
@@ -162,12 +168,10 @@ def replace_linear(gm: torch.fx.GraphModule, use: LinearUse, quantized) -> None:
     """`use` (a 2-D linear or mm, or one expert slice) -> fxpress::linear_nbit with packed weights."""
     node = use.node
     q, s, z = _packed_nodes(gm, use.name.replace(".", "_"), quantized, node)
-    with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(torch.ops.fxpress.linear_nbit.default, (
-            use.input, q, s, z, use.bias, quantized.spec.bits, quantized.block_size, quantized.codes.shape[1]))
-    new.meta["val"] = node.meta.get("val")
-    node.replace_all_uses_with(new)
-    _erase_chain(gm, node, use.weight)
+    src = _weight_source(node, use.weight)
+    replace_with_call(gm, node, torch.ops.fxpress.linear_nbit.default, (
+        use.input, q, s, z, use.bias, quantized.spec.bits, quantized.block_size, quantized.codes.shape[1]))
+    _erase_weight_chain(gm, src)
 
 
 def replace_grouped(gm: torch.fx.GraphModule, use: LinearUse, offsets, quantized: list) -> None:
@@ -182,12 +186,10 @@ def replace_grouped(gm: torch.fx.GraphModule, use: LinearUse, offsets, quantized
         scales.append(scale)
     s = add_param(gm, f"{base}_scales", torch.stack(scales), node, buffer=True)
     bits = [qw.spec.bits for qw in quantized]
-    with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(torch.ops.fxpress.grouped_linear_nbit.default, (
-            use.input, offsets, qs, s, zs, bits, quantized[0].block_size, quantized[0].codes.shape[1]))
-    new.meta["val"] = node.meta.get("val")
-    node.replace_all_uses_with(new)
-    _erase_chain(gm, node, use.weight)
+    src = _weight_source(node, use.weight)
+    replace_with_call(gm, node, torch.ops.fxpress.grouped_linear_nbit.default, (
+        use.input, offsets, qs, s, zs, bits, quantized[0].block_size, quantized[0].codes.shape[1]))
+    _erase_weight_chain(gm, src)
 
 
 # --- the pass ---------------------------------------------------------------------------------------
