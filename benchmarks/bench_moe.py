@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_moe_common import REPORT, describe_machine, md_table, tiny_moe_program, write_part
+from bench_moe_common import REPORT, describe_machine, md_table, tiny_moe_program, with_selection, write_part
 
 from fxpress.data import token_windows
 from fxpress.moe_analysis import analyse_program
@@ -70,33 +70,43 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--sensitivity", default="fisher", help="quantize_experts.sensitivity for the moqa rows")
-    parser.add_argument("--variants", nargs="*", default=["output"],
-                        help="more MoQa rows, one per sensitivity (e.g. output: the layer-local routed error)")
+    parser.add_argument("--select-windows", type=int, default=256,
+                        help='"heldout" windows that score MoQa\'s trust-region candidates (0: the calibration text)')
+    parser.add_argument("--variants", nargs="*", default=["plain"],
+                        help="more MoQa rows: 'plain' (the knapsack alone, no measured selection) or a "
+                             "sensitivity (e.g. output: the layer-local routed error; loss)")
     parser.add_argument("--out", type=Path, default=REPORT)
     parser.add_argument("--dump", type=Path, default=None, help="also save the per-window figures here (torch.save)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     base, tokenizer = tiny_moe_program(args.calib_windows, args.seq)
+    calib = base.calibration.batches
+    selection = with_selection(base, tokenizer, args.select_windows, args.seq)  # kept out of the analysis
     windows = token_windows(tokenizer, "eval", args.seq, args.eval_windows)
-    analysis = analyse_program(base, group_size=args.group_size)
+    analysis = analyse_program(base, group_size=args.group_size, samples=calib)
 
     programs, plans, seconds = {}, {}, {}
     for method in args.methods:
         for budget in args.budgets:
-            runs = [(a, args.sensitivity) for a in ALLOCATIONS] + [("moqa", v) for v in args.variants]
-            for allocation, sensitivity in runs:
-                label = allocation if sensitivity == args.sensitivity else f"{allocation} ({sensitivity})"
+            runs = [(a, a, {}) for a in ALLOCATIONS]
+            for v in args.variants:
+                extra = {"trust_region": (0.0,)} if v == "plain" else {"sensitivity": v}
+                runs.append((f"moqa ({v})", "moqa", extra))
+            for label, allocation, extra in runs:
                 key = (method, budget, label)
                 program = copy.deepcopy(base)
                 start = time.time()
+                options = {"sensitivity": args.sensitivity, "selection_samples": selection, **extra}
                 run_passes(program, [QuantizeExperts(avg_bits=budget, allocation=allocation, method=method,
-                                                     group_size=args.group_size, sensitivity=sensitivity,
-                                                     verbose=False)])
+                                                     group_size=args.group_size, verbose=False, **options)])
                 seconds[key] = time.time() - start
                 programs[key], plans[key] = program, program.metadata["quantize_experts"]
                 print(f"{method} {budget} {label:9s}: avg bits {plans[key]['avg_bits']:.3f}, "
                       f"predicted {plans[key]['predicted_error']:.4g} ({seconds[key]:.0f} s)", flush=True)
+                for c in plans[key].get("candidates", []):
+                    print(f"    mu {c['mu']}: predicted {c['predicted_error']:.4g}, selection ppl {math.exp(c['loss']):.3f}"
+                          f"{' (chosen)' if c['chosen'] else ''}", flush=True)
     metrics = window_metrics(base, programs, windows)
     if args.dump is not None:  # the raw per-window figures, to re-check the report without rerunning
         torch.save({"metrics": metrics, "plans": plans, "seconds": seconds,
@@ -152,6 +162,17 @@ def summary_line(metrics, keys) -> str:
             + (f"; it does not win perplexity at {', '.join(lost)} (differences above)." if lost else "."))
 
 
+def candidate_rows(plans) -> list[list[str]]:
+    """One row per distinct candidate plan of each MoQa run with a measured selection."""
+    rows = []
+    for (method, budget, label), plan in plans.items():
+        for c in plan.get("candidates", []) if label == "moqa" else []:
+            ppl = f"{math.exp(c['loss']):.3f}"
+            rows.append([method, str(budget), ", ".join(f"{m:g}" for m in c["mu"]), f"{c['predicted_error']:.5f}",
+                         f"{c['mean_abs_deviation']:.3f}", f"**{ppl}**" if c["chosen"] else ppl])
+    return rows
+
+
 def report(args, analysis, metrics, plans, seconds, fp_bytes, nbytes, len_eval) -> list[str]:
     fp = metrics["fp32"]
     keys = [k for k in metrics if k != "fp32"]
@@ -189,9 +210,20 @@ def report(args, analysis, metrics, plans, seconds, fp_bytes, nbytes, len_eval) 
         "the model's output KL on the calibration text when only that expert projection is quantized at that "
         "bit width, to second order from sampled-Fisher gradients of each routed row (sensitivity "
         f"`{args.sensitivity}`; experts the text hardly reaches also pay the local error of rows routed to "
-        "them on purpose); *moqa (output)* = the previous objective, the layer-local MoE output error over the "
-        "rows routed to each expert, weighted by routing weight; *moqa (loss)* = the calibration text's loss "
-        "change to second order (its next-token gradient term added to the KL term).",
+        "them on purpose), solved once per trust-region penalty mu in "
+        f"{list(QuantizeExperts.trust_region)} (mu x the mean predicted error per parameter, per parameter and "
+        "bit away from the average), each plan measured whole on "
+        + (f"{args.select_windows} x {args.seq} tokens of the \"heldout\" split (FAQ text, never the eval text)"
+           if args.select_windows else "the calibration text")
+        + ", the lowest next-token loss wins; *moqa (plain)* = the knapsack alone (mu = 0, no measured "
+        "selection); *moqa (output)* = the layer-local MoE output error over the rows routed to each expert, "
+        "weighted by routing weight; *moqa (loss)* = the calibration text's loss change to second order (its "
+        "next-token gradient term added to the KL term).",
+        "",
+        "MoQa's candidates (selection perplexity on the \"heldout\" windows; the chosen one is in bold):",
+        "",
+        *md_table(["method", "avg bits", "mu", "predicted KL", "mean abs bit deviation", "selection ppl"],
+                  candidate_rows(plans)),
         "",
         "## MoQa against each baseline, paired over the eval windows",
         "",

@@ -30,6 +30,16 @@ def tiny_moe_program(calib_windows: int, seq: int = 128):
     return program, tokenizer
 
 
+def with_selection(program, tokenizer, windows: int, seq: int = 128) -> int:
+    """Append `windows` x `seq` "heldout" tokens (FAQ text) to the calibration; returns how many, for
+    `QuantizeExperts(selection_samples=...)`, which keeps them out of the analysis and scores plans on them."""
+    if windows:
+        held = token_windows(tokenizer, "heldout", seq, windows)
+        program.calibration = Calibration(torch.cat([program.calibration.batches, held]))
+        return held.shape[0]
+    return 0
+
+
 def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     """A markdown table as lines."""
     return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]

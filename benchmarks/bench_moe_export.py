@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from bench_moe_common import EXPORT_HEADING, REPORT, tiny_moe_program, write_part
+from bench_moe_common import EXPORT_HEADING, REPORT, tiny_moe_program, with_selection, write_part
 
 from fxpress.data import token_windows
 from fxpress.passes.manager import run_passes
@@ -43,6 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.0])
     parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--select-windows", type=int, default=256, help='"heldout" windows that score MoQa\'s candidates')
     parser.add_argument("--out", type=Path, default=REPORT)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -51,16 +52,18 @@ def main() -> None:
     from fxpress.runtime.runners import load_runner
 
     base, tokenizer = tiny_moe_program(32)
+    selection = with_selection(base, tokenizer, args.select_windows)
     windows = token_windows(tokenizer, "eval", 128, args.eval_windows)
     lines = [f"{EXPORT_HEADING} (`python benchmarks/bench_moe_export.py`)", "",
-             f"MoQa allocation (default sensitivity: sampled-Fisher model KL), RTN, group 64; argmax agreement with the PyTorch program over {args.eval_windows} x 128 "
+             f"MoQa allocation (default sensitivity: sampled-Fisher model KL; trust-region plan measured on "
+             f"{selection} \"heldout\" windows), RTN, group 64; argmax agreement with the PyTorch program over {args.eval_windows} x 128 "
              "\"eval\" tokens. Expert code bytes = sum(params x bits) / 8 of the routed experts (the budget); the "
              "artifacts also hold scales, zero points, fp32 attention, norms and the embedding.", "",
              "| avg bits | target | artifact | bytes | expert code bytes | top-1 vs PyTorch | max abs logit diff |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for budget in args.budgets:
         program = copy.deepcopy(base)
-        run_passes(program, [QuantizeExperts(avg_bits=budget, verbose=False)])
+        run_passes(program, [QuantizeExperts(avg_bits=budget, verbose=False, selection_samples=selection)])
         summary = program.metadata["quantize_experts"]
         with tempfile.TemporaryDirectory() as tmp:
             for target in ("onnx", "tvm"):

@@ -23,7 +23,7 @@ Everything is read from the graph (`fxpress.graph.expert_layers`) through one FX
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -610,3 +610,40 @@ def model_sensitivity(program, layers: list[ExpertLayer], analyses: list[LayerAn
                         total = sum(_divergence(causal, r, _logits(program, b)) for r, b in zip(ref, chunks))
                     measured[(e, proj)][bits] = total / positions
             with_prior(a, measured)
+
+
+# --- measured plans: the whole allocation applied at once ------------------------------------------
+@contextmanager
+def planned_weights(gm: torch.fx.GraphModule, layers: list[ExpertLayer], analyses: list[LayerAnalysis],
+                    bits: dict[tuple[int, str, str], int] | dict):
+    """Every routed expert projection holds its quantized matrix at `bits[(layer, expert, proj)]` while the block runs.
+
+    Uses the matrices `analyse_layer(keep_quantized=True)` kept (RTN or GPTQ), so a whole plan is measured
+    with all its errors together, without rewriting the graph.
+    """
+    with ExitStack() as stack:
+        for layer, a in zip(layers, analyses):
+            for e, proj in a.sensitivity:
+                qw = a.quantized.get((e, proj, bits[(a.layer, e, proj)]))
+                if qw is None:
+                    raise ConfigError("planned_weights needs the quantized matrices: run analyse_layer with keep_quantized=True")
+                stack.enter_context(swapped_weight(gm, layer, e, proj, qw.dequantize()))
+        yield
+
+
+def program_loss(program, samples: torch.Tensor, reference: list[torch.Tensor] | None = None,
+                 batch_size: int = 16) -> float:
+    """Causal LMs: the mean next-token NLL of `samples` (what perplexity reads); other programs: the mean
+    squared error of the output against `reference` (one tensor per batch of `batch_size`)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i, batch in enumerate(samples.split(batch_size)):
+            out = _logits(program, batch).double()
+            if program.is_causal_lm:
+                logp = F.log_softmax(out[:, :-1], -1)
+                total += float(-logp.gather(-1, batch[:, 1:, None].long()).sum())
+                count += batch[:, 1:].numel()
+            else:
+                total += float((out - reference[i].double()).square().sum())
+                count += out.numel()
+    return total / max(1, count)

@@ -17,7 +17,16 @@ forward over the calibration text per projection and bit width (slow); "output":
 weighted by routing weight, local to the layer; causal LMs only for "fisher" and "kl" on KL, other
 programs fall back to the output error),
 `layer_calibration` (with "output"/"fisher": rescale each layer's errors by a measured end-to-end KL),
-`min_rows` (experts with fewer routed rows get tokens routed to them on purpose), `shared_bits`.
+`min_rows` (experts with fewer routed rows get tokens routed to them on purpose), `shared_bits`,
+`trust_region` (penalties mu: one knapsack plan per mu, the error plus mu x the mean predicted error per
+parameter, per parameter and bit away from `avg_bits`; mu = 0 is the plain knapsack, a large mu keeps
+bits near uniform) and `selection_samples` (the last that many calibration samples are kept out of the
+analysis and each "moqa" candidate plan is measured whole on them, all its errors together: next-token
+NLL for causal LMs, output error otherwise; the lowest wins; 0: measured on the analysis' own samples).
+Why measured: the additive second-order KL is a good per-projection predictor, but on text unlike the
+calibration text the next-token loss does not follow the KL for plans that move many weights to 2 and
+4 bits (the loss's first-order term, which the KL leaves out, differs between texts), so a held-out text
+decides how far to trust it. Give text of another kind than the calibration text (e.g. the "heldout" split).
 
 Allocations: "moqa" (the analysis' stage 2 sensitivity: end-to-end KL, or routed output error),
 "frequency" (activation frequency x weight error, as earlier MoE work), "uniform" (every expert
@@ -36,6 +45,7 @@ import torch
 
 import fxpress.runtime.moe_quant  # noqa: F401  (defines fxpress::grouped_linear_nbit)
 import fxpress.runtime.quant  # noqa: F401  (defines fxpress::linear_nbit)
+from fxpress.calibration import program_inputs
 from fxpress.errors import ConfigError
 from fxpress.graph import (
     ExpertLayer,
@@ -55,6 +65,8 @@ from fxpress.moe_analysis import (
     expert_functions,
     layer_significance,
     model_sensitivity,
+    planned_weights,
+    program_loss,
     proj_name,
     quantize_matrix,
     record_routing,
@@ -109,6 +121,21 @@ def solve_allocation(items: list[Item], avg_bits: float) -> dict[tuple, int]:
         plan[items[i].key] = bits
         c -= sizes[i] * bits
     return plan
+
+
+def trust_region_items(items: list[Item], avg_bits: float, mu: float) -> list[Item]:
+    """Items whose error also pays `mu` x (mean predicted error per parameter) per parameter and bit away from avg_bits.
+
+    mu = 0 is the plain knapsack; a larger mu keeps the plan closer to uniform bits. The predicted
+    (additive, second-order) error is most wrong for plans that move many weights far from the average,
+    so a family over mu, each member measured, guards against trusting it too far.
+    """
+    if mu == 0:
+        return items
+    ref = min(items[0].errors, key=lambda b: (abs(b - avg_bits), b))
+    scale = sum(it.errors[ref] for it in items) / max(1, sum(it.numel for it in items))
+    return [Item(it.key, it.numel, {b: v + mu * scale * it.numel * abs(b - avg_bits) for b, v in it.errors.items()})
+            for it in items]
 
 
 def average_bits(items: list[Item], plan: dict[tuple, int]) -> float:
@@ -199,7 +226,7 @@ class QuantizeExperts(Pass):
     """Mixed-precision weight quantization of MoE experts under an average-bit budget (MoQa-style)."""
 
     name: ClassVar[str] = "quantize_experts"
-    version: ClassVar[int] = 2
+    version: ClassVar[int] = 3
     needs_calibration: ClassVar[bool] = True
     not_after: ClassVar[tuple[str, ...]] = ("quantize", "quantize_experts")
 
@@ -216,6 +243,8 @@ class QuantizeExperts(Pass):
     fisher_samples: int = 8
     layer_calibration: bool = False
     calib_samples: int | None = None
+    trust_region: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+    selection_samples: int = 0
     verbose: bool = True
 
     def validate(self) -> None:
@@ -233,6 +262,11 @@ class QuantizeExperts(Pass):
         if self.shared_bits is not None:
             check_range(self.name, "shared_bits", self.shared_bits, 2, 8)
         check_range(self.name, "min_rows", self.min_rows, 1, 1 << 20)
+        mus = tuple(self.trust_region)
+        if not mus or any(not isinstance(m, (int, float)) or m < 0 or not math.isfinite(m) for m in mus):
+            raise ConfigError(f"quantize_experts.trust_region = {self.trust_region!r}: give one or more finite "
+                              "penalties >= 0, e.g. (0.0, 0.5, 1.0); (0.0,) is the plain knapsack")
+        check_range(self.name, "selection_samples", self.selection_samples, 0, 1 << 20)
 
     def run(self, program) -> dict[str, Any]:
         gm = program.module
@@ -240,9 +274,7 @@ class QuantizeExperts(Pass):
         if not layers:
             raise ConfigError("quantize_experts found no mixture-of-experts layer (a router whose topk feeds fused "
                               "grouped_mm experts or per-expert linears): use the 'quantize' pass for dense models")
-        samples = None
-        if self.calib_samples is not None:
-            samples = program.calibration.batches[: self.calib_samples]
+        samples, select = self._split_calibration(program)
         fisher = self.allocation == "moqa" and self.sensitivity in ("fisher", "loss")
         data = record_routing(program, layers, samples, fisher=fisher, fisher_samples=self.fisher_samples,
                               text_gradient=self.sensitivity == "loss")
@@ -259,10 +291,13 @@ class QuantizeExperts(Pass):
             elif self.layer_calibration and self.allocation == "moqa":
                 layer_significance(program, layers, fns, analysis.layers, calib, min(self.bit_choices), self.group_size)
             items = allocation_items(analysis, self.allocation, self.granularity)
+            candidates: list[dict[str, Any]] = []
             if self.allocation == "uniform" and self.avg_bits in self.bit_choices:
                 plan = {it.key: int(self.avg_bits) for it in items}
+            elif self.allocation == "moqa" and len(set(self.trust_region)) > 1:
+                plan, candidates = self._select(program, layers, analysis, items, calib if select is None else select)
             else:
-                plan = solve_allocation(items, self.avg_bits)
+                plan = solve_allocation(trust_region_items(items, self.avg_bits, self.trust_region[0]), self.avg_bits)
             bits = self._bits_per_projection(analysis, plan)
             for layer, f, d, a in zip(layers, fns, data, analysis.layers):
                 self._rewrite_layer(gm, layer, f, d, a, bits)
@@ -272,6 +307,7 @@ class QuantizeExperts(Pass):
                 warnings.append(f"sensitivity={self.sensitivity!r} needs a causal LM's next-token distributions: "
                                 "the allocation used the routed MoE output error instead")
         summary = self._summary(analysis, items, plan, bits, layers)
+        summary["candidates"] = candidates
         program.metadata["quantize_experts"] = summary
         program.metadata["moe_analysis"] = analysis.to_dict()
         if self.verbose:
@@ -280,6 +316,51 @@ class QuantizeExperts(Pass):
                 "experts": sum(a.num_experts for a in analysis.layers), "layers": len(layers),
                 "forced_experts": summary["forced_experts"], "bits_histogram": summary["bits_histogram"],
                 "warnings": warnings}
+
+    def _split_calibration(self, program) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(samples for the analysis or None = all, samples that score candidate plans or None = the analysis')."""
+        if program.calibration is None:
+            raise ConfigError("quantize_experts needs calibration data: pass calibration=... to fxpress.compile")
+        batches = program.calibration.batches
+        select = None
+        if self.selection_samples:
+            if self.selection_samples >= batches.shape[0]:
+                raise ConfigError(f"quantize_experts.selection_samples = {self.selection_samples} leaves no calibration "
+                                  f"for the analysis ({batches.shape[0]} samples): give more calibration or fewer")
+            batches, select = batches[: -self.selection_samples], batches[-self.selection_samples :]
+        if self.calib_samples is not None:
+            return batches[: self.calib_samples], select
+        return (batches if select is not None else None), select
+
+    def _select(self, program, layers, analysis: MoEAnalysis, items: list[Item], samples: torch.Tensor):
+        """One knapsack plan per trust-region penalty, each measured whole on `samples`; the lowest loss wins.
+
+        The measured loss (next-token NLL for causal LMs) includes what the additive prediction leaves out:
+        errors of different projections interacting, and how the text's own loss, not only the KL, moves.
+        Ties go to the smaller penalty (the order of `trust_region`, sorted).
+        """
+        reference = None
+        if not program.is_causal_lm:
+            reference = [program.module(*program_inputs(program, b)) for b in samples.split(16)]
+            reference = [(r[0] if isinstance(r, (tuple, list)) else r).detach() for r in reference]
+        seen: dict[tuple, dict[str, Any]] = {}
+        best = None
+        for mu in sorted(set(self.trust_region)):
+            plan = solve_allocation(trust_region_items(items, self.avg_bits, mu), self.avg_bits)
+            key = tuple(sorted(plan.items()))
+            if key not in seen:
+                with planned_weights(program.module, layers, analysis.layers, self._bits_per_projection(analysis, plan)):
+                    loss = program_loss(program, samples, reference)
+                seen[key] = {"mu": [], "loss": loss, "predicted_error": sum(it.errors[plan[it.key]] for it in items),
+                             "mean_abs_deviation": sum(it.numel * abs(plan[it.key] - self.avg_bits) for it in items)
+                             / max(1, sum(it.numel for it in items))}
+                if best is None or loss < best[0]:
+                    best = (loss, plan)
+            seen[key]["mu"].append(mu)
+        candidates = list(seen.values())
+        for c in candidates:
+            c["chosen"] = c["loss"] == best[0]
+        return best[1], candidates
 
     def _bits_per_projection(self, analysis: MoEAnalysis, plan: dict[tuple, int]) -> dict[tuple[int, int, str], int]:
         out = {}
@@ -340,6 +421,7 @@ class QuantizeExperts(Pass):
                 rows.append({"layer": a.layer, "expert": e, "rows": a.rows[e], "share": a.share[e],
                              "forced_rows": a.forced.get(e, 0), "bits": {p: bits[(a.layer, e, p)] for p in a.projections}})
         return {
+            "trust_region": list(self.trust_region), "selection_samples": self.selection_samples,
             "allocation": self.allocation, "granularity": self.granularity, "method": self.method,
             "sensitivity": self.sensitivity if self.allocation == "moqa" else None,
             "avg_bits_target": self.avg_bits, "avg_bits": average_bits(items, plan),

@@ -283,3 +283,52 @@ def test_trained_tiny_moe_ships_and_specialises():
     assert all(sum(a.rows) == 4 * 128 * 2 for a in analysis.layers)  # every token goes to 2 experts
     assert max(a.max_over_min for a in analysis.layers) > 2.5  # experts are used unevenly
     assert all(min(a.rows) > 0 or a.forced for a in analysis.layers)
+
+
+# --- measured selection over a trust-region family of plans -----------------------------------------
+@pytest.mark.parametrize("seed", range(3))
+def test_trust_region_trades_predicted_error_for_deviation(seed):
+    """A larger penalty never moves more weight away from the average and never predicts less error;
+    mu = 0 is the plain knapsack and a huge mu gives uniform bits when the budget is a bit choice."""
+    from fxpress.passes.quantize_experts import trust_region_items
+
+    items = _random_items(24, seed)
+    total = sum(it.numel for it in items)
+    last_err, last_dev = -math.inf, math.inf
+    for mu in (0.0, 0.1, 0.3, 1.0, 3.0, 1e6):
+        plan = solve_allocation(trust_region_items(items, 3.0, mu), 3.0)
+        err = sum(it.errors[plan[it.key]] for it in items)
+        dev = sum(it.numel * abs(plan[it.key] - 3.0) for it in items) / total
+        assert average_bits(items, plan) <= 3.0 + 1e-12
+        assert err >= last_err - 1e-12 and dev <= last_dev + 1e-12
+        last_err, last_dev = err, dev
+        if mu == 0.0:
+            assert plan == solve_allocation(items, 3.0) and dev > 0
+    assert last_dev == 0.0
+
+
+def test_measured_selection_picks_the_plan_the_rewritten_program_pays():
+    """Every candidate is measured whole on the held-out samples; the chosen one has the lowest loss, and
+    the rewritten program's measured loss on those samples is that candidate's (same matrices)."""
+    from fxpress.moe_analysis import program_loss
+
+    model = tiny_causal_lm("mixtral")
+    with torch.no_grad():  # one expert far more sensitive than the rest: the plain knapsack mixes 2, 3 and 4 bits
+        model.model.layers[1].mlp.experts.down_proj[0] *= 10
+    program = capture(model)
+    held = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(5))
+    calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+    program.calibration = Calibration(torch.cat([calib, held]))
+    run_passes(program, [QuantizeExperts(avg_bits=3.0, verbose=False, selection_samples=4,
+                                         trust_region=(0.0, 0.5, 2.0, 1e6))])
+    plan = program.metadata["quantize_experts"]
+    losses = [c["loss"] for c in plan["candidates"]]
+    assert len(losses) >= 2 and sum(c["chosen"] for c in plan["candidates"]) == 1
+    chosen = next(c for c in plan["candidates"] if c["chosen"])
+    assert chosen["loss"] == min(losses)
+    assert program_loss(program, held) == pytest.approx(chosen["loss"], rel=1e-4)
+    assert plan["avg_bits"] <= 3.0 + 1e-12
+    with pytest.raises(ConfigError, match="selection_samples"):  # checked before any work
+        QuantizeExperts(selection_samples=12)._split_calibration(program)
+    with pytest.raises(ConfigError, match="trust_region"):
+        QuantizeExperts(trust_region=(-1.0,)).validate()
