@@ -5,15 +5,19 @@ KL / top-1 agreement against the unpruned model on the "eval" text, and prefill 
 pruned vs the unpruned program, side by side, in PyTorch and in ONNX Runtime.
 Writes benchmarks/results/prune.md.
 
-    python benchmarks/bench_prune.py [--sparsity 0.3] [--train-steps 16] [--search-evals 40] [--threads 1]
-                                     [--prefill 256 512 1024] [--no-onnx] [--quick]
+    python benchmarks/bench_prune.py [--sparsity 0.3] [--train-steps 16] [--lr 1e-3] [--search-evals 40]
+        [--block-search-evals 40] [--calib-windows 16] [--heldout-windows 4] [--eval-windows 32] [--threads 1]
+        [--prefill 256 512 1024] [--no-onnx] [--quick]
+
+Also the ablations at the same FLOPs (the same search restricted to whole blocks; the router's schedule with
+a fixed token score) and paired bootstrap intervals over the eval windows.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
+import math
 import os
 import statistics
 import sys
@@ -28,27 +32,49 @@ from fxpress import baselines
 from fxpress.calibration import Calibration
 from fxpress.capture import capture
 from fxpress.data import token_windows
-from fxpress.evaluate import compare_logits, perplexity
+from fxpress.evaluate import paired_bootstrap, window_metrics
 from fxpress.models import load_smollm2
 from fxpress.passes import PruneTokens, run_passes
-from fxpress.passes.prune_tokens import export_inputs, prune_flops
-from fxpress.token_router import find_blocks
+from fxpress.passes.prune_tokens import export_inputs, kl_divergence, prune_flops
+from fxpress.token_router import HeuristicRouter, find_blocks, route_blocks
 
 RESULTS = Path(__file__).parent / "results" / "prune.md"
+ROUTER = "token router (FTP)"
+SEARCHED = "searched block pruning (ablation: same search, {0, 1} per block)"
+HEURISTIC = "fixed token score (ablation: router's schedule)"
+SHORTGPT = "ShortGPT layer pruning"
 
 
 def clone(program):
-    """A second Program over a deep copy of the graph module (passes rewrite in place)."""
+    """A second Program over a copy of the graph that shares the weights (passes rewrite graphs in place,
+    none of them here changes a weight), so six variants of SmolLM2 fit in memory."""
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(program.module.graph, {}))
     twin = copy.copy(program)
-    twin.module = copy.deepcopy(program.module)
+    twin.module = torch.fx.GraphModule(program.module, graph)
     twin.history, twin.report, twin.metadata = [], [], {}
     return twin
 
 
-def quality(program, windows, ref_logits) -> dict[str, float]:
-    cache = iter(ref_logits)
-    return {"ppl": perplexity(program, windows, batch_size=2),
-            **compare_logits(lambda _ids: next(cache), program, windows, batch_size=2)}
+def summary(m: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {"ppl": math.exp(float(m["nll"].mean())), "kl": float(m["kl"].mean()), "top1": float(m["top1"].mean())}
+
+
+def heuristic_program(dense, schedule: list[float], held: torch.Tensor, probes: int):
+    """The router's schedule with a fixed token score in its routed blocks; of hidden-state RMS (high or
+    low first) and attention received, the one with the lowest KL on held-out calibration text."""
+    best = None
+    for feature, sign in (("hidden_norm", 1.0), ("hidden_norm", -1.0), ("attention", 1.0)):
+        variant = clone(dense)
+        router = HeuristicRouter(len(schedule), feature, sign)
+        router.sparsity.copy_(torch.tensor(schedule))
+        route_blocks(variant.module, router, "gather", schedule, probes)
+        with torch.no_grad():
+            kl = sum(float(kl_divergence(dense(b), variant(b))) for b in held.split(2))
+        print(f"heuristic {feature} sign {sign:+.0f}: held-out KL {kl / len(held.split(2)):.4f}")
+        if best is None or kl < best[0]:
+            best = (kl, f"{'high' if sign > 0 else 'low'} {feature.replace('_', ' ')}", variant)
+    return best[1], best[2]
 
 
 def median_times(fns: dict[str, callable], reps: int) -> dict[str, float]:
@@ -94,53 +120,54 @@ def main() -> None:
     ap.add_argument("--refine-evals", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1, help="PyTorch and ONNX Runtime threads")
     ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX export and timing")
-    ap.add_argument("--pure", action="store_true", help="also run the search with no whole-block drops")
     ap.add_argument("--seq", type=int, default=256, help="calibration/eval window length")
-    ap.add_argument("--eval-windows", type=int, default=8)
+    ap.add_argument("--eval-windows", type=int, default=32)
+    ap.add_argument("--calib-windows", type=int, default=8, help="\"calib\" windows: router guide and distillation")
+    ap.add_argument("--heldout-windows", type=int, default=4, help="\"heldout\" windows: schedule scoring")
+    ap.add_argument("--block-search-evals", type=int, default=None,
+                    help="evaluations of the whole-block-only search (ablation); default: --search-evals")
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--prefill", type=int, nargs="+", default=[512], help="prefill lengths for wall time")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="tiny budgets, to check the script runs")
     args = ap.parse_args()
     if args.quick:
         args.train_steps, args.search_evals, args.eval_windows, args.reps, args.seq = 1, 3, 2, 2, 128
-        args.refine_evals = 1
+        args.refine_evals, args.calib_windows, args.heldout_windows, args.block_search_evals = 1, 2, 2, 2
+    if args.block_search_evals is None:
+        args.block_search_evals = args.search_evals
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     model, tok = load_smollm2()
     dense = capture(model)
-    calib = torch.cat([token_windows(tok, "calib", args.seq, 6), token_windows(tok, "heldout", args.seq, 2)])
+    held = token_windows(tok, "heldout", args.seq, args.heldout_windows)
+    calib = torch.cat([token_windows(tok, "calib", args.seq, args.calib_windows), held])
     evalw = token_windows(tok, "eval", args.seq, args.eval_windows)
     print(f"[{time.perf_counter() - t0:.0f}s] captured; calibration {tuple(calib.shape)}, eval {tuple(evalw.shape)}")
 
     pruned = clone(dense)
     pruned.calibration = Calibration(calib, batch_size=2)
     cfg = PruneTokens(sparsity=args.sparsity, train_steps=args.train_steps, search_evals=args.search_evals,
-                      refine_evals=args.refine_evals, heldout_fraction=0.25)
+                      refine_evals=args.refine_evals, block_search_evals=args.block_search_evals, lr=args.lr,
+                      heldout_fraction=len(held) / len(calib))
     result = run_passes(pruned, [cfg])[0]
     print(f"[{time.perf_counter() - t0:.0f}s] prune_tokens done in {result.seconds:.0f}s: {result.stats}")
     meta = pruned.metadata["prune_tokens"]
-
-    # --- quality ---------------------------------------------------------------------------------------
-    with torch.no_grad():
-        ref_logits = [dense(b) for b in evalw.split(2)]
-    rows = {"unpruned": {"ppl": perplexity(dense, evalw, batch_size=2), "kl": 0.0, "top1": 1.0, "flops": 1.0}}
     flops = prune_flops(meta, args.seq)
-    rows["token router (FTP)"] = {**quality(pruned, evalw, ref_logits), "flops": flops["ratio"],
-                                  "dropped": schedule_text(meta["schedule"])}
-    print(f"[{time.perf_counter() - t0:.0f}s] router quality {rows['token router (FTP)']}")
-    if args.pure:  # the same search with whole-block drops ruled out: every pruned block routes tokens
-        pure = clone(dense)
-        pure.calibration = Calibration(calib, batch_size=2)
-        top = 1.0 - 1.0 / cfg.levels
-        pure_cfg = dataclasses.replace(cfg, max_block_sparsity=top)
-        pure_stats = run_passes(pure, [pure_cfg])[0].stats
-        pure_meta = pure.metadata["prune_tokens"]
-        rows[f"token router, no block dropped (max {top:.3f})"] = {
-            **quality(pure, evalw, ref_logits), "flops": prune_flops(pure_meta, args.seq)["ratio"],
-            "dropped": schedule_text(pure_meta["schedule"])}
-        print(f"[{time.perf_counter() - t0:.0f}s] pure router {pure_stats}")
 
+    # --- the variants, all at the router's FLOPs ---------------------------------------------------------
+    programs = {"unpruned": dense, ROUTER: pruned}
+    info = {"unpruned": {"flops": 1.0}, ROUTER: {"flops": flops["ratio"], "dropped": schedule_text(meta["schedule"])}}
+    if any(0 < s < 1 for s in meta["schedule"]):
+        label, programs[HEURISTIC] = heuristic_program(dense, meta["schedule"], held, cfg.probes)
+        info[HEURISTIC] = {**info[ROUTER], "dropped": f"{label}; same schedule"}
+    if "block_only_schedule" in result.stats:
+        chosen = [(i, "block") for i, s in enumerate(result.stats["block_only_schedule"]) if s >= 1.0]
+        programs[SEARCHED] = clone(dense)
+        baselines.drop(programs[SEARCHED], chosen)
+        info[SEARCHED] = {"flops": prune_flops(meta, args.seq, result.stats["block_only_schedule"])["ratio"],
+                          "dropped": ", ".join(str(i) for i, _ in chosen)}
     blocks = find_blocks(dense.module)
     costs = {}
     for b in blocks:
@@ -148,13 +175,20 @@ def main() -> None:
             costs[(b.index, part)] = macs
     budget = flops["dense"] - flops["pruned"]
     scores = baselines.influence(dense, calib[:4])
-    for label, kinds in (("ShortGPT layer pruning", ("block",)), ("sub-block pruning (attn/MLP by BI)", ("attn", "mlp"))):
+    for label, kinds in ((SHORTGPT, ("block",)), ("sub-block pruning (attn/MLP by BI)", ("attn", "mlp"))):
         chosen, saved = baselines.choose_at_flops(scores, costs, budget, kinds)
-        variant = clone(dense)
-        baselines.drop(variant, chosen)
-        rows[label] = {**quality(variant, evalw, ref_logits), "flops": 1.0 - saved / flops["dense"],
+        programs[label] = clone(dense)
+        baselines.drop(programs[label], chosen)
+        info[label] = {"flops": 1.0 - saved / flops["dense"],
                        "dropped": ", ".join(f"{i}{'' if p == 'block' else ':' + p}" for i, p in sorted(chosen))}
-        print(f"[{time.perf_counter() - t0:.0f}s] {label}: {rows[label]}")
+    metrics = window_metrics(dense, programs, evalw, batch_size=2)
+    rows = {name: {**summary(metrics[name]), **info[name]} for name in programs}
+    for name, row in rows.items():
+        print(f"[{time.perf_counter() - t0:.0f}s] {name}: {row}")
+    pairs = [(ROUTER, SHORTGPT), (ROUTER, SEARCHED), (ROUTER, HEURISTIC), (SEARCHED, SHORTGPT)]
+    tests = [(a, b, paired_bootstrap(metrics[a]["nll"], metrics[b]["nll"], "ppl"),
+              paired_bootstrap(metrics[a]["kl"], metrics[b]["kl"], "mean"))
+             for a, b in pairs if a in metrics and b in metrics]
 
     # --- wall time -------------------------------------------------------------------------------------
     pt, ort_times, parity = {}, {}, None
@@ -169,7 +203,8 @@ def main() -> None:
         ort_times, parity = onnx_times(args, tok, dense, pruned, keys, values)
         print(f"[{time.perf_counter() - t0:.0f}s] ORT prefill {ort_times}, parity {parity:.2e}")
     prefill_flops = {length: prune_flops(meta, length)["ratio"] for length in args.prefill}
-    write_report(args, result, meta, rows, flops, prefill_flops, pt, ort_times, parity, time.perf_counter() - t0)
+    write_report(args, result, meta, rows, tests, flops, prefill_flops, pt, ort_times, parity,
+                 time.perf_counter() - t0)
 
 
 def onnx_times(args, tok, dense, pruned, keys, values) -> tuple[dict, float]:
@@ -200,17 +235,20 @@ def onnx_times(args, tok, dense, pruned, keys, values) -> tuple[dict, float]:
     return times, parity
 
 
-def write_report(args, result, meta, rows, flops, prefill_flops, pt, ort_times, parity, seconds) -> None:
+def write_report(args, result, meta, rows, tests, flops, prefill_flops, pt, ort_times, parity, seconds) -> None:
     schedule = meta["schedule"]
     command = (f"python benchmarks/bench_prune.py --sparsity {args.sparsity} --train-steps {args.train_steps} "
-               f"--search-evals {args.search_evals} --refine-evals {args.refine_evals} --threads {args.threads} "
+               f"--lr {args.lr} --search-evals {args.search_evals} --block-search-evals {args.block_search_evals} "
+               f"--refine-evals {args.refine_evals} --calib-windows {args.calib_windows} "
+               f"--heldout-windows {args.heldout_windows} --eval-windows {args.eval_windows} --threads {args.threads} "
                f"--reps {args.reps} --prefill {' '.join(map(str, args.prefill))}"
-               f"{' --no-onnx' if args.no_onnx else ''}{' --pure' if args.pure else ''}{' --quick' if args.quick else ''}")
+               f"{' --no-onnx' if args.no_onnx else ''}{' --quick' if args.quick else ''}")
     lines = [
         "# Token pruning (prune_tokens) on SmolLM2-135M-Instruct",
         "",
         f"Command: `{command}` ({seconds / 60:.1f} min on this shared 2-core machine).",
-        f"Calibration: 6 x {args.seq} tokens of \"calib\" (router training), 2 x {args.seq} of \"heldout\" (schedule "
+        f"Calibration: {args.calib_windows} x {args.seq} tokens of \"calib\" (router training), {args.heldout_windows} x "
+        f"{args.seq} of \"heldout\" (schedule "
         f"scoring); quality on {args.eval_windows} x {args.seq} tokens of \"eval\". Token sparsity {args.sparsity} is a "
         f"FLOPs budget: the cost of skipping that fraction of all token-block visits (at 0.3 on SmolLM2's equal blocks, "
         f"the cost of dropping 9 of 30 blocks). Mean per-block sparsity of the result: "
@@ -224,6 +262,16 @@ def write_report(args, result, meta, rows, flops, prefill_flops, pt, ort_times, 
     ]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['flops']:.3f} | {r['ppl']:.2f} | {r['kl']:.3f} | {r['top1']:.3f} | {r.get('dropped', '')} |")
+    lines += [
+        "",
+        f"## Paired differences over the {args.eval_windows} eval windows (95% bootstrap intervals, 2000 resamples)",
+        "",
+        "| a - b | perplexity diff | 95% interval | KL diff | 95% interval | windows with lower NLL in a |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for a, b, ppl, kl in tests:
+        lines.append(f"| {a} - {b} | {ppl['diff']:+.2f} | [{ppl['lo']:+.2f}, {ppl['hi']:+.2f}] | {kl['diff']:+.3f} | "
+                     f"[{kl['lo']:+.3f}, {kl['hi']:+.3f}] | {ppl['windows_better']:.2f} |")
     lines += [
         "",
         f"## Prefill wall time, batch 1, {args.threads} thread(s) (median of {args.reps} interleaved runs)",
@@ -261,9 +309,19 @@ def write_report(args, result, meta, rows, flops, prefill_flops, pt, ort_times, 
 NOTES = """Notes:
 - The schedule search chooses per block among 0, 1/8, ..., 7/8 (a router picks the tokens that run the
   block) and 1.0 (the block is dropped: no router, layer dropping as the limit case). Its seeds are the
-  uniform schedule, ShortGPT's Block-Influence drop order, and the measured drop sensitivity of each block;
-  every candidate is scored by KL to the unpruned model on held-out calibration text, so ShortGPT's
-  choice is one candidate and the search keeps it unless something scores better.
+  uniform schedule, ShortGPT's Block-Influence drop order, the measured drop sensitivity of each block,
+  "mixed" schedules (1-3 fewer dropped blocks, the rest of the budget as light routing over the next
+  blocks), and the best schedule of the whole-block-only search; every candidate is scored by KL to the
+  unpruned model on held-out calibration text ("heldout" split, never the eval text).
+- Ablations at the same FLOPs: "searched block pruning" is the same search restricted to {0, 1} per block
+  (`block_search_evals` evaluations, sharing the sensitivity probes), so the gap between it and the router
+  row is what token routing adds over the search itself; "fixed token score" runs the router's schedule with
+  a one-factor score (hidden-state RMS high/low first, or attention received; the best on held-out text).
+- Router: FTP's factors (position, attention received and its rank, required sparsity) plus hidden-state
+  RMS, depth, and a learned per-block direction on the RMS-normalised hidden state (576 multiply-adds per
+  token), one shared MLP (hidden 64). Guide loss: BCE to an oracle's keep labels (the size of each token's
+  block update) at random sparsities. Distillation (KL to the unpruned logits + sparsity constraint + guide)
+  is kept only when it lowers held-out KL (distill_kept in the pass statistics).
 - Skipped tokens still write their keys/values (the k/v projections run on every token, also in dropped
   blocks), so the KV cache stays whole and decoding is unchanged; FLOPs count the router, its probe
   queries and the k/v projections, for the router and the baselines alike. Position 0 (attention sink)
@@ -271,12 +329,11 @@ NOTES = """Notes:
 - ShortGPT drops whole blocks by Block Influence (1 - cos(in, out)); the sub-block baseline drops
   attention/MLP sub-blocks by their own Block Influence (BlockPruner ranks by perplexity instead). Each
   baseline drops units until its FLOPs are closest to the router's.
+- Paired differences: per-window mean NLL and KL of two methods on the same eval windows, 2000 bootstrap
+  resamples of the windows (fxpress.evaluate.window_metrics / paired_bootstrap); an interval that excludes 0
+  is a difference beyond window-sampling noise.
 - Gather/scatter in the exported graph read and write whole rows through a flat [batch*seq, hidden]
-  view (ONNX Gather and ScatterND). ONNX Runtime's profiler on a 6-block SmolLM2-shaped model at 512
-  tokens: the earlier element-wise ScatterElements took 17.8 ms per run (3.5% of the pruned run, ~3.5 ms
-  per routed block) plus 11 ms of index Expand; ScatterND takes 2.3 ms in all.
-- Held-out KL of the search's seeds (search_kl_shortgpt is ShortGPT's own choice), of its best
-  schedule, and after router distillation (refine_kl_best) are in the pass statistics above."""
+  view (ONNX Gather and ScatterND)."""
 
 
 if __name__ == "__main__":

@@ -251,9 +251,11 @@ def keep_sink(score: torch.Tensor, past) -> torch.Tensor:
 # --- the router --------------------------------------------------------------------------------------
 
 class TokenRouter(nn.Module):
-    """One shared two-layer MLP (features -> hidden -> 1) that scores tokens in every block."""
+    """One shared two-layer MLP (features -> hidden -> 1) that scores tokens in every block, plus, when
+    `width` > 0, one learned direction per block read from the RMS-normalised hidden state (a rank-1
+    factor: `width` multiply-adds per token, ~0.02% of a SmolLM2 block)."""
 
-    def __init__(self, num_blocks: int, hidden: int = 64, seed: int = 0):
+    def __init__(self, num_blocks: int, hidden: int = 64, seed: int = 0, width: int = 0):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
         nf = len(FEATURES)
@@ -265,6 +267,7 @@ class TokenRouter(nn.Module):
         self.register_buffer("shift", torch.zeros(nf))
         self.register_buffer("scale", torch.ones(nf))
         self.num_blocks = num_blocks
+        self.proj = nn.Parameter(torch.zeros(num_blocks, width)) if width else None
         self.trace: dict[int, dict[str, torch.Tensor]] | None = None  # filled while training/searching
 
     def features(self, block: int, h: torch.Tensor, q_probe: torch.Tensor, key: torch.Tensor,
@@ -291,10 +294,30 @@ class TokenRouter(nn.Module):
                 mask_probe: torch.Tensor | None, scale: float) -> torch.Tensor:
         feats = self.features(block, h, q_probe, key, mask_probe, scale)
         score = self.score_features(feats)
+        unit = None
+        if self.proj is not None:
+            unit = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+            score = score + torch.matmul(unit, self.proj[block])
         if self.trace is not None:
             self.trace[block] = {"features": feats.detach(), "score": score}
+            if unit is not None:
+                self.trace[block]["hidden"] = unit.detach()
         return keep_sink(score, key.shape[2] - h.shape[1])
 
+
+class HeuristicRouter(TokenRouter):
+    """A fixed token score in place of the learned MLP: one router input (e.g. the hidden-state RMS or the
+    attention a token receives), times `sign`. The same top-k, sink rule and graph rewrite as the
+    learned router, so a row with it isolates what the training adds."""
+
+    def __init__(self, num_blocks: int, feature: str, sign: float = 1.0):
+        if feature not in FEATURES:
+            raise ConfigError(f"HeuristicRouter feature must be one of {FEATURES}, got {feature!r}")
+        super().__init__(num_blocks, hidden=1, width=0)
+        self.column, self.sign = FEATURES.index(feature), float(sign)
+
+    def score_features(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.sign * feats[..., self.column]
 
 
 class MaskGate(nn.Module):
@@ -328,9 +351,9 @@ class MaskGate(nn.Module):
                 router.trace[block]["soft"] = soft
         update = h_out - h_in
         if router.trace is not None:
-            rel = update.detach().norm(dim=-1) / h_in.detach().norm(dim=-1).clamp_min(1e-6)
-            rel[:, 0] = rel.max() + 1.0  # training chunks start at position 0: the sink is always kept
-            router.trace[block]["importance"] = rel
+            size = update.detach().norm(dim=-1)  # what skipping the token removes from the block output
+            size[:, 0] = size.max() + 1.0  # training chunks start at position 0: the sink is always kept
+            router.trace[block]["importance"] = size
             router.trace[block]["cos"] = torch.cosine_similarity(h_in.detach(), h_out.detach(), dim=-1)
         return h_in + gate.unsqueeze(-1) * update
 

@@ -4,7 +4,7 @@ Reads top to bottom as the pass runs:
 1. find the decoder blocks in the graph (`fxpress.token_router.find_blocks`);
 2. build a training copy of the graph where skipped tokens are masked (same function as the
    final gather/scatter graph, but differentiable and with the schedule in a buffer);
-3. guide: fit the shared router MLP to an oracle ranking (relative size of each token's block
+3. guide: fit the router to an oracle ranking (the size of each token's block
    update) on calibration text, for random required sparsities (FTP's guide loss);
 4. schedule: a genetic search over per-block sparsity on a grid 0, 1/levels, ..., 1 under a FLOPs
    budget (the cost of skipping `sparsity` of all token-block visits). 0 leaves a block alone and
@@ -53,7 +53,7 @@ class PruneTokens(Pass):
     """Token-wise pruning with a learned router and a searched per-block sparsity schedule."""
 
     name: ClassVar[str] = "prune_tokens"
-    version: ClassVar[int] = 2
+    version: ClassVar[int] = 3  # 3: learned hidden-state direction in the router, block-only search
     needs_calibration: ClassVar[bool] = True
 
     sparsity: float = 0.3  # global token sparsity: the FLOPs of skipping this fraction of all token-block visits
@@ -63,6 +63,7 @@ class PruneTokens(Pass):
     protect_first: int = 1  # blocks at the start that never skip tokens
     protect_last: int = 0
     router_hidden: int = 64
+    router_projection: bool = True  # a learned per-block direction on the hidden state as one more factor
     probes: int = 16  # last queries whose attention gives the "attention received" factor
     guide_steps: int = 300
     train_steps: int = 16  # end-to-end distillation steps (model frozen)
@@ -70,6 +71,8 @@ class PruneTokens(Pass):
     lr: float = 3e-3
     sensitivity_probes: bool = True  # one held-out evaluation per block, dropped, to seed and steer the search
     search_evals: int = 40  # candidates scored by the search after its seeds (and the sensitivity probes)
+    block_search_evals: int = 0  # > 0: first a whole-block-only search ({0, 1} per block) with this many
+    # evaluations (the ablation "searched block pruning"); its best seeds the token search
     refine_evals: int = 8  # evaluations re-tuning the schedule after distillation
     heldout_fraction: float = 0.25  # last part of the calibration samples, used only to score schedules
     seed: int = 0
@@ -82,7 +85,8 @@ class PruneTokens(Pass):
         if self.sparsity > self.max_block_sparsity:
             raise ConfigError(f"{n}.sparsity = {self.sparsity} exceeds max_block_sparsity = {self.max_block_sparsity}: "
                               "raise max_block_sparsity or lower sparsity")
-        for field_name in ("protect_first", "protect_last", "guide_steps", "train_steps", "search_evals", "refine_evals"):
+        for field_name in ("protect_first", "protect_last", "guide_steps", "train_steps", "search_evals", "refine_evals",
+                           "block_search_evals"):
             check_range(n, field_name, getattr(self, field_name), 0, 100000)
         check_range(n, "levels", self.levels, 1, SPARSITY_SCALE)
         check_range(n, "router_hidden", self.router_hidden, 1, 4096)
@@ -105,8 +109,10 @@ class PruneTokens(Pass):
         ensure_meta(program)
         blocks = find_blocks(program.module)
         seq = int(program.calibration.batches.shape[1])
+        width = (program.info.hidden_size or 0) if self.router_projection else 0
         meta = {"probes": self.probes, "blocks": [block_costs(b) for b in blocks],
-                "head_macs": (program.info.vocab_size or 0) * (program.info.hidden_size or 0)}
+                "head_macs": (program.info.vocab_size or 0) * (program.info.hidden_size or 0),
+                "router_macs": self.router_hidden * (len(FEATURES) + 1) + width + 400}  # + 400: features, top-k
         top = self._top_levels(len(blocks))
         allowed = flops_budget(meta, seq, self.sparsity)
         if self.schedule is None and prune_flops(meta, seq, [t / self.levels for t in top])["pruned"] > allowed * (1 + 1e-9):
@@ -118,7 +124,7 @@ class PruneTokens(Pass):
         torch.manual_seed(self.seed)
         rng = random.Random(self.seed)
         train, held = self._split(program.calibration.batches)
-        router = TokenRouter(len(blocks), self.router_hidden, self.seed)
+        router = TokenRouter(len(blocks), self.router_hidden, self.seed, width)
         masked = masked_module(program, router, self.probes)
         frozen = {name: p.requires_grad for name, p in program.module.named_parameters()}
         for p in program.module.parameters():
@@ -195,7 +201,8 @@ class PruneTokens(Pass):
         return top
 
     def _search(self, search: ScheduleSearch, records, stats: dict[str, Any]) -> list[float]:
-        """Seeds (uniform, ShortGPT, drop sensitivity), then the genetic search on held-out KL."""
+        """Seeds (uniform, ShortGPT, drop sensitivity, drops mixed with routing), optionally the best
+        whole-block-only schedule, then the genetic search on held-out KL."""
         n = len(search.top)
         bi = block_influence(records)
         seeds = {"uniform": search.uniform(), "shortgpt": search.fill(sorted(range(n), key=bi.__getitem__))}
@@ -209,7 +216,20 @@ class PruneTokens(Pass):
             order = sorted(range(n), key=kl.__getitem__)
             seeds["sensitivity"] = search.fill(order)
             seeds["sensitivity_half"] = search.fill(order, max(1, self.levels // 2))
+            drops = sum(lv >= self.levels for lv in seeds["sensitivity"])
+            for fewer in (1, 2, 3):  # fewer dropped blocks, the rest of the budget as light routing
+                if drops - fewer >= 0:
+                    seeds[f"mixed_{drops - fewer}"] = search.fill_mixed(order, drops - fewer, max(1, self.levels // 4))
             stats["block_drop_kl"] = [round(k, 3) if math.isfinite(k) else None for k in kl]
+        if self.block_search_evals and any(t >= self.levels for t in search.top):
+            blocks_only = search.whole_blocks()
+            orders = [sorted(range(n), key=bi.__getitem__)] + ([order] if self.sensitivity_probes else [])
+            drop_set, _ = blocks_only.run([blocks_only.fill(o) for o in orders],
+                                          len(blocks_only.pool) + self.block_search_evals)
+            search.pool.update({tuple(lv * self.levels for lv in s): v for s, v in blocks_only.pool.items()})
+            seeds["block_only"] = tuple(lv * self.levels for lv in drop_set)
+            stats["block_only_schedule"] = [float(lv) for lv in drop_set]
+            stats["block_only_scored"] = len(blocks_only.pool)
         for name, s in seeds.items():
             stats[f"search_kl_{name}"] = search.evaluate(s)
         best, kl = search.run(list(seeds.values()), len(search.pool) + self.search_evals)
@@ -337,7 +357,7 @@ def kl_divergence(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
 # --- guide: fit the router to the oracle ranking ------------------------------------------------------
 
 def collect(masked, router: TokenRouter, program, samples: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
-    """Router features and each token's relative block update, with nothing skipped."""
+    """Router features and the size of each token's block update, with nothing skipped."""
     router.sparsity.zero_()
     out: dict[int, dict[str, list]] = {}
     with torch.no_grad():
@@ -345,7 +365,7 @@ def collect(masked, router: TokenRouter, program, samples: torch.Tensor) -> dict
             router.trace = {}
             run_logits(masked, program, batch)
             for block, rec in router.trace.items():
-                slot = out.setdefault(block, {"features": [], "importance": [], "cos": []})
+                slot = out.setdefault(block, {k: [] for k in ("features", "importance", "cos", "hidden") if k in rec})
                 for key in slot:
                     slot[key].append(rec[key])
     router.trace = None
@@ -367,6 +387,8 @@ def fit_guide(router: TokenRouter, records, top: list[int], levels: int, steps: 
         return None
     feats = torch.cat([records[b]["features"] for b in blocks])
     imp = torch.cat([records[b]["importance"] for b in blocks])
+    hidden = torch.cat([records[b]["hidden"] for b in blocks]) if router.proj is not None else None
+    owner = torch.cat([torch.full(records[b]["features"].shape[:1], b) for b in blocks])
     limit = torch.cat([torch.tensor(min(top[b] / levels, 0.95)).expand(records[b]["features"].shape[0]) for b in blocks])
     flat = feats.reshape(-1, feats.shape[-1])
     router.shift.copy_(flat.mean(0))
@@ -379,7 +401,10 @@ def fit_guide(router: TokenRouter, records, top: list[int], levels: int, steps: 
         s = torch.rand(limit.shape, generator=gen) * limit
         x = feats.clone()
         x[..., SPARSITY_COLUMN] = s.unsqueeze(-1)
-        loss = F.binary_cross_entropy_with_logits(router.score_features(x), keep_labels(imp, s))
+        score = router.score_features(x)
+        if hidden is not None:
+            score = score + torch.einsum("nsw,nw->ns", hidden, router.proj[owner])
+        loss = F.binary_cross_entropy_with_logits(score, keep_labels(imp, s))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -450,6 +475,26 @@ class ScheduleSearch:
             s[i] = self.top[i] if level is None else min(level, self.top[i])
         return self.repair(s)
 
+    def fill_mixed(self, order: list[int], drops: int, level: int) -> tuple[int, ...]:
+        """Drop the first `drops` blocks of `order`, then route the next ones at `level` until the budget holds."""
+        s = [0] * len(self.top)
+        for i in order[:drops]:
+            s[i] = self.top[i]
+        for i in order[drops:]:
+            if self.feasible(s):
+                break
+            s[i] = min(level, self.top[i])
+        return self.repair(s)
+
+    def whole_blocks(self) -> ScheduleSearch:
+        """The same search restricted to {0, 1} per block (block pruning), sharing scores already taken:
+        the ablation that shows what routing adds over the search itself."""
+        top = [1 if t >= self.levels else 0 for t in self.top]
+        twin = ScheduleSearch(self.score, self.flops, self.allowed, top, 1, self.rng, list(self.weights))
+        twin.pool = {tuple(lv // self.levels for lv in s): kl for s, kl in self.pool.items()
+                     if all(lv in (0, self.levels) for lv in s)}
+        return twin
+
     def uniform(self) -> tuple[int, ...]:
         for level in range(1, self.levels + 1):
             s = tuple(min(level, t) for t in self.top)
@@ -510,6 +555,7 @@ def distill(masked, router: TokenRouter, program, samples: torch.Tensor, teacher
         return []
     router.sparsity.copy_(torch.tensor(schedule))
     opt = torch.optim.Adam(router.parameters(), lr=cfg.lr)
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.train_steps)  # settle at the end of a short run
     batches = samples.split(cfg.train_batch)
     losses = []
     for step in tqdm(range(cfg.train_steps), desc="prune_tokens: distill", disable=not cfg.progress, leave=False):
@@ -528,6 +574,7 @@ def distill(masked, router: TokenRouter, program, samples: torch.Tensor, teacher
         opt.zero_grad()
         loss.backward()
         opt.step()
+        decay.step()
         losses.append(loss.item())
     router.trace = None
     return losses
@@ -548,7 +595,7 @@ def prune_flops(meta: dict[str, Any], seq: int, schedule: list[float] | None = N
             pruned = seq * cost["every_macs"]
         elif permille > 0:
             k = keep_count(seq, permille)
-            router = probes * (cost["query_macs"] + attn) + seq * 1000
+            router = probes * (cost["query_macs"] + attn) + seq * meta.get("router_macs", 1000)
             pruned = k * (cost["kept_macs"] + attn) + seq * cost["every_macs"] + router
         else:
             pruned = dense

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import random
 
 import numpy as np
@@ -13,9 +14,18 @@ from fxpress import baselines
 from fxpress.calibration import Calibration
 from fxpress.capture import capture
 from fxpress.errors import ConfigError, PassError
+from fxpress.evaluate import paired_bootstrap, perplexity, window_metrics
 from fxpress.passes import PruneTokens, run_passes
-from fxpress.passes.prune_tokens import ScheduleSearch, prune_flops
-from fxpress.token_router import MaskGate, TokenRouter, block_costs, find_blocks, route_blocks
+from fxpress.passes.prune_tokens import ScheduleSearch, collect, fit_guide, masked_module, prune_flops
+from fxpress.token_router import (
+    FEATURES,
+    HeuristicRouter,
+    MaskGate,
+    TokenRouter,
+    block_costs,
+    find_blocks,
+    route_blocks,
+)
 from fxpress.zoo import tiny_causal_lm
 
 LAYERS = 4
@@ -34,10 +44,10 @@ def clone(program):
     return twin
 
 
-def routed(program, mode: str, schedule: list[float], seed: int = 1):
-    """A copy of the program's graph with a random router, in gather or mask form."""
+def routed(program, mode: str, schedule: list[float], seed: int = 1, router: TokenRouter | None = None):
+    """A copy of the program's graph with a random (or the given) router, in gather or mask form."""
     twin = clone(program)
-    router = TokenRouter(LAYERS, hidden=16, seed=seed)
+    router = router or TokenRouter(LAYERS, hidden=16, seed=seed)
     router.sparsity.copy_(torch.tensor(schedule))
     route_blocks(twin.module, router, mode, schedule, probes=4, gate=MaskGate(router) if mode == "mask" else None)
     return twin
@@ -138,6 +148,69 @@ def test_schedule_search_stays_in_budget_and_finds_the_cheapest_blocks():
     assert best == (0, 0, 0, 0, 4, 4) and kl < search.pool[seed]
 
 
+def test_block_only_search_is_the_whole_block_ablation():
+    def flops(s):  # six equal blocks
+        return sum(1.0 - x for x in s)
+
+    def score(s):  # half-routing blocks 1-3 is cheaper than dropping any block whole
+        return sum(x * x * 4.0 * (0.5 if 1 <= i <= 3 else 1.0) for i, x in enumerate(s))
+
+    search = ScheduleSearch(score, flops, 4.5, [0, 4, 4, 4, 4, 4], 4, random.Random(0))
+    search.evaluate((0, 2, 2, 2, 0, 0))  # a routed schedule: the block-only twin must not inherit it
+    search.evaluate((0, 0, 0, 0, 4, 4))
+    blocks = search.whole_blocks()
+    assert blocks.top == [0, 1, 1, 1, 1, 1] and blocks.pool == {(0, 0, 0, 0, 1, 1): 8.0}  # shared score
+    best, kl = blocks.run([blocks.fill([1, 2, 3, 4, 5])], 20)
+    assert set(best) <= {0, 1} and sum(best) == 2 and kl == pytest.approx(4.0)  # drops two of blocks 1-3
+    mixed = search.fill_mixed([5, 1, 2, 3, 4], drops=0, level=2)
+    assert search.feasible(mixed) and max(mixed) == 2
+    routed_best, routed_kl = search.run([mixed, tuple(lv * 4 for lv in best)], 30)
+    assert routed_kl <= 1.5 < kl  # partial sparsity spread over blocks (e.g. (0, 2, 2, 2, 0, 0)) beats dropping
+
+
+def test_heuristic_router_scores_by_one_feature_in_both_graph_forms(tiny_program):
+    schedule = [0.0, 0.5, 1.0, 0.25]
+    forms = {mode: routed(tiny_program, mode, schedule, router=HeuristicRouter(LAYERS, "hidden_norm", -1.0))
+             for mode in ("gather", "mask")}
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(6))
+    for a, b in zip(full_run(forms["gather"], ids, 3), full_run(forms["mask"], ids, 3)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    feats = torch.randn(2, 5, len(FEATURES))
+    torch.testing.assert_close(HeuristicRouter(LAYERS, "attention").score_features(feats),
+                               feats[..., FEATURES.index("attention")])
+    with pytest.raises(ConfigError, match="feature"):
+        HeuristicRouter(LAYERS, "loudness")
+
+
+def test_hidden_state_direction_helps_the_router_fit_the_oracle(tiny_program):
+    """The per-block learned direction (one more low-dimensional factor) ranks tokens closer to the oracle."""
+    samples = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(8))
+    losses = {}
+    for width in (0, tiny_program.info.hidden_size):
+        router = TokenRouter(LAYERS, hidden=16, seed=0, width=width)
+        records = collect(masked_module(tiny_program, router, 4), router, tiny_program, samples)
+        assert ("hidden" in records[1]) == bool(width)
+        losses[width] = fit_guide(router, records, [0, 4, 4, 4], 4, 150, 0)
+    assert losses[tiny_program.info.hidden_size] < 0.8 * losses[0]
+
+
+def test_window_metrics_and_paired_bootstrap(tiny_program):
+    windows = torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed(7))
+    half = routed(tiny_program, "gather", [0.0, 1.0, 1.0, 0.0])
+    m = window_metrics(tiny_program, {"same": tiny_program, "half": half}, windows, batch_size=4)
+    assert m["same"]["nll"].shape == (6,) and float(m["same"]["kl"].abs().max()) < 1e-9
+    assert float(m["same"]["top1"].min()) == 1.0 and float(m["half"]["kl"].min()) > 0
+    assert math.exp(float(m["same"]["nll"].mean())) == pytest.approx(perplexity(tiny_program, windows), rel=1e-5)
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    shifted = paired_bootstrap(a, a + 0.5, "mean")  # a constant paired shift: an interval of width 0
+    assert shifted["diff"] == pytest.approx(-0.5) and shifted["lo"] == pytest.approx(-0.5) == shifted["hi"]
+    assert shifted["windows_better"] == 1.0
+    noisy = paired_bootstrap(a, a.flip(0), "ppl")  # same values paired in reverse: 0 lies inside the interval
+    assert noisy["diff"] == pytest.approx(0.0) and noisy["lo"] < 0 < noisy["hi"]
+    with pytest.raises(ValueError, match="per-window"):
+        paired_bootstrap(a, a[:3])
+
+
 def test_rejects_bad_configs_before_work(tiny_program):
     with pytest.raises(ConfigError, match="sparsity"):
         PruneTokens(sparsity=1.5).validate()
@@ -158,13 +231,16 @@ def test_pass_guides_searches_distills_and_rewrites(tiny_program):
     program = clone(tiny_program)
     program.calibration = Calibration(torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(0)))
     cfg = PruneTokens(sparsity=0.3, guide_steps=30, train_steps=2, search_evals=4, refine_evals=1, probes=4,
-                      progress=False)
+                      block_search_evals=3, progress=False)
     stats = run_passes(program, [cfg], progress=False)[0].stats
     schedule = program.metadata["prune_tokens"]["schedule"]
     assert schedule[0] == 0.0 and all(s * cfg.levels == round(s * cfg.levels) for s in schedule)  # on the grid
     assert stats["flops_ratio@32"] <= stats["flops_budget@32"] + 1e-9 < 0.8
-    for seed in ("uniform", "shortgpt", "sensitivity"):  # ShortGPT's drop order is one candidate of the search
-        assert stats["search_kl_best"] <= stats[f"search_kl_{seed}"] + 1e-9
+    for seed in ("uniform", "shortgpt", "sensitivity", "block_only"):  # ShortGPT's order and the best
+        assert stats["search_kl_best"] <= stats[f"search_kl_{seed}"] + 1e-9  # whole-block schedule are seeds
+    block_only = stats["block_only_schedule"]  # the ablation: the same search, {0, 1} per block
+    assert set(block_only) <= {0.0, 1.0} and block_only[0] == 0.0 and stats["block_only_scored"] >= 3
+    assert prune_flops(program.metadata["prune_tokens"], 32, block_only)["ratio"] <= stats["flops_budget@32"] + 1e-9
     if stats.get("distill_kept"):  # distillation is kept only when it lowers held-out KL
         assert stats["refine_kl_best"] <= stats["distill_kl_before"] + 1e-9
     assert prune_flops(program.metadata["prune_tokens"], 256)["ratio"] < 0.85
