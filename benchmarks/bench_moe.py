@@ -19,45 +19,15 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from bench_moe_common import REPORT, describe_machine, md_table, tiny_moe_program, with_selection, write_part
 
 from fxpress.data import token_windows
+from fxpress.evaluate import paired_bootstrap, window_metrics
 from fxpress.moe_analysis import analyse_program
 from fxpress.passes.manager import run_passes
 from fxpress.passes.quantize_experts import QuantizeExperts
 
 ALLOCATIONS = ("uniform", "frequency", "moqa")
-
-
-@torch.no_grad()
-def window_metrics(ref_fn, fns: dict, windows: torch.Tensor, batch_size: int = 8) -> dict[str, dict[str, torch.Tensor]]:
-    """Per window: mean next-token NLL, mean KL to `ref_fn` and top-1 agreement, for the reference and each fn.
-
-    One reference forward per batch serves every fn (the fp32 logits of the whole split would not fit).
-    """
-    out = {name: {"nll": [], "kl": [], "top1": []} for name in ["fp32", *fns]}
-    for batch in windows.split(batch_size):
-        ref = F.log_softmax(ref_fn(batch).double(), -1)
-        targets = batch[:, 1:]
-        for name, fn in [("fp32", None), *fns.items()]:
-            logp = ref if fn is None else F.log_softmax(fn(batch).double(), -1)
-            nll = -logp[:, :-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1).mean(1)
-            kl = (ref.exp() * (ref - logp)).sum(-1).mean(1)
-            top1 = (ref.argmax(-1) == logp.argmax(-1)).double().mean(1)
-            for key, value in (("nll", nll), ("kl", kl), ("top1", top1)):
-                out[name][key].append(value)
-    return {name: {k: torch.cat(v) for k, v in d.items()} for name, d in out.items()}
-
-
-def paired_bootstrap(nll_a: torch.Tensor, nll_b: torch.Tensor, samples: int = 2000, seed: int = 0) -> dict[str, float]:
-    """ppl(a) - ppl(b) over the same windows, its 95% interval by resampling windows, and P(a < b)."""
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, len(nll_a), (samples, len(nll_a)), generator=g)
-    diff = nll_a[idx].mean(1).exp() - nll_b[idx].mean(1).exp()
-    lo, hi = torch.quantile(diff, torch.tensor([0.025, 0.975], dtype=diff.dtype)).tolist()
-    return {"diff": math.exp(float(nll_a.mean())) - math.exp(float(nll_b.mean())), "lo": lo, "hi": hi,
-            "p_better": float((diff < 0).double().mean()), "windows_better": float((nll_a < nll_b).double().mean())}
 
 
 def main() -> None:
@@ -107,7 +77,8 @@ def main() -> None:
                 for c in plans[key].get("candidates", []):
                     print(f"    mu {c['mu']}: predicted {c['predicted_error']:.4g}, selection ppl {math.exp(c['loss']):.3f}"
                           f"{' (chosen)' if c['chosen'] else ''}", flush=True)
-    metrics = window_metrics(base, programs, windows)
+    with torch.no_grad():
+        metrics = window_metrics(base, {"fp32": base, **programs}, windows, batch_size=8)
     if args.dump is not None:  # the raw per-window figures, to re-check the report without rerunning
         torch.save({"metrics": metrics, "plans": plans, "seconds": seconds,
                     "bytes": {k: p.weight_bytes() for k, p in programs.items()}}, args.dump)
@@ -137,7 +108,7 @@ def comparisons(metrics, keys) -> tuple[list[list[str]], list[str]]:
         for other in every:
             if other == "moqa":
                 continue
-            b = paired_bootstrap(moqa["nll"], every[other]["nll"])
+            b = paired_bootstrap(moqa["nll"], every[other]["nll"], stat="ppl")
             sure = "significant" if b["hi"] < 0 or b["lo"] > 0 else "within noise"
             rows.append([method, str(budget), f"moqa - {other}", f"{b['diff']:+.3f}", f"[{b['lo']:+.3f}, {b['hi']:+.3f}]",
                          f"{b['windows_better']:.2f}", sure])
