@@ -15,6 +15,7 @@ import torch.fx
 from torch.export import Dim
 
 from fxpress.errors import LoweringError
+from fxpress.passes.precision import activation_dtype
 from fxpress.program import Program
 
 EXPORT_BATCH, EXPORT_SEQ, EXPORT_PAST = 2, 8, 3  # > 1 so that export keeps the dims symbolic
@@ -130,6 +131,33 @@ FRONTEND_REPLACEMENTS = {
 }
 
 
+_SCALAR_BINARY = (torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor, torch.ops.aten.mul.Tensor,
+                  torch.ops.aten.div.Tensor)
+
+
+def _float64_scalars(graph: torch.fx.Graph, root: dict[str, object]) -> int:
+    """In a float64 program, a Python float operand that float32 cannot hold (RMSNorm's eps = 1e-6) becomes a 0-d
+    float64 weight of shape (1,) (broadcasts like the scalar; TVM rejects 0-d weights): torch.onnx builds scalar
+    operands as float32 constants and casts them, so 1e-6 would reach ONNX Runtime as 9.99999997e-7 and move every
+    norm by ~1e-12 relative."""
+    count = 0
+    for node in list(graph.nodes):
+        val = node.meta.get("val")
+        if node.target not in _SCALAR_BINARY or not (isinstance(val, torch.Tensor) and val.is_floating_point()
+                                                      and val.ndim >= 1):
+            continue
+        args = list(node.args)
+        for i, arg in enumerate(args):
+            if isinstance(arg, float) and float(torch.tensor(arg, dtype=torch.float32)) != arg:
+                name = f"_float64_scalar_{count}"
+                root[name] = torch.nn.Parameter(torch.tensor([arg], dtype=torch.float64), requires_grad=False)
+                with graph.inserting_before(node):
+                    args[i] = graph.get_attr(name)
+                count += 1
+        node.args = tuple(args)
+    return count
+
+
 def lowering_module(program: Program) -> torch.fx.GraphModule:
     """A copy of the program's graph whose every weight is a parameter (storage shared, nothing copied).
 
@@ -156,9 +184,11 @@ def lowering_module(program: Program) -> torch.fx.GraphModule:
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)
     root: dict[str, object] = {}
+    if activation_dtype(program.info) == torch.float64:
+        _float64_scalars(graph, root)
     as_parameter: dict[int, torch.nn.Parameter] = {}
     for node in graph.nodes:
-        if node.op not in ("get_attr", "call_module"):
+        if node.op not in ("get_attr", "call_module") or node.target in root:
             continue
         value = _fetch(program.module, node.target)
         if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
@@ -179,7 +209,7 @@ def signature(program: Program) -> Signature:
     if program.is_causal_lm:
         generator = torch.Generator().manual_seed(0)
         ids = torch.randint(0, info.vocab_size or 100, (EXPORT_BATCH, EXPORT_SEQ), generator=generator)
-        past_k, past_v = program.empty_cache(EXPORT_BATCH)
+        past_k, past_v = program.empty_cache(EXPORT_BATCH, activation_dtype(info))
         past_k = past_k.new_zeros(*past_k.shape[:3], EXPORT_PAST, past_k.shape[4])
         past_v = past_v.new_zeros(*past_v.shape[:3], EXPORT_PAST, past_v.shape[4])
         batch = Dim("batch", min=1, max=1024)

@@ -181,7 +181,7 @@ class _Materializer:
         self.counter = 0
         self.functions: dict[str, Any] = {}
         self.shared: dict[str, dict[Any, tuple]] = {}  # packed tensor name -> layout -> initializers (tied tables)
-        self.stats = {"matmulnbits": 0, "dequantizelinear": 0, "gatherblockquantized": 0, "functions": 0,
+        self.stats = {"matmulnbits": 0, "dequantizelinear": 0, "gatherblockquantized": 0, "exact_float64": 0, "functions": 0,
                       "warnings": []}
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -223,6 +223,8 @@ class _Materializer:
     def packed_matmul(self, node: Any, x: Any, qweight: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None,
                       bits: int, block: int, in_features: int, tag: str) -> Any:
         """x @ dequant(W).T in the chosen format; returns the output value (no bias)."""
+        if scales.dtype == np.float64:  # Precision(float64): no int kernel or DequantizeLinear takes double
+            return self.exact_matmul(node, x, qweight, scales, zeros, bits, block, in_features, tag)
         sub = _matmulnbits_block(block)
         if self.weights == "matmulnbits" and bits in MATMULNBITS_BITS and sub is not None:
             return self.matmulnbits(node, x, qweight, scales, zeros, bits, block, sub, in_features, tag)
@@ -307,6 +309,67 @@ class _Materializer:
         cached["transposed"] = (w, s, z)
         return w, s, z
 
+    # -- float64 (Precision pass): exact dequantization ------------------------------------------------
+    def exact_rows(self, node, qweight, scales, zeros, bits, block, tag) -> Any:
+        """(code - zero) * scale as float64 rows (N, k_blocks, block), exact: made once per packed tensor (a tied
+        table's gather and LM head share it); ONNX Runtime folds it into a dense float64 weight at load."""
+        cached = self.shared.setdefault(tag, {})
+        if "exact" in cached:
+            return cached["exact"]
+        import ml_dtypes
+
+        from fxpress.runtime.quant import unpack_codes
+
+        ir = self.ir
+        n, k_blocks, _ = qweight.shape
+        codes = _unpack(qweight, bits, block)  # (N, k_blocks, block)
+        if zeros is None:
+            zero_codes = np.full((n, k_blocks), 1 << (bits - 1), dtype=np.int64)
+        else:
+            zero_codes = unpack_codes(torch.from_numpy(zeros), bits, k_blocks).numpy()
+        np_type, ir_type = (ml_dtypes.uint4, ir.DataType.UINT4) if bits <= 4 else (np.uint8, ir.DataType.UINT8)
+        double = ir.DataType.DOUBLE
+        w = self.initializer(f"{tag}.codes", np.ascontiguousarray(codes).astype(np_type), ir_type)
+        z = self.initializer(f"{tag}.zero_codes", zero_codes.reshape(n, k_blocks, 1).astype(np_type), ir_type)
+        w, z = (self.node(node, "", "Cast", [t], {"to": double}) for t in (w, z))
+        narrow = scales.astype(np.float32)
+        if np.array_equal(narrow.astype(np.float64), scales):  # float32 values (as Quantize makes them): half the bytes
+            s = self.node(node, "", "Cast", [self.initializer(f"{tag}.scales", narrow.reshape(n, k_blocks, 1))],
+                          {"to": double})
+        else:
+            s = self.initializer(f"{tag}.scales", scales.reshape(n, k_blocks, 1))
+        rows = self.node(node, "", "Mul", [self.node(node, "", "Sub", [w, z]), s])
+        cached["exact"] = rows
+        return rows
+
+    def exact_matmul(self, node, x, qweight, scales, zeros, bits, block, in_features, tag) -> Any:
+        """float64 x @ W.T with W = (code - zero) * scale computed exactly in float64, then sliced to K columns."""
+        rows = self.exact_rows(node, qweight, scales, zeros, bits, block, tag)
+        n, k_blocks, _ = qweight.shape
+        shape = self.initializer(f"{tag}.dense_shape", np.array([n, k_blocks * block], dtype=np.int64))
+        weight = self.node(node, "", "Reshape", [rows, shape])
+        if k_blocks * block != in_features:
+            starts = self.initializer(f"{tag}.starts", np.array([0], dtype=np.int64))
+            ends = self.initializer(f"{tag}.ends", np.array([in_features], dtype=np.int64))
+            axes = self.initializer(f"{tag}.axes", np.array([1], dtype=np.int64))
+            weight = self.node(node, "", "Slice", [weight, starts, ends, axes])
+        self.stats["exact_float64"] += 1
+        return self.node(node, "", "MatMul", [x, self.node(node, "", "Transpose", [weight], {"perm": [1, 0]})])
+
+    def exact_gather(self, node, ids, qweight, scales, zeros, bits, block, dim, tag) -> Any:
+        """float64 embedding rows: Gather the exact dequantized rows, then drop the last block's padding."""
+        rows = self.exact_rows(node, qweight, scales, zeros, bits, block, tag)
+        n, k_blocks, _ = qweight.shape
+        shape = self.initializer(f"{tag}.dense_shape", np.array([n, k_blocks * block], dtype=np.int64))
+        table = self.node(node, "", "Reshape", [rows, shape])
+        if k_blocks * block != dim:
+            starts = self.initializer(f"{tag}.starts", np.array([0], dtype=np.int64))
+            ends = self.initializer(f"{tag}.ends", np.array([dim], dtype=np.int64))
+            axes = self.initializer(f"{tag}.axes", np.array([1], dtype=np.int64))
+            table = self.node(node, "", "Slice", [table, starts, ends, axes])
+        self.stats["exact_float64"] += 1
+        return self.node(node, "", "Gather", [table, ids], {"axis": 0})
+
     # -- packed embeddings ---------------------------------------------------------------------------
     def embedding_nbits(self, node: Any) -> None:
         """GatherBlockQuantized over MatMulNBits' bytes (weights="matmulnbits"), else Gather + DequantizeLinear."""
@@ -316,7 +379,9 @@ class _Materializer:
         bits, block, dim = a["bits"].value, a["block_size"].value, a["embedding_dim"].value
         q, s, z = self.const(qweight), self.const(scales), self.const(zeros)
         sub = _matmulnbits_block(math.gcd(block, dim))  # the gathered row has exactly `dim` codes: no padding
-        if self.weights == "matmulnbits" and bits in MATMULNBITS_BITS and sub is not None:
+        if s.dtype == np.float64:  # Precision(float64): GatherBlockQuantized and DequantizeLinear are float-only
+            out = self.exact_gather(node, ids, q, s, z, bits, block, dim, qweight.name)
+        elif self.weights == "matmulnbits" and bits in MATMULNBITS_BITS and sub is not None:
             out = self.gather_block_quantized(node, ids, q, s, z, bits, block, sub, dim, qweight.name)
         else:
             if self.weights == "matmulnbits":
@@ -553,9 +618,18 @@ def _quantize_act_function(name: str, bits: int, clip: float, symmetric: bool, d
     code = round(clamp(x / scale + zero)), rounding halves to even as torch.round and ONNX Round do."""
     import onnx.helper as oh
 
+    from fxpress.runtime.quant import TIE_OFFSET
+
     t = _np_dtype(dtype)
+    tie = TIE_OFFSET.get(torch.from_numpy(np.zeros(0, dtype=t)).dtype, 0.0)  # float64: exact ties round up (quant.py)
+
+    def rounded(clipped: str, out: str) -> list:
+        if not tie:
+            return [oh.make_node("Round", [clipped], [out])]
+        return [oh.make_node("Add", [clipped, "tie"], [f"{clipped}_tie"]), oh.make_node("Round", [f"{clipped}_tie"], [out])]
+
     nodes = [_const("axes", np.array([-1], dtype=np.int64)), _const("one", np.array(1, dtype=t)),
-             _const("zero", np.array(0, dtype=t))]
+             _const("zero", np.array(0, dtype=t))] + ([_const("tie", np.array(tie, dtype=t))] if tie else [])
     if symmetric:
         maxq = (1 << (bits - 1)) - 1
         nodes += [
@@ -569,7 +643,7 @@ def _quantize_act_function(name: str, bits: int, clip: float, symmetric: bool, d
             oh.make_node("Where", ["positive", "scale0", "one"], ["scale"]),
             oh.make_node("Div", ["x", "scale"], ["ratio"]),
             oh.make_node("Clip", ["ratio", "lo", "hi"], ["clipped"]),
-            oh.make_node("Round", ["clipped"], ["codes"]),
+            *rounded("clipped", "codes"),
             oh.make_node("Mul", ["codes", "scale"], ["y"]),
         ]
     else:
@@ -590,11 +664,11 @@ def _quantize_act_function(name: str, bits: int, clip: float, symmetric: bool, d
             oh.make_node("Neg", ["low"], ["nlow"]),
             oh.make_node("Div", ["nlow", "scale"], ["zratio"]),
             oh.make_node("Clip", ["zratio", "zero", "maxq"], ["zclipped"]),
-            oh.make_node("Round", ["zclipped"], ["zp"]),
+            *rounded("zclipped", "zp"),
             oh.make_node("Div", ["x", "scale"], ["ratio"]),
             oh.make_node("Add", ["ratio", "zp"], ["shifted"]),
             oh.make_node("Clip", ["shifted", "zero", "maxq"], ["clipped"]),
-            oh.make_node("Round", ["clipped"], ["codes"]),
+            *rounded("clipped", "codes"),
             oh.make_node("Sub", ["codes", "zp"], ["centered"]),
             oh.make_node("Mul", ["centered", "scale"], ["y"]),
         ]

@@ -328,7 +328,15 @@ def _convert_quantize_act(node: Any, importer: Any) -> Any:
 
     op = relax.op
 
+    import torch
+
+    from fxpress.runtime.quant import TIE_OFFSET
+
+    margin = TIE_OFFSET.get(getattr(torch, dtype, None), 0.0)  # float64: exact ties round up (runtime/quant.py)
+
     def round_even(v: Any) -> Any:  # torch.round rounds halves to even; Relax's round rounds them away from 0
+        if margin:
+            v = bb.emit(op.add(v, c(margin)))
         low = bb.emit(op.floor(v))
         frac = bb.emit(op.subtract(v, low))
         tie = op.add(low, op.floor_mod(low, c(2.0)))
@@ -382,6 +390,25 @@ def register_converters() -> None:
             register_lowering(name, "tvm")(fn)
 
 
+def _convert_aten_linear(node: Any, importer: Any) -> Any:
+    """aten.linear in the input's float type: TVM's frontend emits it with out_dtype float32 whatever the input
+    (a float64 program, after the Precision pass, would otherwise round its LM head to float32)."""
+    from tvm import relax
+
+    args = importer.retrieve_args(node)
+    x, weight = args[0], args[1]
+    bias = args[2] if len(args) > 2 else None
+    return importer.block_builder.emit(relax.op.linear(x, weight, bias, _dtype(x)))
+
+
+def _convert_aten_matmul(node: Any, importer: Any) -> Any:
+    """aten.matmul / mm / bmm in the inputs' float type (TVM's frontend fixes out_dtype to float32)."""
+    from tvm import relax
+
+    lhs, rhs = importer.retrieve_args(node)[:2]
+    return importer.block_builder.emit(relax.op.linear_algebra.matmul(lhs, rhs, out_dtype=_dtype(lhs)))
+
+
 def convert_map() -> dict[str, Callable]:
     """from_exported_program's custom_convert_map: keyed by the node target's __name__ ('linear_nbit.default')."""
     register_converters()
@@ -389,6 +416,13 @@ def convert_map() -> dict[str, Callable]:
     if missing:
         raise LoweringError(f"no TVM converter for {', '.join(missing)}: add one with register_lowering(op, 'tvm')")
     return {spec.overload.__name__: spec.lowerings["tvm"] for spec in OPS.values()}
+
+
+# ATen converters that replace the frontend's own: they keep the input's float type (float64 after Precision)
+ATEN_CONVERTERS: dict[str, Callable] = {
+    "linear.default": _convert_aten_linear,
+    **dict.fromkeys(("matmul.default", "mm.default", "bmm.default"), _convert_aten_matmul),
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -433,7 +467,7 @@ def to_relax(program: Program) -> tuple[Any, list[np.ndarray], list[str], Any]:
     from tvm.relax.frontend.torch import from_exported_program
 
     ep, sig = reexport(program)
-    table = convert_map()
+    table = {**convert_map(), **ATEN_CONVERTERS}
     try:
         mod = from_exported_program(ep, keep_params_as_input=True, unwrap_unit_return_tuple=False,
                                     custom_convert_map=table)

@@ -7,6 +7,7 @@ quantize_experts, prune_tokens, threshold_neurons), so recipes and the CLI can f
 from fxpress.passes.base import PASS_REGISTRY, Pass, PassResult, get_pass_class, pass_from_dict, register_pass
 from fxpress.passes.fold_hadamard import FoldHadamard
 from fxpress.passes.manager import run_passes, validate_pipeline
+from fxpress.passes.precision import Precision
 from fxpress.passes.prune_tokens import PruneTokens
 from fxpress.passes.quantize import Quantize
 from fxpress.passes.quantize_experts import QuantizeExperts
@@ -14,6 +15,6 @@ from fxpress.passes.rotate import Rotate
 from fxpress.passes.threshold_neurons import ThresholdNeurons
 
 __all__ = [
-    "PASS_REGISTRY", "FoldHadamard", "Pass", "PassResult", "PruneTokens", "Quantize", "QuantizeExperts", "Rotate",
-    "ThresholdNeurons", "get_pass_class", "pass_from_dict", "register_pass", "run_passes", "validate_pipeline",
+    "PASS_REGISTRY", "FoldHadamard", "Pass", "PassResult", "Precision", "PruneTokens", "Quantize", "QuantizeExperts",
+    "Rotate", "ThresholdNeurons", "get_pass_class", "pass_from_dict", "register_pass", "run_passes", "validate_pipeline",
 ]

@@ -31,7 +31,11 @@ from fxpress.runtime.ops import define_op
 _MAGIC = {torch.float32: 1.5 * 2.0**23, torch.float64: 1.5 * 2.0**52}
 
 
-def round_clamped(v: torch.Tensor, low: float, high: float) -> torch.Tensor:
+# float64 activations round halves up with a margin: a value within 2^-30 below a tie goes up (see _quantize_act)
+TIE_OFFSET = {torch.float64: 2.0**-30}
+
+
+def round_clamped(v: torch.Tensor, low: float, high: float, offset: float = 0.0) -> torch.Tensor:
     """clamp(round(v), low, high) for integer bounds, rounding half to even exactly as torch.round / ONNX Round.
 
     Computed as clamp first, then (v + 1.5*2^23) - 1.5*2^23 (float32; 2^52 for float64): adding the
@@ -41,6 +45,8 @@ def round_clamped(v: torch.Tensor, low: float, high: float) -> torch.Tensor:
     column in GPTQ).
     """
     v = torch.clamp(v, low, high)
+    if offset:
+        v = v + offset
     magic = _MAGIC.get(v.dtype)
     if magic is None:
         return torch.round(v)
@@ -148,19 +154,26 @@ LINEAR_NBIT = define_op(
 
 # --- fxpress::quantize_act -------------------------------------------------------------------------
 def _quantize_act(x: torch.Tensor, bits: int, clip_ratio: float, symmetric: bool) -> torch.Tensor:
-    """Round every row of the last axis to `bits` bits with its own scale, and back to float."""
+    """Round every row of the last axis to `bits` bits with its own scale, and back to float.
+
+    In float64 (the Precision pass) the clamped value gets + 2^-30 before rounding: real activations hold exact
+    ties (a row whose max is 1.5x its |min| puts |min| exactly on 13.5 at 4 bits), and runtimes that differ
+    only in the last bit would round such a tie apart; with the margin every runtime rounds it up, while a
+    value must now sit within 1e-14 of k + 0.5 - 2^-30 to flip, which nothing structural does.
+    """
+    tie = TIE_OFFSET.get(x.dtype, 0.0)
     if symmetric:
         maxq = (1 << (bits - 1)) - 1
         scale = x.abs().amax(-1, keepdim=True) * (clip_ratio / max(maxq, 1))
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        return round_clamped(x / scale, -maxq - 1, maxq) * scale
+        return round_clamped(x / scale, -maxq - 1, maxq, tie) * scale
     maxq = (1 << bits) - 1
     high = x.amax(-1, keepdim=True).clamp_min(0) * clip_ratio
     low = x.amin(-1, keepdim=True).clamp_max(0) * clip_ratio
     scale = (high - low) / maxq
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero = round_clamped(-low / scale, 0, maxq)
-    return (round_clamped(x / scale + zero, 0, maxq) - zero) * scale
+    zero = round_clamped(-low / scale, 0, maxq, tie)
+    return (round_clamped(x / scale + zero, 0, maxq, tie) - zero) * scale
 
 
 def _quantize_act_fake(x, bits, clip_ratio, symmetric):
@@ -176,5 +189,6 @@ QUANTIZE_ACT = define_op(
     "token and head for the KV cache, whose last axis is head_dim). Symmetric: scale = clip_ratio * "
     "max|x| / (2^(bits-1) - 1), codes in [-2^(bits-1), 2^(bits-1) - 1]. Asymmetric: range [min(x, 0), "
     "max(x, 0)] times clip_ratio, scale = range / (2^bits - 1), integer zero point round(-low / scale). "
-    "Returns (code - zero) * scale in the input dtype; an all-zero row passes through unchanged.",
+    "Returns (code - zero) * scale in the input dtype; an all-zero row passes through unchanged. In float64 "
+    "the clamped value gets + 2^-30 before rounding, so exact ties round up in every runtime.",
 )

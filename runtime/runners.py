@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fxpress.errors import ArtifactError
+from fxpress.errors import ArtifactError, ConfigError
+from fxpress.passes.precision import activation_dtype
 from fxpress.program import ModelInfo, Program
 
 METADATA_KEY = "fxpress.info"  # ONNX metadata_props key (see fxpress.lowering.onnx)
@@ -44,7 +45,23 @@ class Runner:
             raise ArtifactError(f"this {self.kind} artifact is not a language model with a KV cache")
         kh, kd = info.key_shape
         vh, vd = info.value_shape
-        return (torch.zeros(info.num_layers, batch, kh, 0, kd), torch.zeros(info.num_layers, batch, vh, 0, vd))
+        dtype = self.dtype
+        return (torch.zeros(info.num_layers, batch, kh, 0, kd, dtype=dtype),
+                torch.zeros(info.num_layers, batch, vh, 0, vd, dtype=dtype))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' (and KV cache's) float type: float64 after the Precision pass, else float32."""
+        return activation_dtype(self.info)
+
+    def prepare(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Check token ids against the vocabulary (runtimes disagree on bad ids: TVM clamps, ONNX Runtime returns
+        zeros) and give float inputs the artifact's float type, before anything runs."""
+        if self.is_causal_lm and inputs:
+            check_token_ids(inputs[0], self.info.vocab_size)
+        if not (self.info.extra or {}).get("dtype"):  # no Precision pass: inputs go through as given
+            return tuple(inputs)
+        return tuple(t.to(self.dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs)
 
     def step(self, input_ids: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tensor):
         """One forward with the cache: (logits, present_keys, present_values)."""
@@ -67,8 +84,23 @@ class TorchRunner(Runner):
         self.info = program.info
 
     def run(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.program.run(*inputs)
+        out = self.program.run(*self.prepare(inputs))
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int | None) -> None:
+    """Raise ConfigError when a token id is outside [0, vocab_size) (a tokenizer/model mismatch)."""
+    if ids.is_floating_point() or ids.is_complex():
+        raise ConfigError(f"token ids must be an integer tensor, got {ids.dtype}: pass tokenizer output (torch.long)")
+    if not vocab_size or ids.numel() == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ConfigError(
+            f"token id {bad} is outside the model's vocabulary [0, {vocab_size}): use the tokenizer the model was "
+            "compiled with"
+        )
 
 
 def _require(path: Path, what: str) -> None:
@@ -143,7 +175,7 @@ class OnnxRunner(Runner):
         return 0
 
     def run(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        feeds = {name: t.detach().cpu().numpy() for name, t in zip(self.input_names, inputs)}
+        feeds = {name: t.detach().cpu().numpy() for name, t in zip(self.input_names, self.prepare(inputs))}
         return tuple(torch.from_numpy(np.asarray(o)) for o in self.session.run(None, feeds))
 
 
@@ -200,7 +232,7 @@ class TvmRunner(Runner):
 
     def run(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         tvm = self._tvm
-        args = [tvm.runtime.tensor(np.ascontiguousarray(t.detach().cpu().numpy())) for t in inputs]
+        args = [tvm.runtime.tensor(np.ascontiguousarray(t.detach().cpu().numpy())) for t in self.prepare(inputs)]
         out = self.vm["main"](*args, *self.params)
         items = [out] if hasattr(out, "numpy") else list(out)
         return tuple(torch.from_numpy(o.numpy()) for o in items)
