@@ -104,6 +104,17 @@ def get_param(gm: torch.nn.Module, node_or_target: Node | str) -> torch.Tensor:
     return getattr(owner, name)
 
 
+def store_tensor(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
+    """Put `value` (as is, any dtype) behind the attribute `target`, keeping its kind: parameter, buffer or plain."""
+    owner, name = _resolve(gm, target)
+    if name in owner._parameters:
+        owner._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
+    elif name in owner._buffers:
+        owner._buffers[name] = value
+    else:
+        setattr(owner, name, value)
+
+
 def set_param(gm: torch.nn.Module, node_or_target: Node | str, value: torch.Tensor) -> None:
     """Replace the tensor behind a get_attr node, keeping its kind (parameter or buffer) and dtype.
 
@@ -112,13 +123,7 @@ def set_param(gm: torch.nn.Module, node_or_target: Node | str, value: torch.Tens
     target = node_or_target.target if isinstance(node_or_target, Node) else node_or_target
     owner, name = _resolve(gm, str(target))
     old = getattr(owner, name)
-    value = value.detach().to(dtype=old.dtype, device=old.device).contiguous()
-    if name in owner._parameters:
-        owner._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
-    elif name in owner._buffers:
-        owner._buffers[name] = value
-    else:
-        setattr(owner, name, value)
+    store_tensor(gm, str(target), value.detach().to(dtype=old.dtype, device=old.device).contiguous())
     if isinstance(node_or_target, Node) and isinstance(val(node_or_target), torch.Tensor):
         if tuple(val(node_or_target).shape) != tuple(value.shape):
             node_or_target.meta["val"] = value

@@ -342,32 +342,28 @@ class _Materializer:
         cached["exact"] = rows
         return rows
 
-    def exact_matmul(self, node, x, qweight, scales, zeros, bits, block, in_features, tag) -> Any:
-        """float64 x @ W.T with W = (code - zero) * scale computed exactly in float64, then sliced to K columns."""
+    def exact_dense(self, node, qweight, scales, zeros, bits, block, columns, tag) -> Any:
+        """The exact float64 [N, columns] matrix: dequantized rows, reshaped, the last block's padding sliced off."""
         rows = self.exact_rows(node, qweight, scales, zeros, bits, block, tag)
         n, k_blocks, _ = qweight.shape
         shape = self.initializer(f"{tag}.dense_shape", np.array([n, k_blocks * block], dtype=np.int64))
-        weight = self.node(node, "", "Reshape", [rows, shape])
-        if k_blocks * block != in_features:
+        dense = self.node(node, "", "Reshape", [rows, shape])
+        if k_blocks * block != columns:
             starts = self.initializer(f"{tag}.starts", np.array([0], dtype=np.int64))
-            ends = self.initializer(f"{tag}.ends", np.array([in_features], dtype=np.int64))
+            ends = self.initializer(f"{tag}.ends", np.array([columns], dtype=np.int64))
             axes = self.initializer(f"{tag}.axes", np.array([1], dtype=np.int64))
-            weight = self.node(node, "", "Slice", [weight, starts, ends, axes])
+            dense = self.node(node, "", "Slice", [dense, starts, ends, axes])
         self.stats["exact_float64"] += 1
+        return dense
+
+    def exact_matmul(self, node, x, qweight, scales, zeros, bits, block, in_features, tag) -> Any:
+        """float64 x @ W.T with W = (code - zero) * scale computed exactly in float64, then sliced to K columns."""
+        weight = self.exact_dense(node, qweight, scales, zeros, bits, block, in_features, tag)
         return self.node(node, "", "MatMul", [x, self.node(node, "", "Transpose", [weight], {"perm": [1, 0]})])
 
     def exact_gather(self, node, ids, qweight, scales, zeros, bits, block, dim, tag) -> Any:
         """float64 embedding rows: Gather the exact dequantized rows, then drop the last block's padding."""
-        rows = self.exact_rows(node, qweight, scales, zeros, bits, block, tag)
-        n, k_blocks, _ = qweight.shape
-        shape = self.initializer(f"{tag}.dense_shape", np.array([n, k_blocks * block], dtype=np.int64))
-        table = self.node(node, "", "Reshape", [rows, shape])
-        if k_blocks * block != dim:
-            starts = self.initializer(f"{tag}.starts", np.array([0], dtype=np.int64))
-            ends = self.initializer(f"{tag}.ends", np.array([dim], dtype=np.int64))
-            axes = self.initializer(f"{tag}.axes", np.array([1], dtype=np.int64))
-            table = self.node(node, "", "Slice", [table, starts, ends, axes])
-        self.stats["exact_float64"] += 1
+        table = self.exact_dense(node, qweight, scales, zeros, bits, block, dim, tag)
         return self.node(node, "", "Gather", [table, ids], {"axis": 0})
 
     # -- packed embeddings ---------------------------------------------------------------------------

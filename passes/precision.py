@@ -88,13 +88,7 @@ def _convert_tensors(gm: torch.fx.GraphModule, dtype: torch.dtype) -> int:
         if key not in converted:
             converted[key] = old.detach().to(dtype)
         new = converted[key]
-        owner, name = G._resolve(gm, str(node.target))
-        if name in owner._parameters:
-            owner._parameters[name] = torch.nn.Parameter(new, requires_grad=False)
-        elif name in owner._buffers:
-            owner._buffers[name] = new
-        else:
-            setattr(owner, name, new)
+        G.store_tensor(gm, str(node.target), new)
         for user in gm.graph.nodes:
             if user.op == "get_attr" and user.target == node.target and "val" in user.meta:
                 user.meta["val"] = new
