@@ -158,14 +158,45 @@ def _float64_scalars(graph: torch.fx.Graph, root: dict[str, object]) -> int:
     return count
 
 
-def lowering_module(program: Program) -> torch.fx.GraphModule:
+def additive_mask(mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """A boolean attention mask as the additive mask SDPA applies for it (query's dtype): 0 where allowed, else -inf."""
+    return torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill(mask.logical_not(),
+                                                                                      float("-inf"))
+
+
+def _additive_attention_masks(graph: torch.fx.Graph) -> int:
+    """Boolean SDPA masks -> additive float masks (one per distinct mask), for causal language models only.
+
+    Why: torch.onnx lowers a boolean-mask SDPA with a guard for rows that mask every key (IsNaN + Where over
+    every [batch, heads, query, key] score, ~a quarter of ONNX Runtime's prefill time); a causal model's every
+    query sees at least itself, so the guard never fires and the additive form computes the same softmax.
+    """
+    converted: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.scaled_dot_product_attention.default:
+            continue
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        mask_val = mask.meta.get("val") if isinstance(mask, torch.fx.Node) else None
+        if not isinstance(mask_val, torch.Tensor) or mask_val.dtype != torch.bool:
+            continue
+        if mask not in converted:  # before the first reader: its query exists there, later readers follow it
+            with graph.inserting_before(node):
+                converted[mask] = graph.call_function(additive_mask, (mask, node.args[0]))
+        if len(node.args) > 3:
+            node.args = (*node.args[:3], converted[mask], *node.args[4:])
+        else:
+            node.kwargs = {**node.kwargs, "attn_mask": converted[mask]}
+    return len(converted)
+
+
+def lowering_module(program: Program, additive_masks: bool = False) -> torch.fx.GraphModule:
     """A copy of the program's graph whose every weight is a parameter (storage shared, nothing copied).
 
     Buffers and constants (packed low-bit weights, scales, Hadamard bases) become parameters so that
     frontends keep them as weights (TVM binds buffers into the library otherwise). Also drops
     capture artefacts that frontends reject: transformers' DynamicCache starts each layer from
     `torch.tensor([])` and concatenates the past onto it, `cat([empty(0), past], -2)`, which PyTorch
-    accepts and TVM does not.
+    accepts and TVM does not. `additive_masks`: see `_additive_attention_masks` (the ONNX lowering asks).
     """
     graph = copy.deepcopy(program.module.graph)
     for node in graph.nodes:
@@ -183,6 +214,8 @@ def lowering_module(program: Program) -> torch.fx.GraphModule:
     for node in list(graph.nodes):
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)
+    if additive_masks and program.is_causal_lm:
+        _additive_attention_masks(graph)
     root: dict[str, object] = {}
     if activation_dtype(program.info) == torch.float64:
         _float64_scalars(graph, root)
@@ -245,10 +278,11 @@ def _dim_names(ep: torch.export.ExportedProgram, sig: Signature) -> dict[str, st
     return names
 
 
-def reexport(program: Program, decompose: bool = False) -> tuple[torch.export.ExportedProgram, Signature]:
+def reexport(program: Program, decompose: bool = False,
+             additive_masks: bool = False) -> tuple[torch.export.ExportedProgram, Signature]:
     """torch.export the program's module again (dynamic dims); `decompose` runs the core ATen decompositions."""
     sig = signature(program)
-    module = lowering_module(program)
+    module = lowering_module(program, additive_masks)
     try:
         ep = torch.export.export(module, sig.example_args, dynamic_shapes=sig.dynamic_shapes, strict=False)
         if decompose:

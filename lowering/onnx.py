@@ -741,7 +741,7 @@ def _validate(program: Program, path: Any, weights: str, opset: int) -> Path:
 def to_onnx_model(program: Program, weights: str = "matmulnbits", opset: int = 21, accuracy_level: int = 0,
                   optimize: bool = True) -> tuple[Any, dict[str, Any]]:
     """The materialized onnx_ir Model (nothing written) and export statistics."""
-    ep, sig = reexport(program)
+    ep, sig = reexport(program, additive_masks=True)
     table = translation_table()
     try:
         onnx_program = torch.onnx.export(

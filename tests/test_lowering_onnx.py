@@ -122,6 +122,8 @@ def test_causal_lm_keeps_the_kv_cache_and_matches_pytorch(tmp_path, tiny_llama):
     assert names == (["input_ids", "past_keys", "past_values"], ["logits", "present_keys", "present_values"])
     dims = [d.dim_param or d.dim_value for d in model.graph.input[1].type.tensor_type.shape.dim]
     assert dims[1] == "batch" and dims[3] == "past"
+    # the causal mask is additive: no all-masked-row guard over every attention score (IsNaN + Where per layer)
+    assert ("", "IsNaN") not in _ops(model)
     runner, ref = OnnxRunner(path), TorchRunner(tiny_llama)
     ids = torch.randint(0, 256, (3, 11), generator=torch.Generator().manual_seed(1))
     full = ref(ids)
