@@ -739,9 +739,9 @@ def _validate(program: Program, path: Any, weights: str, opset: int) -> Path:
 
 
 def to_onnx_model(program: Program, weights: str = "matmulnbits", opset: int = 21, accuracy_level: int = 0,
-                  optimize: bool = True) -> tuple[Any, dict[str, Any]]:
+                  optimize: bool = True, additive_masks: bool = True) -> tuple[Any, dict[str, Any]]:
     """The materialized onnx_ir Model (nothing written) and export statistics."""
-    ep, sig = reexport(program, additive_masks=True)
+    ep, sig = reexport(program, additive_masks=additive_masks)
     table = translation_table()
     try:
         onnx_program = torch.onnx.export(
@@ -768,7 +768,7 @@ def _initializer_bytes(model: Any) -> int:
 
 def export_onnx(program: Program, path: str | os.PathLike, weights: str = "matmulnbits", opset: int = 21,
                 accuracy_level: int = 0, external_data: bool | None = None, optimize: bool = True,
-                check: bool = True) -> dict[str, Any]:
+                check: bool = True, additive_masks: bool = True) -> dict[str, Any]:
     """Write `program` as an ONNX model at `path` (atomically); returns statistics (sizes, kernels used).
 
     weights: "matmulnbits" (ONNX Runtime's int kernels) or "dequantizelinear" (standard ONNX, opset >= 21).
@@ -776,13 +776,15 @@ def export_onnx(program: Program, path: str | os.PathLike, weights: str = "matmu
     activations (faster, ~1e-2 relative error); runners apply the same level to fused DequantizeLinear.
     external_data: None = only when the weights exceed 2 GB (then `<path>.data` is written beside the model).
     optimize: run onnxscript's graph optimizer (constant folding, fusions) on the exported graph.
+    additive_masks: a causal LM's boolean attention mask becomes additive (no all-masked-row guard; see
+    lowering/export.py); False keeps the exporter's guarded form.
     """
     import onnx_ir as ir
 
     path = _validate(program, path, weights, opset)
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise ConfigError(f"accuracy_level = {accuracy_level!r}: MatMulNBits takes 0 (float), 1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8)")
-    model, stats = to_onnx_model(program, weights, opset, accuracy_level, optimize)
+    model, stats = to_onnx_model(program, weights, opset, accuracy_level, optimize, additive_masks)
     if external_data is None:
         external_data = _initializer_bytes(model) > EXTERNAL_DATA_BYTES
     path.parent.mkdir(parents=True, exist_ok=True)
