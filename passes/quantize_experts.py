@@ -355,12 +355,11 @@ class QuantizeExperts(Pass):
                              "mean_abs_deviation": sum(it.numel * abs(plan[it.key] - self.avg_bits) for it in items)
                              / max(1, sum(it.numel for it in items))}
                 if best is None or loss < best[0]:
-                    best = (loss, plan)
+                    best = (loss, plan, key)
             seen[key]["mu"].append(mu)
-        candidates = list(seen.values())
-        for c in candidates:
-            c["chosen"] = c["loss"] == best[0]
-        return best[1], candidates
+        for key, c in seen.items():
+            c["chosen"] = key == best[2]  # exactly one, even when two plans measure the same loss
+        return best[1], list(seen.values())
 
     def _bits_per_projection(self, analysis: MoEAnalysis, plan: dict[tuple, int]) -> dict[tuple[int, int, str], int]:
         out = {}
