@@ -23,9 +23,9 @@ from bench_moe_common import REPORT, describe_machine, md_table, tiny_moe_progra
 
 from fxpress.data import token_windows
 from fxpress.evaluate import paired_bootstrap, window_metrics
-from fxpress.moe_analysis import analyse_program
 from fxpress.passes.manager import run_passes
-from fxpress.passes.quantize_experts import QuantizeExperts
+from fxpress.passes.quantize_experts.analysis import analyse_program
+from fxpress.passes.quantize_experts.quantize_experts import QuantizeExperts
 
 ALLOCATIONS = ("uniform", "frequency", "moqa")
 

@@ -19,7 +19,7 @@ from bench_moe_common import EXPORT_HEADING, REPORT, tiny_moe_program, with_sele
 
 from fxpress.data import token_windows
 from fxpress.passes.manager import run_passes
-from fxpress.passes.quantize_experts import QuantizeExperts
+from fxpress.passes.quantize_experts.quantize_experts import QuantizeExperts
 
 
 def agreement(ref_fn, fn, windows: torch.Tensor) -> tuple[float, float]:

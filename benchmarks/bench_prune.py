@@ -28,15 +28,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fxpress import baselines
 from fxpress.calibration import Calibration
 from fxpress.capture import capture
 from fxpress.data import token_windows
 from fxpress.evaluate import paired_bootstrap, window_metrics
 from fxpress.models import load_smollm2
 from fxpress.passes import PruneTokens, run_passes
-from fxpress.passes.prune_tokens import export_inputs, kl_divergence, prune_flops
-from fxpress.token_router import HeuristicRouter, find_blocks, route_blocks
+from fxpress.passes.prune_tokens import baselines
+from fxpress.passes.prune_tokens.prune_tokens import export_inputs, kl_divergence, prune_flops
+from fxpress.passes.prune_tokens.router import HeuristicRouter, find_blocks, route_blocks
 
 RESULTS = Path(__file__).parent / "results" / "prune.md"
 ROUTER = "token router (FTP)"

@@ -95,8 +95,8 @@ def rotated(base, rotation: str, seed: int):
     program = copy.deepcopy(base)
     if rotation == "none":
         return program, {}
-    from fxpress.passes.fold_hadamard import FoldHadamard
-    from fxpress.passes.rotate import Rotate
+    from fxpress.passes.fold_hadamard.fold_hadamard import FoldHadamard
+    from fxpress.passes.rotate.rotate import Rotate
 
     results = run_passes(program, [Rotate(mode=rotation, seed=seed), FoldHadamard()], progress=False)
     return program, {r.name: round(r.seconds, 1) for r in results}
@@ -122,8 +122,8 @@ def group_table(base, reference: Reference, args) -> list[dict]:
     """W4 weight-only RTN at several group sizes, asymmetric and without clipping search: the weight error
     against the stored (Q4_1-dequantized) weights and the perplexity."""
     from fxpress import graph as G
-    from fxpress.gptq import WeightSpec, rtn
     from fxpress.passes import Quantize, run_passes
+    from fxpress.passes.quantize.gptq import WeightSpec, rtn
 
     weights = [G.get_param(base.module, u.weight) for u in G.linear_uses(base.graph) if "lm_head" not in u.name]
     rows = []

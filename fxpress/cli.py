@@ -44,8 +44,14 @@ def _build_passes(args: argparse.Namespace) -> list:
         matches = [e for e in entries if e["type"] == pass_name]
         if not matches:
             raise RecipeError(f"--set {item}: pass '{pass_name}' is not in the pipeline ({', '.join(e['type'] for e in entries) or 'empty'})")
+        *groups, leaf = field.split(".")
         for entry in matches:
-            entry["fields"][field] = _parse_value(value)
+            target = entry["fields"]
+            for group in groups:  # PASS.GROUP.FIELD sets a field of a config group
+                target = target.setdefault(group, {})
+                if not isinstance(target, dict):
+                    raise RecipeError(f"--set {item}: '{pass_name}.{group}' is not a group of fields")
+            target[leaf] = _parse_value(value)
     return passes_from_recipe(entries)
 
 

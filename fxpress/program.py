@@ -9,7 +9,9 @@ from typing import Any
 import torch
 import torch.fx
 
-from fxpress.passes.base import PassResult
+from fxpress.report import PassResult
+
+ACTIVATION_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass
@@ -27,9 +29,15 @@ class ModelInfo:
     value_shape: tuple[int, ...] | None = None
     model_type: str | None = None
     source: str | None = None
+    activation_dtype: str = "float32"  # set by the Precision pass; lowerings and runners follow it
     input_names: tuple[str, ...] = ()
     output_names: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def torch_activation_dtype(self) -> torch.dtype:
+        """The float type the program's (or artifact's) activations and KV cache use."""
+        return ACTIVATION_DTYPES[self.activation_dtype]
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
@@ -37,6 +45,10 @@ class ModelInfo:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelInfo:
         data = dict(data)
+        extra = dict(data.get("extra") or {})
+        if "dtype" in extra:  # artifacts written before activation_dtype was a field kept it in extra
+            data.setdefault("activation_dtype", extra.pop("dtype"))
+            data["extra"] = extra
         for key in ("key_shape", "value_shape", "input_names", "output_names"):
             if data.get(key) is not None:
                 data[key] = tuple(data[key])

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import io
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from fxpress.passes.base import PassResult
+
+@dataclass
+class PassResult:
+    """What one pass did: the report row the manager prints and saves."""
+
+    name: str
+    modified: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    warnings: list[str] = field(default_factory=list)
 
 
 def _fmt_bytes(n: int) -> str:

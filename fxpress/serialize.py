@@ -13,6 +13,7 @@ import torch
 
 from fxpress.errors import ArtifactError, FxpressError
 from fxpress.program import ModelInfo, Program
+from fxpress.signature import signature
 
 FORMAT = "fxpress-program"
 FORMAT_VERSION = 1
@@ -21,8 +22,6 @@ GRAPH_FILE, WEIGHTS_FILE, MANIFEST_FILE = "program.json", "weights.safetensors",
 
 def reexport(program: Program) -> tuple[torch.export.ExportedProgram, tuple[torch.Tensor, ...]]:
     """torch.export the rewritten GraphModule again (fxpress ops through their fake kernels), dynamic dims kept."""
-    from fxpress.lowering.export import signature
-
     sig = signature(program)
     try:
         ep = torch.export.export(program.module, sig.example_args, dynamic_shapes=sig.dynamic_shapes, strict=False)
@@ -109,8 +108,6 @@ def load_program(directory: str | os.PathLike) -> tuple[Program, dict[str, Any]]
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     from torch._export.serde.serialize import SerializedArtifact, deserialize
-
-    import fxpress.runtime  # noqa: F401  (registers the fxpress ops the graph may call)
 
     directory = Path(directory)
     manifest = read_manifest(directory)

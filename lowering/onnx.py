@@ -27,9 +27,10 @@ import numpy as np
 import torch
 
 from fxpress.errors import ConfigError, LoweringError
-from fxpress.lowering.export import Signature, reexport
+from fxpress.lowering.export import reexport
 from fxpress.program import Program
 from fxpress.runtime.ops import OPS, register_lowering
+from fxpress.signature import Signature
 
 DOMAIN = "fxpress"
 MS_DOMAIN = "com.microsoft"

@@ -4,28 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
+import types
+import typing
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from fxpress.errors import ConfigError, RecipeError
+from fxpress.report import PassResult
 
 if TYPE_CHECKING:
     from fxpress.program import Program
 
 PASS_REGISTRY: dict[str, type[Pass]] = {}
-
-
-@dataclass
-class PassResult:
-    """What one pass did: the report row the manager prints and saves."""
-
-    name: str
-    modified: bool
-    stats: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-    bytes_before: int = 0
-    bytes_after: int = 0
-    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -67,6 +57,11 @@ class Pass:
         )
 
     # -- recipes ---------------------------------------------------------------------------
+    @classmethod
+    def upgrade_fields(cls, version: int, fields: dict[str, Any]) -> dict[str, Any]:
+        """Turn recipe fields written at `version` into those of `version + 1`; passes that bump `version` override it."""
+        raise RecipeError(f"pass '{cls.name}' is at version {cls.version} and cannot read recipes of version {version}")
+
     def to_dict(self) -> dict[str, Any]:
         fields = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
         return {"type": self.name, "version": self.version, "fields": fields}
@@ -77,6 +72,8 @@ class Pass:
 
 
 def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, tuple):
         return [_plain(v) for v in value]
     if isinstance(value, list):
@@ -108,28 +105,84 @@ def pass_fields(cls: type[Pass]) -> list[dataclasses.Field]:
 
 
 def pass_from_dict(data: dict[str, Any]) -> Pass:
-    """Build a pass from `{"type", "version", "fields"}` (or `{"type", **fields}`), allow-listed by the registry."""
+    """Build a pass from `{"type", "version", "fields"}` (or `{"type", **fields}`), allow-listed by the registry.
+
+    A recipe written by an older version of the pass is brought up to date by the pass's `upgrade_fields`;
+    nested config groups (dataclass-typed fields) are built from mappings, every key and type checked.
+    """
     if not isinstance(data, dict) or "type" not in data:
         raise RecipeError(f"a recipe entry must be a mapping with a 'type' key, got {data!r}")
     cls = get_pass_class(str(data["type"]))
     version = data.get("version", cls.version)
-    if version != cls.version:
-        raise RecipeError(f"pass '{cls.name}' is at version {cls.version}; the recipe asks for version {version}")
     fields = data.get("fields")
     if fields is None:
         fields = {k: v for k, v in data.items() if k not in ("type", "version")}
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise RecipeError(
-            f"pass '{cls.name}' has no field {', '.join(repr(u) for u in unknown)}: its fields are {', '.join(sorted(known)) or 'none'}"
-        )
-    try:
-        instance = cls(**fields)
-    except TypeError as err:
-        raise RecipeError(f"pass '{cls.name}': {err}") from err
+    if not isinstance(version, int) or version > cls.version or version < 1:
+        raise RecipeError(f"pass '{cls.name}' is at version {cls.version}; the recipe asks for version {version}")
+    while version < cls.version:
+        fields = cls.upgrade_fields(version, dict(fields))
+        version += 1
+    instance = build_config(cls, fields, cls.name)
     instance.validate()
     return instance
+
+
+def build_config(cls: type, fields: Any, path: str) -> Any:
+    """Construct dataclass `cls` from a mapping, recursing into dataclass-typed fields; errors name the key."""
+    if not isinstance(fields, dict):
+        raise RecipeError(f"{path} must be a mapping of field names to values, got {fields!r}")
+    known = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise RecipeError(
+            f"{path} has no field {', '.join(repr(u) for u in unknown)}: its fields are {', '.join(sorted(known)) or 'none'}"
+        )
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in fields.items():
+        values[name] = _typed_value(hints.get(name, Any), value, f"{path}.{name}")
+    try:
+        return cls(**values)
+    except TypeError as err:
+        raise RecipeError(f"{path}: {err}") from err
+
+
+def _typed_value(hint: Any, value: Any, path: str) -> Any:
+    """`value` checked against (and, for config groups and tuples, converted to) the field's declared type."""
+    if dataclasses.is_dataclass(hint):
+        return value if isinstance(value, hint) else build_config(hint, value, path)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _typed_value(option, value, path)
+            except RecipeError as err:
+                errors.append(str(err))
+        raise RecipeError(errors[0] if len(errors) == 1 else f"{path} = {value!r} has the wrong type: expected {_type_name(hint)}")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{path} = {value!r} has the wrong type: expected a list ({_type_name(hint)})")
+        item = args[0] if args else Any
+        items = [_typed_value(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if hint in (int, float, str, bool) and not _is_instance(value, hint):
+        raise RecipeError(f"{path} = {value!r} has the wrong type: expected {hint.__name__}")
+    return value
+
+
+def _is_instance(value: Any, hint: type) -> bool:
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
 def check_choice(pass_name: str, field_name: str, value: Any, choices: tuple) -> None:

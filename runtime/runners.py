@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from fxpress.errors import ArtifactError, ConfigError
-from fxpress.passes.precision import activation_dtype
 from fxpress.program import ModelInfo, Program
 
 METADATA_KEY = "fxpress.info"  # ONNX metadata_props key (see fxpress.lowering.onnx)
@@ -52,7 +51,7 @@ class Runner:
     @property
     def dtype(self) -> torch.dtype:
         """The activations' (and KV cache's) float type: float64 after the Precision pass, else float32."""
-        return activation_dtype(self.info)
+        return self.info.torch_activation_dtype
 
     def prepare(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """Check token ids against the vocabulary (runtimes disagree on bad ids: TVM clamps, ONNX Runtime returns

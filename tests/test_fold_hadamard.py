@@ -11,7 +11,7 @@ import torch
 from fxpress import graph as G
 from fxpress.capture import capture
 from fxpress.errors import ConfigError, PassError
-from fxpress.passes.fold_hadamard import HADAMARD_OP, FoldHadamard
+from fxpress.passes.fold_hadamard.fold_hadamard import HADAMARD_OP, FoldHadamard
 from fxpress.passes.manager import relative_error, run_passes
 from fxpress.zoo import tiny_causal_lm
 

@@ -12,7 +12,6 @@ from fxpress.calibration import Calibration, collect_activations  # noqa: E402
 from fxpress.capture import capture  # noqa: E402
 from fxpress.errors import ConfigError  # noqa: E402
 from fxpress.passes import FoldHadamard, Precision, Quantize, Rotate, pass_from_dict, run_passes  # noqa: E402
-from fxpress.passes.precision import activation_dtype  # noqa: E402
 from fxpress.runtime.runners import OnnxRunner, TorchRunner, TvmRunner  # noqa: E402
 from fxpress.zoo import tiny_causal_lm  # noqa: E402
 
@@ -62,7 +61,7 @@ def test_float64_program_computes_the_float32_function():
     results = run_passes(program, [Precision()], progress=False)
     out = program(ids)  # float32 empty caches still work: inputs are cast on entry
     assert out.dtype == torch.float64 and _rel(out, ref) < 1e-5
-    assert activation_dtype(program.info) == torch.float64
+    assert program.info.torch_activation_dtype == torch.float64
     stats = results[0].stats
     assert stats["tensors_converted"] > 0 and stats["dtype_args_rewritten"] > 0 and stats["inputs_cast"] == 2
     assert all(t.dtype != torch.float32 for t in program.module.state_dict().values())

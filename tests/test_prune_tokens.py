@@ -10,14 +10,20 @@ import numpy as np
 import pytest
 import torch
 
-from fxpress import baselines
 from fxpress.calibration import Calibration
 from fxpress.capture import capture
 from fxpress.errors import ConfigError, PassError
 from fxpress.evaluate import paired_bootstrap, perplexity, window_metrics
 from fxpress.passes import PruneTokens, run_passes
-from fxpress.passes.prune_tokens import ScheduleSearch, collect, fit_guide, masked_module, prune_flops
-from fxpress.token_router import (
+from fxpress.passes.prune_tokens import baselines
+from fxpress.passes.prune_tokens.prune_tokens import (
+    ScheduleSearch,
+    collect,
+    fit_guide,
+    masked_module,
+    prune_flops,
+)
+from fxpress.passes.prune_tokens.router import (
     FEATURES,
     HeuristicRouter,
     MaskGate,

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 import fxpress.runtime  # noqa: F401  (registers the ops)
-from fxpress.gptq import QuantizedWeight, WeightSpec, find_params, gptq, hessian, layer_loss, rtn
+from fxpress.passes.quantize.gptq import (
+    QuantizedWeight,
+    WeightSpec,
+    find_params,
+    gptq,
+    hessian,
+    layer_loss,
+    rtn,
+)
 from fxpress.runtime.quant import dequantize_weight, pack_codes, pack_weight, unpack_codes
 
 

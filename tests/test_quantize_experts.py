@@ -14,9 +14,19 @@ from fxpress.calibration import Calibration
 from fxpress.capture import capture
 from fxpress.errors import ConfigError
 from fxpress.graph import expert_layers
-from fxpress.moe_analysis import analyse_program, expert_functions, model_sensitivity, quantize_matrix
 from fxpress.passes.manager import run_passes
-from fxpress.passes.quantize_experts import Item, QuantizeExperts, average_bits, solve_allocation
+from fxpress.passes.quantize_experts.analysis import (
+    analyse_program,
+    expert_functions,
+    model_sensitivity,
+    quantize_matrix,
+)
+from fxpress.passes.quantize_experts.quantize_experts import (
+    Item,
+    QuantizeExperts,
+    average_bits,
+    solve_allocation,
+)
 from fxpress.runtime.moe_quant import _grouped_linear_nbit
 from fxpress.zoo import MOE_FAMILIES, tiny_causal_lm
 
@@ -87,7 +97,7 @@ def test_dense_model_gets_a_clear_error():
 
 # --- the grouped op --------------------------------------------------------------------------------
 def test_grouped_op_matches_per_expert_linear_nbit():
-    from fxpress.gptq import WeightSpec, rtn
+    from fxpress.passes.quantize.gptq import WeightSpec, rtn
 
     g = torch.Generator().manual_seed(0)
     weights = torch.randn(3, 24, 40, generator=g)
@@ -290,7 +300,7 @@ def test_trained_tiny_moe_ships_and_specialises():
 def test_trust_region_trades_predicted_error_for_deviation(seed):
     """A larger penalty never moves more weight away from the average and never predicts less error;
     mu = 0 is the plain knapsack and a huge mu gives uniform bits when the budget is a bit choice."""
-    from fxpress.passes.quantize_experts import trust_region_items
+    from fxpress.passes.quantize_experts.quantize_experts import trust_region_items
 
     items = _random_items(24, seed)
     total = sum(it.numel for it in items)
@@ -310,7 +320,7 @@ def test_trust_region_trades_predicted_error_for_deviation(seed):
 def test_measured_selection_picks_the_plan_the_rewritten_program_pays():
     """Every candidate is measured whole on the held-out samples; the chosen one has the lowest loss, and
     the rewritten program's measured loss on those samples is that candidate's (same matrices)."""
-    from fxpress.moe_analysis import program_loss
+    from fxpress.passes.quantize_experts.analysis import program_loss
 
     model = tiny_causal_lm("mixtral")
     with torch.no_grad():  # one expert far more sensitive than the rest: the plain knapsack mixes 2, 3 and 4 bits

@@ -13,9 +13,9 @@ from fxpress.calibration import Calibration
 from fxpress.capture import capture
 from fxpress.errors import ConfigError, PassError, PassOrderError
 from fxpress.passes.base import pass_from_dict
-from fxpress.passes.fold_hadamard import FoldHadamard
+from fxpress.passes.fold_hadamard.fold_hadamard import FoldHadamard
 from fxpress.passes.manager import relative_error, run_passes, validate_pipeline
-from fxpress.passes.rotate import Rotate, dfrot_refine, quantize_rtn
+from fxpress.passes.rotate.rotate import Rotate, dfrot_refine, quantize_rtn
 from fxpress.zoo import FAMILIES, tiny_causal_lm, tiny_encoder
 
 TOL = 1e-4

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from fxpress.calibration import for_each_activation, program_inputs
 from fxpress.errors import ConfigError
-from fxpress.gptq import WeightSpec, gptq, rtn
 from fxpress.graph import ExpertLayer, LinearUse, expert_layers, get_param, set_param, subgraph_function
+from fxpress.passes.quantize.gptq import WeightSpec, gptq, rtn
 
 
 # --- experts as functions --------------------------------------------------------------------------

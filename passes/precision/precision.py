@@ -13,7 +13,7 @@ What the pass changes (run it last, after quantize):
 - every float dtype argument in the graph (Hugging Face casts to float32 inside RMSNorm, rotary
   embeddings and softmax) becomes `dtype`;
 - floating graph inputs (the KV cache) are cast to `dtype` on entry, so callers may still pass float32;
-- `program.info.extra["dtype"]` records the activation dtype, which lowerings and runners read.
+- `program.info.activation_dtype` records the activation dtype, which lowerings and runners read.
 
 The weights' values are unchanged (float32 -> float64 is exact), so an unquantized program computes the
 same function to float32 rounding; a quantized one differs where float32 flipped codes.
@@ -29,19 +29,12 @@ import torch
 from fxpress import graph as G
 from fxpress.errors import ConfigError
 from fxpress.passes.base import Pass, register_pass
+from fxpress.program import ACTIVATION_DTYPES as DTYPES
 
 if TYPE_CHECKING:
-    from fxpress.program import ModelInfo, Program
+    from fxpress.program import Program
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-INFO_KEY = "dtype"  # program.info.extra key
-
-
-def activation_dtype(info: ModelInfo | None) -> torch.dtype:
-    """The float type a program's (or artifact's) activations and KV cache use: float32 unless Precision ran."""
-    name = (getattr(info, "extra", None) or {}).get(INFO_KEY, "float32")
-    return DTYPES.get(name, torch.float32)
 
 
 @register_pass
@@ -69,7 +62,7 @@ class Precision(Pass):
         program.example_inputs = tuple(
             t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _FLOATS else t for t in program.example_inputs
         )
-        program.info.extra[INFO_KEY] = self.dtype
+        program.info.activation_dtype = self.dtype
         return {"dtype": self.dtype, "tensors_converted": tensors, "dtype_args_rewritten": args, "inputs_cast": inputs}
 
 

@@ -1,7 +1,7 @@
 """QuantizeExperts: MoQa-style mixed precision for mixture-of-experts layers under an average-bit budget.
 
 Find the MoE layers (`fxpress.graph.expert_layers`) -> analyse routing on calibration data
-(`fxpress.moe_analysis`: activation, sensitivity per expert/projection/bit width, correlation) ->
+(`fxpress.passes.quantize_experts.analysis`: activation, sensitivity per expert/projection/bit width, correlation) ->
 choose bits per expert projection with an exact multiple-choice knapsack -> rewrite: fused 3-D experts
 become `fxpress::grouped_linear_nbit`, per-expert and shared-expert linears `fxpress::linear_nbit`,
 all with packed low-bit storage. Routers and small gates stay in full precision; shared experts get
@@ -56,7 +56,8 @@ from fxpress.graph import (
     param_source,
     replace_with_call,
 )
-from fxpress.moe_analysis import (
+from fxpress.passes.base import Pass, check_choice, check_range, register_pass
+from fxpress.passes.quantize_experts.analysis import (
     LayerAnalysis,
     LayerData,
     MoEAnalysis,
@@ -73,7 +74,6 @@ from fxpress.moe_analysis import (
     weight_matrix,
     weighted_hessian,
 )
-from fxpress.passes.base import Pass, check_choice, check_range, register_pass
 
 
 # --- allocation: exact multiple-choice knapsack ----------------------------------------------------

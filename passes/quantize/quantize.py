@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from fxpress import graph as G
 from fxpress.errors import ConfigError
-from fxpress.gptq import QuantizedWeight, WeightSpec, gptq, hessian, rtn
 from fxpress.passes.base import Pass, check_choice, check_range, register_pass
+from fxpress.passes.quantize.gptq import QuantizedWeight, WeightSpec, gptq, hessian, rtn
 from fxpress.runtime import embedding, quant  # noqa: F401  (define the fxpress ops)
 
 LINEAR_NBIT = torch.ops.fxpress.linear_nbit.default

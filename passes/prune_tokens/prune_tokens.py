@@ -1,7 +1,7 @@
 """PruneTokens: a learned router lets the least important tokens skip decoder blocks (FTP, arXiv 2412.11494).
 
 Reads top to bottom as the pass runs:
-1. find the decoder blocks in the graph (`fxpress.token_router.find_blocks`);
+1. find the decoder blocks in the graph (`fxpress.passes.prune_tokens.router.find_blocks`);
 2. build a training copy of the graph where skipped tokens are masked (same function as the
    final gather/scatter graph, but differentiable and with the schedule in a buffer);
 3. guide: fit the router to an oracle ranking (the size of each token's block
@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from fxpress.errors import CaptureError, ConfigError
 from fxpress.passes.base import Pass, check_range, register_pass
-from fxpress.token_router import (
+from fxpress.passes.prune_tokens.router import (
     FEATURES,
     SPARSITY_SCALE,
     MaskGate,

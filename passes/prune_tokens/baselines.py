@@ -19,7 +19,14 @@ import torch.nn.functional as F
 
 from fxpress.calibration import for_each_activation
 from fxpress.errors import ConfigError
-from fxpress.token_router import CASTS, DecoderBlock, _ancestors, _drop_orphans, find_blocks, matmul_macs
+from fxpress.passes.prune_tokens.router import (
+    CASTS,
+    DecoderBlock,
+    _ancestors,
+    _drop_orphans,
+    find_blocks,
+    matmul_macs,
+)
 
 
 def _cosine_gap(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:

@@ -1,0 +1,5 @@
+"""PruneTokens: a learned router lets the least important tokens skip decoder blocks (FTP, arXiv 2412.11494)."""
+
+from fxpress.passes.prune_tokens.prune_tokens import PruneTokens
+
+__all__ = ["PruneTokens"]

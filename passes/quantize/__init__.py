@@ -1,0 +1,5 @@
+"""Quantize: packed low-bit linear weights (RTN or GPTQ), dynamic per-token activations, and the KV cache."""
+
+from fxpress.passes.quantize.quantize import Quantize
+
+__all__ = ["Quantize"]

@@ -1,0 +1,5 @@
+"""QuantizeExperts: MoQa-style mixed precision for mixture-of-experts layers under an average-bit budget."""
+
+from fxpress.passes.quantize_experts.quantize_experts import QuantizeExperts
+
+__all__ = ["QuantizeExperts"]

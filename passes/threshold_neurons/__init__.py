@@ -1,0 +1,5 @@
+"""ThresholdNeurons: replace chosen linear(+ReLU) layers by multiplication-free threshold neurons."""
+
+from fxpress.passes.threshold_neurons.threshold_neurons import ThresholdNeurons
+
+__all__ = ["ThresholdNeurons"]
