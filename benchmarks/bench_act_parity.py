@@ -50,6 +50,7 @@ def build(base, a_bits: int, rotation: str, recipe: str = "rtn", calib=None):
     """W4 + A`a_bits` (+ KV4 at 4 bits) on a rotated copy of `base`: RTN, or the demo's GPTQ recipe."""
     from fxpress.calibration import Calibration
     from fxpress.passes import FoldHadamard, Quantize, Rotate, run_passes
+    from fxpress.passes.quantize import ActQuant, KVQuant, WeightQuant
 
     program = copy.deepcopy(base)
     low = a_bits <= 4
@@ -57,11 +58,9 @@ def build(base, a_bits: int, rotation: str, recipe: str = "rtn", calib=None):
     a = None if a_bits >= 16 else a_bits
     if recipe == "gptq":
         program.calibration = Calibration(calib)
-        passes.append(Quantize(w_bits=4, a_bits=a, kv_bits=4 if low else None, method="gptq", act_order=True,
-                               act_clip_search=a is not None, act_symmetric=False, kv_clip_ratio=0.95))
+        passes.append(Quantize(weights=WeightQuant(bits=4, method="gptq", act_order=True), activations=ActQuant(bits=a, clip_search=a is not None, symmetric=False), kv_cache=KVQuant(bits=4 if low else None, clip_ratio=0.95)))
     else:
-        passes.append(Quantize(w_bits=4, a_bits=a, kv_bits=4 if low else None, clip_ratio=0.8 if low else 1.0,
-                               kv_clip_ratio=0.95, act_symmetric=not low))
+        passes.append(Quantize(weights=WeightQuant(bits=4), activations=ActQuant(bits=a, clip_ratio=0.8 if low else 1.0, symmetric=not low), kv_cache=KVQuant(bits=4 if low else None, clip_ratio=0.95)))
     run_passes(program, passes, progress=False)
     return program
 

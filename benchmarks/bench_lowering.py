@@ -136,14 +136,14 @@ def main() -> None:
     from fxpress.models import load_smollm2
     from fxpress.passes import FoldHadamard, Quantize, Rotate
     from fxpress.passes.manager import run_passes
+    from fxpress.passes.quantize import TableQuant, WeightQuant
     from fxpress.runtime.runners import TorchRunner
 
     model, tokenizer = load_smollm2()
     fp32 = capture(model, source="smollm2")
     tables = args.table_bits or None
     w4 = copy.deepcopy(fp32)
-    run_passes(w4, [Quantize(w_bits=4, group_size=args.group_size, embedding_bits=tables, lm_head_bits=tables,
-                             table_group_size=args.table_group_size)], progress=False)
+    run_passes(w4, [Quantize(weights=WeightQuant(bits=4, group_size=args.group_size), tables=TableQuant(embedding_bits=tables, lm_head_bits=tables, group_size=args.table_group_size))], progress=False)
     print(f"program bytes: fp32 {fp32.weight_bytes() / 1e6:.1f} MB, W4 {w4.weight_bytes() / 1e6:.1f} MB", flush=True)
     windows = token_windows(tokenizer, "eval", seq_len=64, max_windows=2)
     prompt = token_windows(tokenizer, "heldout", seq_len=32, max_windows=1)
@@ -158,8 +158,7 @@ def main() -> None:
             if (bits, group) == (tables, args.table_group_size):
                 continue
             other = copy.deepcopy(fp32)
-            run_passes(other, [Quantize(w_bits=4, group_size=args.group_size, embedding_bits=bits, lm_head_bits=bits,
-                                        table_group_size=group)], progress=False)
+            run_passes(other, [Quantize(weights=WeightQuant(bits=4, group_size=args.group_size), tables=TableQuant(embedding_bits=bits, lm_head_bits=bits, group_size=group))], progress=False)
             programs[f"W4, tables {f'{bits}-bit g{group}' if bits else 'fp32'}"] = other
         name = f"{tables}-bit g{args.table_group_size}" if tables else "fp32"
         programs[f"W4, tables {name} (benchmarked)"] = w4

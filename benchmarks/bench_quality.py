@@ -104,16 +104,11 @@ def rotated(base, rotation: str, seed: int):
 
 def quantize_cell(program, row: str, method: str, args) -> tuple[object, dict]:
     from fxpress.passes import Quantize, run_passes
+    from fxpress.passes.quantize import ActQuant, KVQuant, WeightQuant
 
     w, a, kv = ROWS[row]
     q = copy.deepcopy(program)
-    cfg = Quantize(
-        w_bits=w, a_bits=a, kv_bits=kv, group_size=args.group_size, method=method,
-        act_order=method == "gptq" and not args.no_act_order, clip_ratio=args.clip_ratio if a <= 4 else 1.0,
-        kv_clip_ratio=args.kv_clip_ratio, act_clip_search=getattr(args, "act_clip_search", False) and a <= 4,
-        act_symmetric=not getattr(args, "act_asym", False),
-        seed=args.seed,
-    )
+    cfg = Quantize(weights=WeightQuant(bits=w, group_size=args.group_size, method=method, act_order=method == "gptq" and not args.no_act_order, seed=args.seed), activations=ActQuant(bits=a, clip_ratio=args.clip_ratio if a <= 4 else 1.0, clip_search=getattr(args, "act_clip_search", False) and a <= 4, symmetric=not getattr(args, "act_asym", False)), kv_cache=KVQuant(bits=kv, clip_ratio=args.kv_clip_ratio))
     result = run_passes(q, [cfg], progress=False)[0]
     return q, {"seconds": round(result.seconds, 1), "bytes_before": result.bytes_before, "bytes_after": result.bytes_after}
 
@@ -123,6 +118,7 @@ def group_table(base, reference: Reference, args) -> list[dict]:
     against the stored (Q4_1-dequantized) weights and the perplexity."""
     from fxpress import graph as G
     from fxpress.passes import Quantize, run_passes
+    from fxpress.passes.quantize import WeightQuant
     from fxpress.passes.quantize.gptq import WeightSpec, rtn
 
     weights = [G.get_param(base.module, u.weight) for u in G.linear_uses(base.graph) if "lm_head" not in u.name]
@@ -131,7 +127,7 @@ def group_table(base, reference: Reference, args) -> list[dict]:
         spec = WeightSpec(4, group, symmetric=False, clip_search=False)
         err = max(float((rtn(w, spec).dequantize() - w.detach()).norm() / w.detach().norm()) for w in weights)
         q = copy.deepcopy(base)
-        run_passes(q, [Quantize(w_bits=4, group_size=group, clip_search=False)], progress=False)
+        run_passes(q, [Quantize(weights=WeightQuant(bits=4, group_size=group, clip_search=False))], progress=False)
         rows.append({"group": group, "max_rel_weight_error": err, **reference.score(q)})
         print(f"  W4A16 g{group}: weight rel err {err:.2e}  ppl {rows[-1]['ppl']:.3f}", flush=True)
         del q

@@ -26,6 +26,7 @@ from fxpress.data import token_windows
 from fxpress.evaluate import compare_logits, evaluate
 from fxpress.models import load_smollm2
 from fxpress.passes import FoldHadamard, Quantize, Rotate
+from fxpress.passes.quantize import ActQuant, KVQuant, WeightQuant
 from fxpress.runtime.generate import generate
 from fxpress.runtime.runners import load_runner
 
@@ -54,8 +55,7 @@ def main() -> None:
 
     passes = [
         Rotate(mode=args.rotation), FoldHadamard(),
-        Quantize(w_bits=4, a_bits=4, kv_bits=4, method="gptq", act_order=True, act_clip_search=True,
-                 act_symmetric=False, kv_clip_ratio=0.95),
+        Quantize(weights=WeightQuant(bits=4, method="gptq", act_order=True), activations=ActQuant(bits=4, clip_search=True, symmetric=False), kv_cache=KVQuant(bits=4, clip_ratio=0.95)),
     ]
     start = time.perf_counter()
     cm = fxpress.compile(model, passes=passes, calibration=calib)
@@ -73,7 +73,7 @@ def main() -> None:
     ]
     rows.append(("saved program", str(cm.save(out / "program"))))
 
-    w4 = fxpress.compile(model, passes=[Quantize(w_bits=4, group_size=32)], progress=False)
+    w4 = fxpress.compile(model, passes=[Quantize(weights=WeightQuant(bits=4, group_size=32))], progress=False)
     q4 = evaluate(w4, windows, ref_fn=reference, progress=True)
     rows.append(("perplexity W4A16 g32 (RTN)", f"{q4['perplexity']:.2f} ({q4['perplexity'] / fp['perplexity']:.2f}x fp32)"))
     onnx_path = w4.export("onnx", out / "smollm2-w4.onnx")

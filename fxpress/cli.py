@@ -38,7 +38,7 @@ def _build_passes(args: argparse.Namespace) -> list:
         entries = [{"type": n, "fields": {}} for n in names]
     for item in args.set or []:
         if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise RecipeError(f"--set takes PASS.FIELD=VALUE (e.g. quantize.w_bits=4), got '{item}'")
+            raise RecipeError(f"--set takes PASS.FIELD=VALUE (e.g. quantize.weights.bits=4), got '{item}'")
         key, value = item.split("=", 1)
         pass_name, field = key.split(".", 1)
         matches = [e for e in entries if e["type"] == pass_name]

@@ -13,6 +13,7 @@ import fxpress.runtime  # noqa: F401  (defines the ops)
 from fxpress.calibration import Calibration, collect_activations
 from fxpress.capture import capture
 from fxpress.passes import FoldHadamard, Quantize, Rotate, run_passes
+from fxpress.passes.quantize import ActQuant, KVQuant, WeightQuant
 from fxpress.program import Program
 from fxpress.zoo import tiny_causal_lm
 
@@ -42,8 +43,7 @@ def _searched_act_case(symmetric: bool) -> tuple[Program, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     vocab = program.info.vocab_size
     program.calibration = Calibration(torch.randint(0, vocab, (8, 32), generator=gen))
-    run_passes(program, [Rotate(), FoldHadamard(), Quantize(w_bits=None, a_bits=4, kv_bits=4, kv_clip_ratio=0.95,
-                                                            act_clip_search=True, act_symmetric=symmetric)],
+    run_passes(program, [Rotate(), FoldHadamard(), Quantize(weights=WeightQuant(bits=None), activations=ActQuant(bits=4, clip_search=True, symmetric=symmetric), kv_cache=KVQuant(bits=4, clip_ratio=0.95))],
                progress=False)
     hidden = program.info.hidden_size
     nodes = [n for n in program.graph.nodes if n.target is QUANTIZE_ACT]

@@ -20,7 +20,7 @@ def test_passes_lists_every_registered_pass(capsys):
     [
         (["compile", "--passes", "rotatee", "--out", "x"], "unknown pass 'rotatee'"),
         (["compile", "--passes", "quantize", "--set", "quantize.bitz=4", "--out", "x"], "has no field 'bitz'"),
-        (["compile", "--passes", "quantize", "--set", "quantise.w_bits=4", "--out", "x"], "pass 'quantise' is not in the pipeline"),
+        (["compile", "--passes", "quantize", "--set", "quantise.weights.bits=4", "--out", "x"], "pass 'quantise' is not in the pipeline"),
     ],
 )
 def test_bad_pipelines_fail_with_one_line_before_loading_anything(argv, message, capsys, tmp_path):

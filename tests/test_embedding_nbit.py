@@ -11,6 +11,7 @@ from fxpress.capture import capture
 from fxpress.errors import ConfigError, PassError
 from fxpress.passes import Quantize
 from fxpress.passes.manager import run_passes
+from fxpress.passes.quantize import TableQuant, WeightQuant
 from fxpress.runtime.embedding import EMBEDDING_NBIT  # noqa: F401  (defines fxpress::embedding_nbit)
 from fxpress.runtime.quant import dequantize_weight, pack_codes, pack_weight
 from fxpress.runtime.runners import TorchRunner
@@ -110,9 +111,10 @@ def tied_llama():
     return capture(tiny_causal_lm("llama", tie_word_embeddings=True))
 
 
-def _packed(program, **fields):
+def _packed(program, **tables):
     out = copy.deepcopy(program)
-    out.last_result = run_passes(out, [Quantize(w_bits=4, group_size=32, **fields)], progress=False)[-1]
+    quantize = Quantize(weights=WeightQuant(bits=4, group_size=32), tables=TableQuant(**tables))
+    out.last_result = run_passes(out, [quantize], progress=False)[-1]
     return out
 
 
@@ -143,7 +145,7 @@ def test_tied_table_is_packed_once_and_read_by_both(tied_llama):
 
 def test_different_bits_store_a_tied_table_twice_with_a_warning(tied_llama):
     program = copy.deepcopy(tied_llama)
-    result = run_passes(program, [Quantize(w_bits=None, embedding_bits=4, lm_head_bits=8, group_size=32)],
+    result = run_passes(program, [Quantize(weights=WeightQuant(bits=None, group_size=32), tables=TableQuant(embedding_bits=4, lm_head_bits=8))],
                         progress=False)[-1]
     readers = _table_readers(program)
     assert readers == {"model_lm_head_weight_q4_packed": {"embedding_nbit"},
@@ -153,18 +155,18 @@ def test_different_bits_store_a_tied_table_twice_with_a_warning(tied_llama):
 
 def test_embedding_only_keeps_the_fp_head_and_says_so(tied_llama):
     program = copy.deepcopy(tied_llama)
-    result = run_passes(program, [Quantize(w_bits=None, embedding_bits=8)], progress=False)[-1]
+    result = run_passes(program, [Quantize(weights=WeightQuant(bits=None), tables=TableQuant(embedding_bits=8))], progress=False)[-1]
     assert any("still read in full precision" in w for w in result.warnings)
     ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(0))
     assert _rel(program(ids), tied_llama(ids)) < 0.02
 
 
 @pytest.mark.parametrize("fields,needle", [
-    (dict(embedding_bits=1), "embedding_bits"),
-    (dict(lm_head_bits=9), "lm_head_bits"),
-    (dict(embedding_bits=True), "embedding_bits"),
-    (dict(w_bits=None), "nothing to do"),
-    (dict(embedding_bits=8, table_group_size=12), "table_group_size"),
+    (dict(tables=TableQuant(embedding_bits=1)), "tables.embedding_bits"),
+    (dict(tables=TableQuant(lm_head_bits=9)), "tables.lm_head_bits"),
+    (dict(tables=TableQuant(embedding_bits=True)), "tables.embedding_bits"),
+    (dict(weights=WeightQuant(bits=None)), "nothing to do"),
+    (dict(tables=TableQuant(embedding_bits=8, group_size=12)), "tables.group_size"),
 ])
 def test_bad_table_fields_raise_config_errors(fields, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -175,7 +177,7 @@ def test_embedding_bits_on_a_model_without_embedding_is_a_clear_error():
     mlp = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
     program = capture(mlp, (torch.randn(2, 16),))
     with pytest.raises(PassError, match="no embedding lookup"):
-        run_passes(program, [Quantize(embedding_bits=8)], progress=False)
+        run_passes(program, [Quantize(tables=TableQuant(embedding_bits=8))], progress=False)
 
 
 def test_packed_tied_llama_exports_to_onnx_with_parity(tmp_path, tied_llama):

@@ -63,10 +63,11 @@ def test_rotated_w4a4kv4_lm_with_kv_cache_matches_pytorch_and_generates_the_same
     from fxpress.calibration import Calibration
     from fxpress.passes import FoldHadamard, Quantize, Rotate
     from fxpress.passes.manager import run_passes
+    from fxpress.passes.quantize import ActQuant, KVQuant, WeightQuant
 
     program = capture(tiny_causal_lm("llama"))
     program.calibration = Calibration(torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)))
-    run_passes(program, [Rotate(), FoldHadamard(), Quantize(w_bits=4, a_bits=4, kv_bits=4, group_size=32)],
+    run_passes(program, [Rotate(), FoldHadamard(), Quantize(weights=WeightQuant(bits=4, group_size=32), activations=ActQuant(bits=4), kv_cache=KVQuant(bits=4))],
                progress=False)
     export_tvm(copy.deepcopy(program), tmp_path / "llama")
     runner, ref = TvmRunner(tmp_path / "llama"), TorchRunner(program)

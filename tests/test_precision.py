@@ -12,6 +12,7 @@ from fxpress.calibration import Calibration, collect_activations  # noqa: E402
 from fxpress.capture import capture  # noqa: E402
 from fxpress.errors import ConfigError  # noqa: E402
 from fxpress.passes import FoldHadamard, Precision, Quantize, Rotate, pass_from_dict, run_passes  # noqa: E402
+from fxpress.passes.quantize import ActQuant, KVQuant, TableQuant, WeightQuant
 from fxpress.runtime.runners import OnnxRunner, TorchRunner, TvmRunner  # noqa: E402
 from fxpress.zoo import tiny_causal_lm  # noqa: E402
 
@@ -39,8 +40,7 @@ def w4a4kv4():
     program = capture(tiny_causal_lm("llama", seed=0))
     program.calibration = Calibration(_ids(program.info.vocab_size, 8, 32, seed=0))
     run_passes(program, [Rotate(), FoldHadamard(),
-                         Quantize(w_bits=4, a_bits=4, kv_bits=4, kv_clip_ratio=0.95, act_clip_search=True,
-                                  act_symmetric=False, embedding_bits=4, table_group_size=32),
+                         Quantize(weights=WeightQuant(bits=4), activations=ActQuant(bits=4, clip_search=True, symmetric=False), kv_cache=KVQuant(bits=4, clip_ratio=0.95), tables=TableQuant(embedding_bits=4, group_size=32)),
                          Precision()], progress=False)
     return program
 

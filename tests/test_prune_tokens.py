@@ -32,6 +32,7 @@ from fxpress.passes.prune_tokens.router import (
     find_blocks,
     route_blocks,
 )
+from fxpress.passes.quantize import WeightQuant
 from fxpress.zoo import tiny_causal_lm
 
 LAYERS = 4
@@ -271,7 +272,7 @@ def test_composes_with_rotate_and_quantize_and_exports_to_onnx(tmp_path):
     calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
     prune = PruneTokens(sparsity=0.25, guide_steps=20, train_steps=1, search_evals=2, refine_evals=0, probes=4,
                         max_block_sparsity=0.75, sensitivity_probes=False, progress=False)  # routed, none dropped
-    cm = fxpress.compile(model, passes=[Rotate(), Quantize(w_bits=4, group_size=32), prune], calibration=calib,
+    cm = fxpress.compile(model, passes=[Rotate(), Quantize(weights=WeightQuant(bits=4, group_size=32)), prune], calibration=calib,
                          progress=False)
     assert cm.program.history == ["rotate", "quantize", "prune_tokens"]
     result = cm.program.report[-1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 
 import pytest
@@ -10,9 +11,12 @@ import torch
 from fxpress import graph as G
 from fxpress.calibration import Calibration
 from fxpress.capture import capture
-from fxpress.errors import ConfigError, PassError, PassOrderError
+from fxpress.cli import _build_passes
+from fxpress.errors import ConfigError, PassError, PassOrderError, RecipeError
 from fxpress.evaluate import compare_logits, perplexity
 from fxpress.passes import Quantize, pass_from_dict, run_passes
+from fxpress.passes.quantize import ActQuant, KVQuant, TableQuant, WeightQuant
+from fxpress.recipe import load_recipe
 from fxpress.zoo import tiny_causal_lm
 
 LINEAR_NBIT = torch.ops.fxpress.linear_nbit.default
@@ -41,22 +45,22 @@ def _count(program, target) -> int:
 @pytest.mark.parametrize(
     "fields,needle",
     [
-        ({"w_bits": 9}, "w_bits"),
-        ({"w_bits": 1}, "w_bits"),
-        ({"a_bits": 16}, "a_bits"),
-        ({"kv_bits": 0}, "kv_bits"),
-        ({"w_bits": None}, "nothing to do"),
-        ({"group_size": 100}, "group_size"),
-        ({"group_size": 0}, "group_size"),
-        ({"method": "awq"}, "method"),
-        ({"act_order": True}, "act_order"),
-        ({"clip_ratio": 0.0}, "clip_ratio"),
-        ({"kv_clip_ratio": 1.5}, "kv_clip_ratio"),
-        ({"skip": "lm_head"}, "skip"),
-        ({"skip": ["(unclosed"]}, "regular expression"),
-        ({"symmetric": "yes"}, "symmetric"),
-        ({"act_clip_search": 1}, "act_clip_search"),
-        ({"act_symmetric": None}, "act_symmetric"),
+        ({"weights": WeightQuant(bits=9)}, "weights.bits"),
+        ({"weights": WeightQuant(bits=1)}, "weights.bits"),
+        ({"activations": ActQuant(bits=16)}, "activations.bits"),
+        ({"kv_cache": KVQuant(bits=0)}, "kv_cache.bits"),
+        ({"weights": WeightQuant(bits=None)}, "nothing to do"),
+        ({"weights": WeightQuant(group_size=100)}, "weights.group_size"),
+        ({"weights": WeightQuant(group_size=0)}, "weights.group_size"),
+        ({"weights": WeightQuant(method="awq")}, "weights.method"),
+        ({"weights": WeightQuant(act_order=True)}, "weights.act_order"),
+        ({"activations": ActQuant(clip_ratio=0.0)}, "activations.clip_ratio"),
+        ({"kv_cache": KVQuant(clip_ratio=1.5)}, "kv_cache.clip_ratio"),
+        ({"weights": WeightQuant(skip="lm_head")}, "weights.skip"),
+        ({"weights": WeightQuant(skip=["(unclosed"])}, "regular expression"),
+        ({"weights": WeightQuant(symmetric="yes")}, "weights.symmetric"),
+        ({"activations": ActQuant(clip_search=1)}, "activations.clip_search"),
+        ({"activations": ActQuant(symmetric=None)}, "activations.symmetric"),
     ],
 )
 def test_bad_fields_raise_config_errors(fields, needle):
@@ -69,35 +73,76 @@ def test_gptq_without_calibration_is_refused_before_work(tiny_llama):
     program.calibration = None
     before = len(program.graph.nodes)
     with pytest.raises(ConfigError, match="calibration"):
-        run_passes(program, [Quantize(method="gptq")])
+        run_passes(program, [Quantize(weights=WeightQuant(method="gptq"))])
     assert len(program.graph.nodes) == before
-    run_passes(program, [Quantize(method="rtn")], progress=False)  # RTN needs no data
+    run_passes(program, [Quantize(weights=WeightQuant(method="rtn"))], progress=False)  # RTN needs no data
 
 
 def test_quantize_twice_is_an_order_error_and_nothing_else_is(tiny_llama):
     assert Quantize.not_after == ("quantize",)
-    program, _ = _quantized(tiny_llama[0], Quantize(w_bits=8))
+    program, _ = _quantized(tiny_llama[0], Quantize(weights=WeightQuant(bits=8)))
     with pytest.raises(PassOrderError):
-        run_passes(program, [Quantize(w_bits=4)])
+        run_passes(program, [Quantize(weights=WeightQuant(bits=4))])
 
 
 def test_kv_bits_on_a_model_without_cache_is_a_clear_error():
     mlp = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
     program = capture(mlp, (torch.randn(2, 16),))
     with pytest.raises(PassError, match="no KV cache"):
-        run_passes(program, [Quantize(w_bits=4, kv_bits=4)])
+        run_passes(program, [Quantize(weights=WeightQuant(bits=4), kv_cache=KVQuant(bits=4))])
 
 
 def test_recipe_round_trip():
-    q = Quantize(w_bits=4, a_bits=4, kv_bits=4, group_size=64, method="gptq", act_order=True, skip=("lm_head", "gate"))
+    q = Quantize(weights=WeightQuant(bits=4, group_size=64, method="gptq", act_order=True, skip=("lm_head", "gate")), activations=ActQuant(bits=4), kv_cache=KVQuant(bits=4))
     again = pass_from_dict(q.to_dict())
     assert again.to_dict() == q.to_dict()
+
+
+V1_RECIPE = """\
+fxpress_recipe: 1
+passes:
+  - type: quantize
+    version: 1
+    fields: {w_bits: 4, a_bits: 4, kv_bits: 4, method: gptq, act_order: true, act_clip_search: true,
+             act_symmetric: false, clip_ratio: 0.9, kv_clip_ratio: 0.95, skip: [lm_head, gate],
+             embedding_bits: 4, lm_head_bits: 4, table_group_size: 32}
+"""
+
+
+def test_a_version_1_flat_recipe_loads_into_the_same_groups(tmp_path):
+    """Recipes written before the fields were grouped (version 1, flat) load into the same configuration."""
+    (tmp_path / "old.yaml").write_text(V1_RECIPE)
+    [loaded] = load_recipe(tmp_path / "old.yaml")
+    assert loaded == Quantize(
+        weights=WeightQuant(bits=4, method="gptq", act_order=True, skip=("lm_head", "gate")),
+        activations=ActQuant(bits=4, symmetric=False, clip_ratio=0.9, clip_search=True),
+        kv_cache=KVQuant(bits=4, clip_ratio=0.95),
+        tables=TableQuant(embedding_bits=4, lm_head_bits=4, group_size=32),
+    )
+    assert loaded.to_dict()["version"] == Quantize.version == 2
+    flat = {"type": "quantize", "version": 1, "fields": {"w_bits": 4, "a_bits": 4, "kv_bits": 4, "method": "gptq",
+                                                         "act_clip_search": True, "act_symmetric": False}}
+    assert pass_from_dict(flat) == Quantize(weights=WeightQuant(method="gptq"), kv_cache=KVQuant(bits=4),
+                                            activations=ActQuant(bits=4, symmetric=False, clip_search=True))
+
+
+def test_a_version_1_recipe_with_an_unknown_field_names_it():
+    with pytest.raises(RecipeError, match="w_bitz"):
+        pass_from_dict({"type": "quantize", "version": 1, "fields": {"w_bitz": 4}})
+
+
+def test_cli_set_reaches_a_field_of_a_group():
+    args = argparse.Namespace(recipe=None, passes="quantize", set=["quantize.weights.bits=3", "quantize.kv_cache.bits=4"])
+    [quantize] = _build_passes(args)
+    assert quantize.weights == WeightQuant(bits=3) and quantize.kv_cache == KVQuant(bits=4)
+    with pytest.raises(RecipeError, match="quantize.weights has no field 'w_bits'"):
+        _build_passes(argparse.Namespace(recipe=None, passes="quantize", set=["quantize.weights.w_bits=3"]))
 
 
 def test_every_linear_but_lm_head_is_packed_and_bytes_shrink(tiny_llama):
     program, ids = tiny_llama
     linears = G.linear_uses(program.graph)
-    q, result = _quantized(program, Quantize(w_bits=4, group_size=32))
+    q, result = _quantized(program, Quantize(weights=WeightQuant(bits=4, group_size=32)))
     assert _count(q, LINEAR_NBIT) == len(linears) - 1
     left = [u.name for u in G.linear_uses(q.graph)]
     assert left == ["model.lm_head.weight"]
@@ -116,7 +161,7 @@ def test_every_linear_but_lm_head_is_packed_and_bytes_shrink(tiny_llama):
 @pytest.mark.parametrize("bits,tolerance", [(8, 0.03), (6, 0.06), (4, 0.2)])
 def test_quantized_tiny_model_stays_close(tiny_llama, bits, tolerance):
     program, ids = tiny_llama
-    q, _ = _quantized(program, Quantize(w_bits=bits, a_bits=8, kv_bits=8, group_size=32))
+    q, _ = _quantized(program, Quantize(weights=WeightQuant(bits=bits, group_size=32), activations=ActQuant(bits=8), kv_cache=KVQuant(bits=8)))
     ref, out = program(ids), q(ids)
     rel = float((out - ref).abs().max() / ref.abs().max())
     assert rel < tolerance
@@ -125,7 +170,7 @@ def test_quantized_tiny_model_stays_close(tiny_llama, bits, tolerance):
 
 def test_activation_and_kv_quantizers_are_where_the_issue_says(tiny_llama):
     program, ids = tiny_llama
-    q, result = _quantized(program, Quantize(w_bits=None, a_bits=4, kv_bits=3))
+    q, result = _quantized(program, Quantize(weights=WeightQuant(bits=None), activations=ActQuant(bits=4), kv_cache=KVQuant(bits=3)))
     layers = program.info.num_layers
     # one shared quantizer per distinct linear input: q/k/v, o, gate/up, down per layer
     assert result.stats["activation_quantizers"] == 4 * layers
@@ -152,7 +197,7 @@ def test_after_rotation_keys_are_quantized_after_the_online_hadamard(tiny_llama)
     from fxpress.passes import FoldHadamard, Rotate
 
     program, ids = tiny_llama
-    q, result = _quantized(program, Rotate(), FoldHadamard(), Quantize(w_bits=4, a_bits=8, kv_bits=8, method="gptq"))
+    q, result = _quantized(program, Rotate(), FoldHadamard(), Quantize(weights=WeightQuant(bits=4, method="gptq"), activations=ActQuant(bits=8), kv_cache=KVQuant(bits=8)))
     writes = G.cache_writes(q.module)
     keys = [w for w in writes if w.kind == "key"]
     assert keys and all(w.new.target is QUANTIZE_ACT and w.new.args[0].target is torch.ops.fxpress.hadamard.default
@@ -169,7 +214,7 @@ def test_gptq_beats_rtn_on_a_tiny_model(tiny_llama):
     ref_fn = program
     kl = {}
     for method in ("rtn", "gptq"):
-        q, result = _quantized(program, Quantize(w_bits=3, group_size=32, method=method))
+        q, result = _quantized(program, Quantize(weights=WeightQuant(bits=3, group_size=32, method=method)))
         kl[method] = compare_logits(ref_fn, q, calib[:8], batch_size=8)["kl"]
     assert result.stats["gptq_groups"] == 4 * program.info.num_layers
     assert kl["gptq"] < 0.8 * kl["rtn"]
@@ -177,8 +222,8 @@ def test_gptq_beats_rtn_on_a_tiny_model(tiny_llama):
 
 def test_same_seed_gives_the_same_packed_weights(tiny_llama):
     program, _ = tiny_llama
-    a, _ = _quantized(program, Quantize(w_bits=4, method="gptq", act_order=True, seed=3))
-    b, _ = _quantized(program, Quantize(w_bits=4, method="gptq", act_order=True, seed=3))
+    a, _ = _quantized(program, Quantize(weights=WeightQuant(bits=4, method="gptq", act_order=True, seed=3)))
+    b, _ = _quantized(program, Quantize(weights=WeightQuant(bits=4, method="gptq", act_order=True, seed=3)))
     bufs_a, bufs_b = dict(a.module.named_buffers()), dict(b.module.named_buffers())
     assert bufs_a.keys() == bufs_b.keys()
     assert all(torch.equal(bufs_a[k], bufs_b[k]) for k in bufs_a)
@@ -187,7 +232,7 @@ def test_same_seed_gives_the_same_packed_weights(tiny_llama):
 def test_fused_moe_experts_are_reported_not_silently_skipped():
     program = capture(tiny_causal_lm("mixtral", seed=0))
     fused = [u for u in G.linear_uses(program.graph) if u.fused_experts]
-    q, result = _quantized(program, Quantize(w_bits=4))
+    q, result = _quantized(program, Quantize(weights=WeightQuant(bits=4)))
     for use in fused:
         assert use.name in result.stats["skipped"]
         assert any(use.name in w for w in result.warnings)
@@ -199,7 +244,7 @@ def test_smollm2_w4a16_keeps_perplexity(smollm2_program, eval_windows):
     """W4 g128 asymmetric RTN: g128 (not g32) because SmolLM2 was stored as Q4_1 g32, which W4 g32
     would reproduce exactly; hidden 576 = 4.5 * 128, so each row's last group is partial."""
     fp = perplexity(smollm2_program, eval_windows, batch_size=8)
-    q, result = _quantized(smollm2_program, Quantize(w_bits=4, group_size=128))
+    q, result = _quantized(smollm2_program, Quantize(weights=WeightQuant(bits=4, group_size=128)))
     assert _count(q, LINEAR_NBIT) == 7 * smollm2_program.info.num_layers  # every linear but lm_head
     assert result.stats["linear_compression"] > 6.0
     assert any("576" in note for note in result.stats["group_notes"])
@@ -213,7 +258,7 @@ def test_act_clip_search_needs_calibration_and_is_refused_before_work(tiny_llama
     program.calibration = None
     before = len(program.graph.nodes)
     with pytest.raises(ConfigError, match="calibration"):
-        run_passes(program, [Quantize(w_bits=None, a_bits=4, act_clip_search=True)])
+        run_passes(program, [Quantize(weights=WeightQuant(bits=None), activations=ActQuant(bits=4, clip_search=True))])
     assert len(program.graph.nodes) == before
 
 
@@ -226,9 +271,8 @@ def test_act_clip_search_picks_a_ratio_per_quantizer_and_lowers_the_error(tiny_l
     """Each activation quantizer gets its own ratio from the grid (at most clip_ratio); KV quantizers keep
     kv_clip_ratio; the searched model is closer to fp than the fixed ratio on held-out tokens."""
     program, ids = tiny_llama
-    fixed, _ = _quantized(program, Quantize(w_bits=None, a_bits=4, kv_bits=4, clip_ratio=0.9))
-    searched, result = _quantized(program, Quantize(w_bits=None, a_bits=4, kv_bits=4, clip_ratio=0.9,
-                                                    act_clip_search=True))
+    fixed, _ = _quantized(program, Quantize(weights=WeightQuant(bits=None), activations=ActQuant(bits=4, clip_ratio=0.9), kv_cache=KVQuant(bits=4)))
+    searched, result = _quantized(program, Quantize(weights=WeightQuant(bits=None), activations=ActQuant(bits=4, clip_ratio=0.9, clip_search=True), kv_cache=KVQuant(bits=4)))
     chosen = result.stats["act_clip_ratios"]
     assert len(chosen) == result.stats["activation_quantizers"] == 4 * program.info.num_layers
     assert all(0.5 <= r <= 0.9 for r in chosen.values())
@@ -240,7 +284,7 @@ def test_act_clip_search_picks_a_ratio_per_quantizer_and_lowers_the_error(tiny_l
 
 def test_asymmetric_activations_use_a_zero_point_and_all_levels(tiny_llama):
     program, ids = tiny_llama
-    q, result = _quantized(program, Quantize(w_bits=None, a_bits=3, act_symmetric=False))
+    q, result = _quantized(program, Quantize(weights=WeightQuant(bits=None), activations=ActQuant(bits=3, symmetric=False)))
     acts = [n for n in q.graph.nodes if n.target is QUANTIZE_ACT]
     assert len(acts) == result.stats["activation_quantizers"] and all(n.args[3] is False for n in acts)
     x = torch.rand(64, 48) * 4 - 1  # skewed rows in [-1, 3]: the symmetric grid wastes its negative half

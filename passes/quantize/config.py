@@ -1,0 +1,147 @@
+"""Quantize's configuration: one small dataclass per thing it quantizes (weights, activations, KV cache, tables)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from fxpress.errors import ConfigError
+from fxpress.passes.base import check_choice, check_range
+
+
+@dataclass
+class WeightQuant:
+    """Linear weights to `bits` (None: stay in float), packed, `group_size` columns per scale (-1: per channel).
+
+    Asymmetric with integer zero points unless `symmetric`; `method` "rtn" or "gptq" (Hessians from the
+    calibration set, `act_order` and `damp` as in GPTQ); `clip_search` picks each group's clip; linears whose
+    weight name matches a `skip` regex stay in full precision; `seed` fixes GPTQ's randomness.
+    """
+
+    bits: int | None = 4
+    group_size: int = 128
+    symmetric: bool = False
+    method: str = "rtn"
+    act_order: bool = False
+    clip_search: bool = True
+    damp: float = 0.01
+    skip: tuple[str, ...] = ("lm_head",)
+    seed: int = 0
+
+    def validate(self) -> None:
+        check_bits("weights.bits", self.bits)
+        check_group_size("weights.group_size", self.group_size)
+        check_choice("quantize", "weights.method", self.method, ("rtn", "gptq"))
+        if self.act_order and self.method != "gptq":
+            raise ConfigError("quantize.weights.act_order only applies to method='gptq': set method='gptq' or act_order=False")
+        check_flags("weights", self, ("symmetric", "act_order", "clip_search"))
+        check_range("quantize", "weights.damp", self.damp, 0.0, 1.0)
+        _check_skip(self.skip)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ConfigError(f"quantize.weights.seed = {self.seed!r} must be an integer")
+
+
+@dataclass
+class ActQuant:
+    """Dynamic per-token activations into the quantized linears, to `bits` (None: stay in float).
+
+    Symmetric unless `symmetric` is False (then [min(x, 0), max(x, 0)] with an integer zero point: one
+    more level, no half of the grid wasted on skewed rows), clipped at `clip_ratio`; `clip_search` picks
+    each quantizer's own ratio (at most `clip_ratio`) on the calibration set.
+    """
+
+    bits: int | None = None
+    symmetric: bool = True
+    clip_ratio: float = 1.0
+    clip_search: bool = False
+
+    def validate(self) -> None:
+        check_bits("activations.bits", self.bits)
+        check_flags("activations", self, ("symmetric", "clip_search"))
+        check_range("quantize", "activations.clip_ratio", self.clip_ratio, 0.05, 1.0)
+
+
+@dataclass
+class KVQuant:
+    """Keys (after RoPE and any online Hadamard) and values written to the cache: asymmetric per token and head."""
+
+    bits: int | None = None
+    clip_ratio: float = 1.0
+
+    def validate(self) -> None:
+        check_bits("kv_cache.bits", self.bits)
+        check_range("quantize", "kv_cache.clip_ratio", self.clip_ratio, 0.05, 1.0)
+
+
+@dataclass
+class TableQuant:
+    """Token embedding tables (`embedding_bits`) and the linears making the logits (`lm_head_bits`), RTN.
+
+    `group_size` None uses the weights' group size. A table tied between the two is stored once when both
+    get the same bits.
+    """
+
+    embedding_bits: int | None = None
+    lm_head_bits: int | None = None
+    group_size: int | None = None
+
+    def validate(self) -> None:
+        check_bits("tables.embedding_bits", self.embedding_bits)
+        check_bits("tables.lm_head_bits", self.lm_head_bits)
+        if self.group_size is not None:
+            check_group_size("tables.group_size", self.group_size)
+
+
+def check_bits(path: str, value: Any) -> None:
+    if not (value is None or (isinstance(value, int) and not isinstance(value, bool) and 2 <= value <= 8)):
+        raise ConfigError(f"quantize.{path} = {value!r} is not allowed: use an integer from 2 to 8, or None to leave it in float")
+
+
+def check_group_size(path: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not (value == -1 or (value >= 8 and value % 8 == 0)):
+        raise ConfigError(
+            f"quantize.{path} = {value!r} is not allowed: use -1 (one group per output channel) or a "
+            "multiple of 8 (a power of two >= 16, e.g. 32, 64, 128, maps directly to ONNX MatMulNBits)"
+        )
+
+
+def check_flags(group: str, config: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        if not isinstance(getattr(config, name), bool):
+            raise ConfigError(f"quantize.{group}.{name} = {getattr(config, name)!r} must be True or False")
+
+
+def _check_skip(skip: Any) -> None:
+    if isinstance(skip, str) or not all(isinstance(p, str) for p in skip):
+        raise ConfigError(f"quantize.weights.skip = {skip!r} must be a list of regular expressions, e.g. ['lm_head']")
+    for pattern in skip:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ConfigError(f"quantize.weights.skip pattern {pattern!r} is not a valid regular expression: {err}") from err
+
+
+# Version 1 recipes held all 18 fields flat; version 2 groups them. Old name -> (group, new name).
+V1_FIELDS: dict[str, tuple[str, str]] = {
+    "w_bits": ("weights", "bits"), "group_size": ("weights", "group_size"), "symmetric": ("weights", "symmetric"),
+    "method": ("weights", "method"), "act_order": ("weights", "act_order"), "clip_search": ("weights", "clip_search"),
+    "damp": ("weights", "damp"), "skip": ("weights", "skip"), "seed": ("weights", "seed"),
+    "a_bits": ("activations", "bits"), "act_symmetric": ("activations", "symmetric"),
+    "clip_ratio": ("activations", "clip_ratio"), "act_clip_search": ("activations", "clip_search"),
+    "kv_bits": ("kv_cache", "bits"), "kv_clip_ratio": ("kv_cache", "clip_ratio"),
+    "embedding_bits": ("tables", "embedding_bits"), "lm_head_bits": ("tables", "lm_head_bits"),
+    "table_group_size": ("tables", "group_size"),
+}
+
+
+def group_v1_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 flat recipe's fields as version-2 groups; unknown names pass through for build_config to name."""
+    grouped: dict[str, Any] = {}
+    for name, value in fields.items():
+        if name in V1_FIELDS:
+            group, new_name = V1_FIELDS[name]
+            grouped.setdefault(group, {})[new_name] = value
+        else:
+            grouped[name] = value
+    return grouped
