@@ -24,8 +24,8 @@ from bench_moe_common import REPORT, describe_machine, md_table, tiny_moe_progra
 from fxpress.data import token_windows
 from fxpress.evaluate import paired_bootstrap, window_metrics
 from fxpress.passes.manager import run_passes
+from fxpress.passes.quantize_experts import ExpertAnalysis, ExpertBudget, ExpertWeights, QuantizeExperts
 from fxpress.passes.quantize_experts.analysis import analyse_program
-from fxpress.passes.quantize_experts.quantize_experts import QuantizeExperts
 
 ALLOCATIONS = ("uniform", "frequency", "moqa")
 
@@ -59,17 +59,19 @@ def main() -> None:
     programs, plans, seconds = {}, {}, {}
     for method in args.methods:
         for budget in args.budgets:
-            runs = [(a, a, {}) for a in ALLOCATIONS]
+            runs = [(a, a, args.sensitivity, {}) for a in ALLOCATIONS]
             for v in args.variants:
-                extra = {"trust_region": (0.0,)} if v == "plain" else {"sensitivity": v}
-                runs.append((f"moqa ({v})", "moqa", extra))
-            for label, allocation, extra in runs:
+                plain = v == "plain"
+                runs.append((f"moqa ({v})", "moqa", args.sensitivity if plain else v, {"trust_region": (0.0,)} if plain else {}))
+            for label, allocation, sensitivity, trust_region in runs:
                 key = (method, budget, label)
                 program = copy.deepcopy(base)
                 start = time.time()
-                options = {"sensitivity": args.sensitivity, "selection_samples": selection, **extra}
-                run_passes(program, [QuantizeExperts(avg_bits=budget, allocation=allocation, method=method,
-                                                     group_size=args.group_size, verbose=False, **options)])
+                quantize = QuantizeExperts(
+                    budget=ExpertBudget(avg_bits=budget, allocation=allocation, selection_samples=selection, **trust_region),
+                    weights=ExpertWeights(method=method, group_size=args.group_size),
+                    analysis=ExpertAnalysis(sensitivity=sensitivity), verbose=False)
+                run_passes(program, [quantize])
                 seconds[key] = time.time() - start
                 programs[key], plans[key] = program, program.metadata["quantize_experts"]
                 print(f"{method} {budget} {label:9s}: avg bits {plans[key]['avg_bits']:.3f}, "

@@ -32,7 +32,7 @@ def tiny_moe_program(calib_windows: int, seq: int = 128):
 
 def with_selection(program, tokenizer, windows: int, seq: int = 128) -> int:
     """Append `windows` x `seq` "heldout" tokens (FAQ text) to the calibration; returns how many, for
-    `QuantizeExperts(selection_samples=...)`, which keeps them out of the analysis and scores plans on them."""
+    `QuantizeExperts(budget=ExpertBudget(selection_samples=...))`, which keeps them out of the analysis and scores plans on them."""
     if windows:
         held = token_windows(tokenizer, "heldout", seq, windows)
         program.calibration = Calibration(torch.cat([program.calibration.batches, held]))

@@ -19,7 +19,7 @@ from bench_moe_common import EXPORT_HEADING, REPORT, tiny_moe_program, with_sele
 
 from fxpress.data import token_windows
 from fxpress.passes.manager import run_passes
-from fxpress.passes.quantize_experts.quantize_experts import QuantizeExperts
+from fxpress.passes.quantize_experts import ExpertBudget, QuantizeExperts
 
 
 def agreement(ref_fn, fn, windows: torch.Tensor) -> tuple[float, float]:
@@ -63,7 +63,7 @@ def main() -> None:
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for budget in args.budgets:
         program = copy.deepcopy(base)
-        run_passes(program, [QuantizeExperts(avg_bits=budget, verbose=False, selection_samples=selection)])
+        run_passes(program, [QuantizeExperts(budget=ExpertBudget(avg_bits=budget, selection_samples=selection), verbose=False)])
         summary = program.metadata["quantize_experts"]
         with tempfile.TemporaryDirectory() as tmp:
             for target in ("onnx", "tvm"):

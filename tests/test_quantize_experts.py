@@ -12,21 +12,14 @@ import torch.nn as nn
 
 from fxpress.calibration import Calibration
 from fxpress.capture import capture
-from fxpress.errors import ConfigError
+from fxpress.errors import ConfigError, RecipeError
 from fxpress.graph import expert_layers
+from fxpress.passes.base import pass_from_dict
 from fxpress.passes.manager import run_passes
-from fxpress.passes.quantize_experts.analysis import (
-    analyse_program,
-    expert_functions,
-    model_sensitivity,
-    quantize_matrix,
-)
-from fxpress.passes.quantize_experts.quantize_experts import (
-    Item,
-    QuantizeExperts,
-    average_bits,
-    solve_allocation,
-)
+from fxpress.passes.quantize_experts import ExpertAnalysis, ExpertBudget, ExpertWeights, QuantizeExperts
+from fxpress.passes.quantize_experts.analysis import analyse_program, expert_functions, quantize_matrix
+from fxpress.passes.quantize_experts.sensitivity import model_sensitivity
+from fxpress.passes.quantize_experts.solver import Item, average_bits, solve_allocation
 from fxpress.runtime.moe_quant import _grouped_linear_nbit
 from fxpress.zoo import MOE_FAMILIES, tiny_causal_lm
 
@@ -70,7 +63,7 @@ def test_solver_is_optimal_against_brute_force(seed, budget):
 
 def test_allocation_respects_budget_exactly_on_a_real_moe():
     program = _program("qwen2_moe")
-    run_passes(program, [QuantizeExperts(avg_bits=2.5, verbose=False)])
+    run_passes(program, [QuantizeExperts(budget=ExpertBudget(avg_bits=2.5), verbose=False)])
     plan = program.metadata["quantize_experts"]
     # every expert projection has the same size across experts here, so 2.5 bits is reachable exactly
     assert plan["avg_bits"] == pytest.approx(2.5, abs=1e-12)
@@ -80,13 +73,31 @@ def test_allocation_respects_budget_exactly_on_a_real_moe():
 
 def test_bad_config_is_rejected_before_work():
     with pytest.raises(ConfigError, match="avg_bits"):
-        QuantizeExperts(avg_bits=1.5).validate()
+        QuantizeExperts(budget=ExpertBudget(avg_bits=1.5)).validate()
     with pytest.raises(ConfigError, match="bit_choices"):
-        QuantizeExperts(bit_choices=(2, 9)).validate()
+        QuantizeExperts(budget=ExpertBudget(bit_choices=(2, 9))).validate()
     with pytest.raises(ConfigError, match="allocation"):
-        QuantizeExperts(allocation="random").validate()
+        QuantizeExperts(budget=ExpertBudget(allocation="random")).validate()
     with pytest.raises(ConfigError, match="group_size"):
-        QuantizeExperts(group_size=12).validate()
+        QuantizeExperts(weights=ExpertWeights(group_size=12)).validate()
+
+
+def test_a_version_3_flat_recipe_loads_into_the_same_groups():
+    """Recipes written before the fields were grouped (version 3, flat) load into the same configuration."""
+    old = {"type": "quantize_experts", "version": 3, "fields": {
+        "avg_bits": 2.5, "bit_choices": [2, 3, 4], "allocation": "frequency", "granularity": "expert", "method": "gptq",
+        "group_size": 32, "shared_bits": None, "sensitivity": "kl", "fisher_samples": 4, "min_rows": 16,
+        "trust_region": [0.0, 1.0], "selection_samples": 2, "calib_samples": 6, "verbose": False}}
+    loaded = pass_from_dict(old)
+    assert loaded == QuantizeExperts(
+        budget=ExpertBudget(avg_bits=2.5, allocation="frequency", granularity="expert", trust_region=(0.0, 1.0),
+                            selection_samples=2),
+        weights=ExpertWeights(group_size=32, method="gptq", shared_bits=None),
+        analysis=ExpertAnalysis(sensitivity="kl", fisher_samples=4, min_rows=16, calib_samples=6), verbose=False)
+    assert loaded.to_dict()["version"] == QuantizeExperts.version == 4
+    assert pass_from_dict(loaded.to_dict()) == loaded
+    with pytest.raises(RecipeError, match="avg_bitz"):
+        pass_from_dict({"type": "quantize_experts", "version": 3, "fields": {"avg_bitz": 3}})
 
 
 def test_dense_model_gets_a_clear_error():
@@ -125,7 +136,7 @@ def test_quantize_experts_on_every_moe_family(family):
     ids = _ids()
     reference = program(ids)
     before = program.weight_bytes()
-    run_passes(program, [QuantizeExperts(avg_bits=8, bit_choices=(8,), verbose=False)])
+    run_passes(program, [QuantizeExperts(budget=ExpertBudget(avg_bits=8, bit_choices=(8,)), verbose=False)])
     out = program(ids)
     names = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert "fxpress.grouped_linear_nbit.default" in names
@@ -145,7 +156,7 @@ def test_mixed_precision_output_is_finite_and_close(family):
     program = _program(family)
     ids = _ids()
     reference = program(ids)
-    run_passes(program, [QuantizeExperts(avg_bits=3.0, verbose=False, method="gptq")])
+    run_passes(program, [QuantizeExperts(budget=ExpertBudget(avg_bits=3.0), weights=ExpertWeights(method="gptq"), verbose=False)])
     out = program(ids)
     assert torch.isfinite(out).all()
     agree = (out.argmax(-1) == reference.argmax(-1)).float().mean()
@@ -201,7 +212,7 @@ def test_expert_without_tokens_is_calibrated_on_purpose():
     kl = analyse_program(program, min_rows=32, fisher=True).layers[0].model_kl
     assert kl[(3, "down_proj")][2] > kl[(3, "down_proj")][4] > 0  # its prior rows' cost, in KL
 
-    run_passes(program, [QuantizeExperts(avg_bits=3.0, verbose=False, method="gptq")])
+    run_passes(program, [QuantizeExperts(budget=ExpertBudget(avg_bits=3.0), weights=ExpertWeights(method="gptq"), verbose=False)])
     for name, buf in program.module.named_buffers():
         assert torch.isfinite(buf.float()).all(), name
     # route tokens to expert 3 again: its quantized weights must be good, not garbage
@@ -263,7 +274,7 @@ def test_per_expert_linear_form():
     assert len(layers[0].shared) == 3
     program.calibration = Calibration(torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(1)))
     reference = program(ids)
-    run_passes(program, [QuantizeExperts(avg_bits=3.0, group_size=32, verbose=False)])
+    run_passes(program, [QuantizeExperts(budget=ExpertBudget(avg_bits=3.0), weights=ExpertWeights(group_size=32), verbose=False)])
     plan = program.metadata["quantize_experts"]
     assert plan["avg_bits"] <= 3.0 and set(plan["experts"][0]["bits"]) == {"gate_proj", "up_proj", "down_proj"}
     out = program(ids)
@@ -300,7 +311,7 @@ def test_trained_tiny_moe_ships_and_specialises():
 def test_trust_region_trades_predicted_error_for_deviation(seed):
     """A larger penalty never moves more weight away from the average and never predicts less error;
     mu = 0 is the plain knapsack and a huge mu gives uniform bits when the budget is a bit choice."""
-    from fxpress.passes.quantize_experts.quantize_experts import trust_region_items
+    from fxpress.passes.quantize_experts.solver import trust_region_items
 
     items = _random_items(24, seed)
     total = sum(it.numel for it in items)
@@ -320,7 +331,7 @@ def test_trust_region_trades_predicted_error_for_deviation(seed):
 def test_measured_selection_picks_the_plan_the_rewritten_program_pays():
     """Every candidate is measured whole on the held-out samples; the chosen one has the lowest loss, and
     the rewritten program's measured loss on those samples is that candidate's (same matrices)."""
-    from fxpress.passes.quantize_experts.analysis import program_loss
+    from fxpress.passes.quantize_experts.sensitivity import program_loss
 
     model = tiny_causal_lm("mixtral")
     with torch.no_grad():  # one expert far more sensitive than the rest: the plain knapsack mixes 2, 3 and 4 bits
@@ -329,8 +340,7 @@ def test_measured_selection_picks_the_plan_the_rewritten_program_pays():
     held = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(5))
     calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
     program.calibration = Calibration(torch.cat([calib, held]))
-    run_passes(program, [QuantizeExperts(avg_bits=3.0, verbose=False, selection_samples=4,
-                                         trust_region=(0.0, 0.5, 2.0, 1e6))])
+    run_passes(program, [QuantizeExperts(budget=ExpertBudget(avg_bits=3.0, selection_samples=4, trust_region=(0.0, 0.5, 2.0, 1e6)), verbose=False)])
     plan = program.metadata["quantize_experts"]
     losses = [c["loss"] for c in plan["candidates"]]
     assert len(losses) >= 2 and sum(c["chosen"] for c in plan["candidates"]) == 1
@@ -339,6 +349,6 @@ def test_measured_selection_picks_the_plan_the_rewritten_program_pays():
     assert program_loss(program, held) == pytest.approx(chosen["loss"], rel=1e-4)
     assert plan["avg_bits"] <= 3.0 + 1e-12
     with pytest.raises(ConfigError, match="selection_samples"):  # checked before any work
-        QuantizeExperts(selection_samples=12)._split_calibration(program)
+        QuantizeExperts(budget=ExpertBudget(selection_samples=12))._split_calibration(program)
     with pytest.raises(ConfigError, match="trust_region"):
-        QuantizeExperts(trust_region=(-1.0,)).validate()
+        QuantizeExperts(budget=ExpertBudget(trust_region=(-1.0,))).validate()

@@ -135,12 +135,13 @@ V1_FIELDS: dict[str, tuple[str, str]] = {
 }
 
 
-def group_v1_fields(fields: dict[str, Any]) -> dict[str, Any]:
-    """A version-1 flat recipe's fields as version-2 groups; unknown names pass through for build_config to name."""
+def regroup_fields(fields: dict[str, Any], moves: dict[str, tuple[str, str]]) -> dict[str, Any]:
+    """Flat recipe fields moved into config groups (`moves`: old name -> (group, new name)); other names
+    pass through, so build_config names any unknown one."""
     grouped: dict[str, Any] = {}
     for name, value in fields.items():
-        if name in V1_FIELDS:
-            group, new_name = V1_FIELDS[name]
+        if name in moves:
+            group, new_name = moves[name]
             grouped.setdefault(group, {})[new_name] = value
         else:
             grouped[name] = value

@@ -21,7 +21,14 @@ from fxpress import graph as G
 from fxpress.errors import ConfigError
 from fxpress.passes.base import Pass, register_pass
 from fxpress.passes.quantize.act_clip import search_act_clips
-from fxpress.passes.quantize.config import ActQuant, KVQuant, TableQuant, WeightQuant, group_v1_fields
+from fxpress.passes.quantize.config import (
+    V1_FIELDS,
+    ActQuant,
+    KVQuant,
+    TableQuant,
+    WeightQuant,
+    regroup_fields,
+)
 from fxpress.passes.quantize.gptq import QuantizedWeight, rtn
 from fxpress.passes.quantize.gptq_runner import gptq_weights, weight_spec
 from fxpress.passes.quantize.tables import add_packed, bias_of, packed_bytes, rewrite_tables, select_tables
@@ -64,7 +71,7 @@ class Quantize(Pass):
     def upgrade_fields(cls, version: int, fields: dict[str, Any]) -> dict[str, Any]:
         """Version 1 held 18 flat fields (w_bits, a_bits, kv_bits, act_clip_search, ...); version 2 groups them."""
         if version == 1:
-            return group_v1_fields(fields)
+            return regroup_fields(fields, V1_FIELDS)
         return super().upgrade_fields(version, fields)
 
     def validate(self) -> None:

@@ -1,51 +1,24 @@
 """QuantizeExperts: MoQa-style mixed precision for mixture-of-experts layers under an average-bit budget.
 
-Find the MoE layers (`fxpress.graph.expert_layers`) -> analyse routing on calibration data
-(`fxpress.passes.quantize_experts.analysis`: activation, sensitivity per expert/projection/bit width, correlation) ->
-choose bits per expert projection with an exact multiple-choice knapsack -> rewrite: fused 3-D experts
-become `fxpress::grouped_linear_nbit`, per-expert and shared-expert linears `fxpress::linear_nbit`,
-all with packed low-bit storage. Routers and small gates stay in full precision; shared experts get
-`shared_bits`. The plan is printed as a table and saved in `program.metadata["quantize_experts"]`.
-
-Fields: `avg_bits` (budget over the routed experts' weights), `bit_choices`, `group_size`, `allocation`,
-`granularity` ("projection": gate/up and down get their own bits; "expert": one width per expert),
-`method` ("rtn", or "gptq" with each expert's routing-weighted Hessian), `sensitivity` ("fisher", the
-default: the model's output KL on the calibration text when only that expert projection is quantized
-at that bit width, to second order from `fisher_samples` sampled-label gradients per routed row, one
-forward and `fisher_samples` backwards per calibration batch; "kl": the same KL measured exactly, one
-forward over the calibration text per projection and bit width (slow); "output": the MoE output error
-weighted by routing weight, local to the layer; causal LMs only for "fisher" and "kl" on KL, other
-programs fall back to the output error),
-`layer_calibration` (with "output"/"fisher": rescale each layer's errors by a measured end-to-end KL),
-`min_rows` (experts with fewer routed rows get tokens routed to them on purpose), `shared_bits`,
-`trust_region` (penalties mu: one knapsack plan per mu, the error plus mu x the mean predicted error per
-parameter, per parameter and bit away from `avg_bits`; mu = 0 is the plain knapsack, a large mu keeps
-bits near uniform) and `selection_samples` (the last that many calibration samples are kept out of the
-analysis and each "moqa" candidate plan is measured whole on them, all its errors together: next-token
-NLL for causal LMs, output error otherwise; the lowest wins; 0: measured on the analysis' own samples).
-Why measured: the additive second-order KL is a good per-projection predictor, but on text unlike the
-calibration text the next-token loss does not follow the KL for plans that move many weights to 2 and
-4 bits (the loss's first-order term, which the KL leaves out, differs between texts), so a held-out text
-decides how far to trust it. Give text of another kind than the calibration text (e.g. the "heldout" split).
-
-Allocations: "moqa" (the analysis' stage 2 sensitivity: end-to-end KL, or routed output error),
-"frequency" (activation frequency x weight error, as earlier MoE work), "uniform" (every expert
-alike: one bit width when the budget is one of the choices, else weight error alone).
+Find the MoE layers (`fxpress.graph.expert_layers`) -> analyse routing on calibration data (`routing`,
+`analysis`: activation, sensitivity per expert/projection/bit width, correlation; `sensitivity`: the same at
+the model output) -> choose bits per expert projection with an exact multiple-choice knapsack (`solver`;
+with a trust-region family of plans measured whole on held-out text, as the additive prediction is most
+wrong for plans far from uniform) -> rewrite: fused 3-D experts become `fxpress::grouped_linear_nbit`,
+per-expert and shared-expert linears `fxpress::linear_nbit`, all with packed low-bit storage. Routers and
+small gates stay in full precision; shared experts get `weights.shared_bits`. The plan is printed as a
+table and saved in `program.metadata["quantize_experts"]`. The configuration groups are in `config`.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from functools import reduce
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import numpy as np
 import torch
 
 import fxpress.runtime.moe_quant  # noqa: F401  (defines fxpress::grouped_linear_nbit)
 import fxpress.runtime.quant  # noqa: F401  (defines fxpress::linear_nbit)
-from fxpress.calibration import program_inputs
 from fxpress.errors import ConfigError
 from fxpress.graph import (
     ExpertLayer,
@@ -56,113 +29,34 @@ from fxpress.graph import (
     param_source,
     replace_with_call,
 )
-from fxpress.passes.base import Pass, check_choice, check_range, register_pass
+from fxpress.passes.base import Pass, register_pass
+from fxpress.passes.quantize.config import regroup_fields
 from fxpress.passes.quantize_experts.analysis import (
+    ExpertFn,
     LayerAnalysis,
-    LayerData,
     MoEAnalysis,
     analyse_layer,
-    calibration_rows,
     expert_functions,
-    layer_significance,
-    model_sensitivity,
-    planned_weights,
-    program_loss,
     proj_name,
     quantize_matrix,
-    record_routing,
     weight_matrix,
     weighted_hessian,
 )
+from fxpress.passes.quantize_experts.config import V3_FIELDS, ExpertAnalysis, ExpertBudget, ExpertWeights
+from fxpress.passes.quantize_experts.routing import LayerData, calibration_rows, record_routing
+from fxpress.passes.quantize_experts.sensitivity import layer_significance, model_sensitivity
+from fxpress.passes.quantize_experts.solver import (
+    Item,
+    allocation_items,
+    average_bits,
+    bits_per_projection,
+    select_plan,
+    solve_allocation,
+    trust_region_items,
+)
 
-
-# --- allocation: exact multiple-choice knapsack ----------------------------------------------------
-@dataclass
-class Item:
-    """One thing that gets a bit width: (layer, expert, projection); cost per bit and error per choice."""
-
-    key: tuple
-    numel: int
-    errors: dict[int, float]
-
-
-def solve_allocation(items: list[Item], avg_bits: float) -> dict[tuple, int]:
-    """Bits per item minimising the summed error with sum(numel*bits) <= avg_bits * sum(numel). Exact.
-
-    Multiple-choice knapsack by dynamic programming over the budget in units of gcd(numel), so
-    every cost is an integer and the optimum is exact (ties go to the fewest bits used).
-    """
-    if not items:
-        return {}
-    unit = reduce(math.gcd, [it.numel for it in items])
-    sizes = [it.numel // unit for it in items]
-    capacity = int(math.floor(avg_bits * sum(sizes) + 1e-9))
-    best = np.full(capacity + 1, np.inf)
-    best[0] = 0.0
-    picks = np.full((len(items), capacity + 1), -1, dtype=np.int16)
-    for i, (it, size) in enumerate(zip(items, sizes)):
-        new = np.full(capacity + 1, np.inf)
-        for bits in sorted(it.errors):
-            cost = size * bits
-            if cost > capacity:
-                continue
-            cand = best[: capacity + 1 - cost] + it.errors[bits]
-            better = cand < new[cost:]
-            new[cost:][better] = cand[better]
-            picks[i, cost:][better] = bits
-        best = new
-    if not np.isfinite(best).any():
-        low = min(min(it.errors) for it in items)
-        raise ConfigError(f"an average of {avg_bits} bits is below the smallest bit choice ({low}): raise avg_bits")
-    c = int(np.argmin(best))  # first minimum: the cheapest among equal errors
-    plan: dict[tuple, int] = {}
-    for i in range(len(items) - 1, -1, -1):
-        bits = int(picks[i, c])
-        plan[items[i].key] = bits
-        c -= sizes[i] * bits
-    return plan
-
-
-def trust_region_items(items: list[Item], avg_bits: float, mu: float) -> list[Item]:
-    """Items whose error also pays `mu` x (mean predicted error per parameter) per parameter and bit away from avg_bits.
-
-    mu = 0 is the plain knapsack; a larger mu keeps the plan closer to uniform bits. The predicted
-    (additive, second-order) error is most wrong for plans that move many weights far from the average,
-    so a family over mu, each member measured, guards against trusting it too far.
-    """
-    if mu == 0:
-        return items
-    ref = min(items[0].errors, key=lambda b: (abs(b - avg_bits), b))
-    scale = sum(it.errors[ref] for it in items) / max(1, sum(it.numel for it in items))
-    return [Item(it.key, it.numel, {b: v + mu * scale * it.numel * abs(b - avg_bits) for b, v in it.errors.items()})
-            for it in items]
-
-
-def average_bits(items: list[Item], plan: dict[tuple, int]) -> float:
-    total = sum(it.numel for it in items)
-    return sum(it.numel * plan[it.key] for it in items) / max(1, total)
-
-
-def allocation_items(analysis: MoEAnalysis, allocation: str, granularity: str) -> list[Item]:
-    """Items and their predicted errors for one allocation rule (see the module docstring)."""
-    items = []
-    for a in analysis.layers:
-        for e in range(a.num_experts):
-            groups = [[p] for p in a.projections] if granularity == "projection" else [a.projections]
-            for projs in groups:
-                errors = {}
-                for bits in analysis.bit_choices:
-                    if allocation == "moqa" and a.model_kl is not None:
-                        errors[bits] = sum(a.model_kl[(e, p)][bits] for p in projs)
-                    elif allocation == "moqa":
-                        errors[bits] = a.significance * sum(a.sensitivity[(e, p)][bits] for p in projs)
-                    elif allocation == "frequency":
-                        errors[bits] = a.share[e] * sum(a.weight_error[(e, p)][bits] for p in projs)
-                    else:
-                        errors[bits] = sum(a.weight_error[(e, p)][bits] for p in projs)
-                key = (a.layer, e, "+".join(projs))
-                items.append(Item(key, sum(a.numel[p] for p in projs), errors))
-    return items
+if TYPE_CHECKING:
+    from fxpress.program import Program
 
 
 # --- rewriting ------------------------------------------------------------------------------------
@@ -223,89 +117,57 @@ def replace_grouped(gm: torch.fx.GraphModule, use: LinearUse, offsets, quantized
 @register_pass
 @dataclass
 class QuantizeExperts(Pass):
-    """Mixed-precision weight quantization of MoE experts under an average-bit budget (MoQa-style)."""
+    """Mixed-precision weight quantization of MoE experts under an average-bit `budget` (MoQa-style)."""
 
     name: ClassVar[str] = "quantize_experts"
-    version: ClassVar[int] = 3
+    version: ClassVar[int] = 4
     needs_calibration: ClassVar[bool] = True
     not_after: ClassVar[tuple[str, ...]] = ("quantize", "quantize_experts")
 
-    avg_bits: float = 3.0
-    bit_choices: tuple[int, ...] = (2, 3, 4)
-    group_size: int = 64
-    allocation: str = "moqa"
-    granularity: str = "projection"
-    method: str = "rtn"
-    shared_bits: int | None = 8
-    min_rows: int = 32
-    prior_rows: float = 2.0
-    sensitivity: str = "fisher"
-    fisher_samples: int = 8
-    layer_calibration: bool = False
-    calib_samples: int | None = None
-    trust_region: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
-    selection_samples: int = 0
+    budget: ExpertBudget = field(default_factory=ExpertBudget)
+    weights: ExpertWeights = field(default_factory=ExpertWeights)
+    analysis: ExpertAnalysis = field(default_factory=ExpertAnalysis)
     verbose: bool = True
 
-    def validate(self) -> None:
-        choices = tuple(self.bit_choices)
-        if not choices or any(not isinstance(b, int) or not 1 <= b <= 8 for b in choices) or len(set(choices)) != len(choices):
-            raise ConfigError(f"quantize_experts.bit_choices = {self.bit_choices!r}: give distinct integers in 1..8, e.g. (2, 3, 4)")
-        check_range(self.name, "avg_bits", self.avg_bits, min(choices), max(choices))
-        if not (self.group_size == -1 or (isinstance(self.group_size, int) and self.group_size >= 8 and self.group_size % 8 == 0)):
-            raise ConfigError(f"quantize_experts.group_size = {self.group_size!r}: use -1 (per channel) or a multiple of 8 (e.g. 64)")
-        check_choice(self.name, "allocation", self.allocation, ("moqa", "frequency", "uniform"))
-        check_choice(self.name, "granularity", self.granularity, ("projection", "expert"))
-        check_choice(self.name, "method", self.method, ("rtn", "gptq"))
-        check_choice(self.name, "sensitivity", self.sensitivity, ("fisher", "loss", "kl", "output"))
-        check_range(self.name, "fisher_samples", self.fisher_samples, 1, 256)
-        if self.shared_bits is not None:
-            check_range(self.name, "shared_bits", self.shared_bits, 2, 8)
-        check_range(self.name, "min_rows", self.min_rows, 1, 1 << 20)
-        mus = tuple(self.trust_region)
-        if not mus or any(not isinstance(m, (int, float)) or m < 0 or not math.isfinite(m) for m in mus):
-            raise ConfigError(f"quantize_experts.trust_region = {self.trust_region!r}: give one or more finite "
-                              "penalties >= 0, e.g. (0.0, 0.5, 1.0); (0.0,) is the plain knapsack")
-        check_range(self.name, "selection_samples", self.selection_samples, 0, 1 << 20)
+    @classmethod
+    def upgrade_fields(cls, version: int, fields: dict[str, Any]) -> dict[str, Any]:
+        """Version 3 held 16 flat fields (avg_bits, group_size, sensitivity, ...); version 4 groups them."""
+        if version == 3:
+            return regroup_fields(fields, V3_FIELDS)
+        return super().upgrade_fields(version, fields)
 
-    def run(self, program) -> dict[str, Any]:
+    def validate(self) -> None:
+        for group in (self.budget, self.weights, self.analysis):
+            group.validate()
+
+    @property
+    def _fisher(self) -> bool:
+        """Whether the analysis records sampled-Fisher gradients (the model-output sensitivities)."""
+        return self.budget.allocation == "moqa" and self.analysis.sensitivity in ("fisher", "loss")
+
+    def run(self, program: Program) -> dict[str, Any]:
         gm = program.module
         layers = expert_layers(gm)
         if not layers:
             raise ConfigError("quantize_experts found no mixture-of-experts layer (a router whose topk feeds fused "
                               "grouped_mm experts or per-expert linears): use the 'quantize' pass for dense models")
         samples, select = self._split_calibration(program)
-        fisher = self.allocation == "moqa" and self.sensitivity in ("fisher", "loss")
-        data = record_routing(program, layers, samples, fisher=fisher, fisher_samples=self.fisher_samples,
-                              text_gradient=self.sensitivity == "loss")
+        data = record_routing(program, layers, samples, fisher=self._fisher,
+                              fisher_samples=self.analysis.fisher_samples,
+                              text_gradient=self.analysis.sensitivity == "loss")
+        calib = samples if samples is not None else program.calibration.batches
         with torch.no_grad():
-            fns = [expert_functions(gm, layer) for layer in layers]
-            analysis = MoEAnalysis([
-                analyse_layer(f, d, layer.index, tuple(self.bit_choices), self.group_size, self.min_rows,
-                              prior_rows=self.prior_rows, method=self.method, keep_quantized=True)
-                for layer, f, d in zip(layers, fns, data)
-            ], tuple(self.bit_choices), self.group_size)
-            calib = samples if samples is not None else program.calibration.batches
-            if self.allocation == "moqa" and self.sensitivity == "kl":
-                model_sensitivity(program, layers, analysis.layers, calib)
-            elif self.layer_calibration and self.allocation == "moqa":
-                layer_significance(program, layers, fns, analysis.layers, calib, min(self.bit_choices), self.group_size)
-            items = allocation_items(analysis, self.allocation, self.granularity)
-            candidates: list[dict[str, Any]] = []
-            if self.allocation == "uniform" and self.avg_bits in self.bit_choices:
-                plan = {it.key: int(self.avg_bits) for it in items}
-            elif self.allocation == "moqa" and len(set(self.trust_region)) > 1:
-                plan, candidates = self._select(program, layers, analysis, items, calib if select is None else select)
-            else:
-                plan = solve_allocation(trust_region_items(items, self.avg_bits, self.trust_region[0]), self.avg_bits)
-            bits = self._bits_per_projection(analysis, plan)
+            fns, analysis = self._analyse(program, layers, data, calib)
+            items = allocation_items(analysis, self.budget.allocation, self.budget.granularity)
+            plan, candidates = self._allocate(program, layers, analysis, items, calib if select is None else select)
+            bits = bits_per_projection(plan)
             for layer, f, d, a in zip(layers, fns, data, analysis.layers):
                 self._rewrite_layer(gm, layer, f, d, a, bits)
                 a.quantized.clear()
             warnings = self._shared_and_gates(gm, layers)
-            if self.allocation == "moqa" and self.sensitivity in ("fisher", "loss") and not program.is_causal_lm:
-                warnings.append(f"sensitivity={self.sensitivity!r} needs a causal LM's next-token distributions: "
-                                "the allocation used the routed MoE output error instead")
+        if self._fisher and not program.is_causal_lm:
+            warnings.append(f"sensitivity={self.analysis.sensitivity!r} needs a causal LM's next-token distributions: "
+                            "the allocation used the routed MoE output error instead")
         summary = self._summary(analysis, items, plan, bits, layers)
         summary["candidates"] = candidates
         program.metadata["quantize_experts"] = summary
@@ -317,62 +179,55 @@ class QuantizeExperts(Pass):
                 "forced_experts": summary["forced_experts"], "bits_histogram": summary["bits_histogram"],
                 "warnings": warnings}
 
-    def _split_calibration(self, program) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _split_calibration(self, program: Program) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(samples for the analysis or None = all, samples that score candidate plans or None = the analysis')."""
         if program.calibration is None:
             raise ConfigError("quantize_experts needs calibration data: pass calibration=... to fxpress.compile")
         batches = program.calibration.batches
+        held_out = self.budget.selection_samples
         select = None
-        if self.selection_samples:
-            if self.selection_samples >= batches.shape[0]:
-                raise ConfigError(f"quantize_experts.selection_samples = {self.selection_samples} leaves no calibration "
+        if held_out:
+            if held_out >= batches.shape[0]:
+                raise ConfigError(f"quantize_experts.budget.selection_samples = {held_out} leaves no calibration "
                                   f"for the analysis ({batches.shape[0]} samples): give more calibration or fewer")
-            batches, select = batches[: -self.selection_samples], batches[-self.selection_samples :]
-        if self.calib_samples is not None:
-            return batches[: self.calib_samples], select
+            batches, select = batches[:-held_out], batches[-held_out:]
+        if self.analysis.calib_samples is not None:
+            return batches[: self.analysis.calib_samples], select
         return (batches if select is not None else None), select
 
-    def _select(self, program, layers, analysis: MoEAnalysis, items: list[Item], samples: torch.Tensor):
-        """One knapsack plan per trust-region penalty, each measured whole on `samples`; the lowest loss wins.
+    def _analyse(self, program: Program, layers: list[ExpertLayer], data: list[LayerData], calib: torch.Tensor
+                 ) -> tuple[list[list[ExpertFn]], MoEAnalysis]:
+        """Stages 1-3 per layer, then (per `analysis.sensitivity`) the model-output KL or the layer calibration."""
+        choices, group_size = tuple(self.budget.bit_choices), self.weights.group_size
+        fns = [expert_functions(program.module, layer) for layer in layers]
+        analysis = MoEAnalysis([
+            analyse_layer(f, d, layer.index, choices, group_size, self.analysis.min_rows,
+                          prior_rows=self.analysis.prior_rows, method=self.weights.method, keep_quantized=True)
+            for layer, f, d in zip(layers, fns, data)
+        ], choices, group_size)
+        if self.budget.allocation == "moqa" and self.analysis.sensitivity == "kl":
+            model_sensitivity(program, layers, analysis.layers, calib)
+        elif self.analysis.layer_calibration and self.budget.allocation == "moqa":
+            layer_significance(program, layers, fns, analysis.layers, calib, min(choices), group_size)
+        return fns, analysis
 
-        The measured loss (next-token NLL for causal LMs) includes what the additive prediction leaves out:
-        errors of different projections interacting, and how the text's own loss, not only the KL, moves.
-        Ties go to the smaller penalty (the order of `trust_region`, sorted).
-        """
-        reference = None
-        if not program.is_causal_lm:
-            reference = [program.module(*program_inputs(program, b)) for b in samples.split(16)]
-            reference = [(r[0] if isinstance(r, (tuple, list)) else r).detach() for r in reference]
-        seen: dict[tuple, dict[str, Any]] = {}
-        best = None
-        for mu in sorted(set(self.trust_region)):
-            plan = solve_allocation(trust_region_items(items, self.avg_bits, mu), self.avg_bits)
-            key = tuple(sorted(plan.items()))
-            if key not in seen:
-                with planned_weights(program.module, layers, analysis.layers, self._bits_per_projection(analysis, plan)):
-                    loss = program_loss(program, samples, reference)
-                seen[key] = {"mu": [], "loss": loss, "predicted_error": sum(it.errors[plan[it.key]] for it in items),
-                             "mean_abs_deviation": sum(it.numel * abs(plan[it.key] - self.avg_bits) for it in items)
-                             / max(1, sum(it.numel for it in items))}
-                if best is None or loss < best[0]:
-                    best = (loss, plan, key)
-            seen[key]["mu"].append(mu)
-        for key, c in seen.items():
-            c["chosen"] = key == best[2]  # exactly one, even when two plans measure the same loss
-        return best[1], list(seen.values())
-
-    def _bits_per_projection(self, analysis: MoEAnalysis, plan: dict[tuple, int]) -> dict[tuple[int, int, str], int]:
-        out = {}
-        for (layer, e, projs), b in plan.items():
-            for p in projs.split("+"):
-                out[(layer, e, p)] = b
-        return out
+    def _allocate(self, program: Program, layers: list[ExpertLayer], analysis: MoEAnalysis, items: list[Item],
+                  select: torch.Tensor) -> tuple[dict[tuple, int], list[dict[str, Any]]]:
+        """The plan (bits per item) and, when several trust-region plans were measured on `select`, all of them."""
+        budget = self.budget
+        if budget.allocation == "uniform" and budget.avg_bits in budget.bit_choices:
+            return {it.key: int(budget.avg_bits) for it in items}, []
+        if budget.allocation == "moqa" and len(set(budget.trust_region)) > 1:
+            return select_plan(program, layers, analysis, items, budget, select)
+        return solve_allocation(trust_region_items(items, budget.avg_bits, budget.trust_region[0]), budget.avg_bits), []
 
     def _quantize(self, weight: torch.Tensor, bits: int, x: torch.Tensor | None, w: torch.Tensor | None):
-        h = weighted_hessian(x, w) if self.method == "gptq" and x is not None else None
-        return quantize_matrix(weight, bits, self.group_size, self.method, h)
+        gptq = self.weights.method == "gptq" and x is not None
+        h = weighted_hessian(x, w) if gptq else None
+        return quantize_matrix(weight, bits, self.weights.group_size, self.weights.method, h)
 
-    def _rewrite_layer(self, gm, layer: ExpertLayer, fns, data: LayerData, analysis: LayerAnalysis, bits) -> None:
+    def _rewrite_layer(self, gm: torch.fx.GraphModule, layer: ExpertLayer, fns: list[ExpertFn], data: LayerData,
+                       analysis: LayerAnalysis, bits: dict[tuple[int, int, str], int]) -> None:
         """Replace the layer's expert matmuls, reusing the matrices the analysis already quantized."""
         def quantized(e: int, use: LinearUse, weight: torch.Tensor):
             p = proj_name(use)
@@ -380,8 +235,8 @@ class QuantizeExperts(Pass):
             if (e, p, b) in analysis.quantized:
                 return analysis.quantized[(e, p, b)]
             x = w = None
-            if self.method == "gptq":
-                x, w, _ = calibration_rows(data, e, self.min_rows)
+            if self.weights.method == "gptq":
+                x, w, _ = calibration_rows(data, e, self.analysis.min_rows)
                 x = fns[e].inner(x) if p == proj_name(fns[e].down) else x
             return self._quantize(weight, b, x, w)
 
@@ -395,22 +250,24 @@ class QuantizeExperts(Pass):
             for use in [*ex.up, ex.down]:
                 replace_linear(gm, use, quantized(e, use, weight_matrix(gm, use)))
 
-    def _shared_and_gates(self, gm, layers: list[ExpertLayer]) -> list[str]:
+    def _shared_and_gates(self, gm: torch.fx.GraphModule, layers: list[ExpertLayer]) -> list[str]:
         warnings = []
+        shared_bits = self.weights.shared_bits
         for layer in layers:
             warnings.append(f"layer {layer.index}: router {layer.router.name} kept in full precision (by design)")
             for g in layer.gates:
                 warnings.append(f"layer {layer.index}: gate {g.name} kept in full precision (by design)")
             for use in layer.shared:
-                if self.shared_bits is None:
+                if shared_bits is None:
                     warnings.append(f"layer {layer.index}: shared expert {use.name} kept in full precision (shared_bits=None)")
                 elif use.kind in ("linear", "mm"):
-                    replace_linear(gm, use, quantize_matrix(weight_matrix(gm, use), self.shared_bits, self.group_size))
+                    replace_linear(gm, use, quantize_matrix(weight_matrix(gm, use), shared_bits, self.weights.group_size))
                 else:
                     warnings.append(f"layer {layer.index}: shared expert {use.name} ({use.kind}) left in full precision")
         return warnings
 
-    def _summary(self, analysis: MoEAnalysis, items, plan, bits, layers) -> dict[str, Any]:
+    def _summary(self, analysis: MoEAnalysis, items: list[Item], plan: dict[tuple, int],
+                 bits: dict[tuple[int, int, str], int], layers: list[ExpertLayer]) -> dict[str, Any]:
         hist: dict[str, int] = {}
         for it in items:
             hist[str(plan[it.key])] = hist.get(str(plan[it.key]), 0) + it.numel
@@ -419,14 +276,15 @@ class QuantizeExperts(Pass):
             for e in range(a.num_experts):
                 rows.append({"layer": a.layer, "expert": e, "rows": a.rows[e], "share": a.share[e],
                              "forced_rows": a.forced.get(e, 0), "bits": {p: bits[(a.layer, e, p)] for p in a.projections}})
+        budget = self.budget
         return {
-            "trust_region": list(self.trust_region), "selection_samples": self.selection_samples,
-            "allocation": self.allocation, "granularity": self.granularity, "method": self.method,
-            "sensitivity": self.sensitivity if self.allocation == "moqa" else None,
-            "avg_bits_target": self.avg_bits, "avg_bits": average_bits(items, plan),
-            "group_size": self.group_size, "bit_choices": list(self.bit_choices),
+            "trust_region": list(budget.trust_region), "selection_samples": budget.selection_samples,
+            "allocation": budget.allocation, "granularity": budget.granularity, "method": self.weights.method,
+            "sensitivity": self.analysis.sensitivity if budget.allocation == "moqa" else None,
+            "avg_bits_target": budget.avg_bits, "avg_bits": average_bits(items, plan),
+            "group_size": self.weights.group_size, "bit_choices": list(budget.bit_choices),
             "predicted_error": sum(it.errors[plan[it.key]] for it in items),
-            "bits_histogram": hist, "shared_bits": self.shared_bits, "router": "full precision",
+            "bits_histogram": hist, "shared_bits": self.weights.shared_bits, "router": "full precision",
             "forced_experts": sum(len(a.forced) for a in analysis.layers),
             "experts": rows,
             "shared": [u.name for layer in layers for u in layer.shared],
