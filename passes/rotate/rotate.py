@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch.fx import GraphModule, Node
@@ -30,6 +30,9 @@ from fxpress.runtime.hadamard import (
     random_hadamard_rotation,
     random_orthogonal_rotation,
 )
+
+if TYPE_CHECKING:
+    from fxpress.program import Program
 
 MODES = ("hadamard", "orthogonal", "dfrot")
 
@@ -94,7 +97,7 @@ class Rotate(Pass):
         check_range(self.name, "dfrot_samples", self.dfrot_samples, 1, 1 << 16)
         check_range(self.name, "dfrot_massive_ratio", self.dfrot_massive_ratio, 1.0, 1e6)
 
-    def run(self, program) -> dict[str, Any]:
+    def run(self, program: Program) -> dict[str, Any]:
         gm = program.module
         before = G.residual_stream(gm, strict=True, allow_scales=True)  # every structural error before any change
         check_rotatable(before)
@@ -135,7 +138,7 @@ class Rotate(Pass):
             return Rotation(n, matrix=r, plan=rotation.plan), f"DFRot-refined {rotation.describe()}"
         return rotation, rotation.describe()
 
-    def _dfrot_activations(self, program, stream: G.ResidualStream) -> tuple[torch.Tensor, torch.Tensor]:
+    def _dfrot_activations(self, program: Program, stream: G.ResidualStream) -> tuple[torch.Tensor, torch.Tensor]:
         """RMSNorm outputs (before the scale) of calibration text, and per-row weights (alpha on massive tokens)."""
         from fxpress.calibration import collect_activations
 
