@@ -58,9 +58,13 @@ def build(base, a_bits: int, rotation: str, recipe: str = "rtn", calib=None):
     a = None if a_bits >= 16 else a_bits
     if recipe == "gptq":
         program.calibration = Calibration(calib)
-        passes.append(Quantize(weights=WeightQuant(bits=4, method="gptq", act_order=True), activations=ActQuant(bits=a, clip_search=a is not None, symmetric=False), kv_cache=KVQuant(bits=4 if low else None, clip_ratio=0.95)))
+        passes.append(Quantize(weights=WeightQuant(bits=4, method="gptq", act_order=True),
+                               activations=ActQuant(bits=a, clip_search=a is not None, symmetric=False),
+                               kv_cache=KVQuant(bits=4 if low else None, clip_ratio=0.95)))
     else:
-        passes.append(Quantize(weights=WeightQuant(bits=4), activations=ActQuant(bits=a, clip_ratio=0.8 if low else 1.0, symmetric=not low), kv_cache=KVQuant(bits=4 if low else None, clip_ratio=0.95)))
+        passes.append(Quantize(weights=WeightQuant(bits=4),
+                               activations=ActQuant(bits=a, clip_ratio=0.8 if low else 1.0, symmetric=not low),
+                               kv_cache=KVQuant(bits=4 if low else None, clip_ratio=0.95)))
     run_passes(program, passes, progress=False)
     return program
 

@@ -6,7 +6,8 @@ parity with PyTorch, and (with --rotated) the parity of the rotated fp32 model (
     python benchmarks/bench_lowering.py --table-bits 0          # embedding and lm_head left in fp32
     python benchmarks/bench_lowering.py --rotated               # also rotate + fold_hadamard fp32 parity
 
-W4 is `Quantize(w_bits=4, group_size=G, embedding_bits=T, lm_head_bits=T, table_group_size=TG)` (RTN,
+W4 is `Quantize(weights=WeightQuant(bits=4, group_size=G), tables=TableQuant(embedding_bits=T, lm_head_bits=T,
+group_size=TG))` (RTN,
 asymmetric, packed; SmolLM2's tied 49152 x 576 embedding / lm_head table packed ONCE at T bits and read by both
 `fxpress::embedding_nbit` and the head's `fxpress::linear_nbit`), lowered to `com.microsoft::MatMulNBits` + `GatherBlockQuantized` for ONNX
 Runtime and to fxpress's TensorIR kernels for TVM. Decode latency: a 32-token prompt is prefilled, then each new
@@ -143,7 +144,8 @@ def main() -> None:
     fp32 = capture(model, source="smollm2")
     tables = args.table_bits or None
     w4 = copy.deepcopy(fp32)
-    run_passes(w4, [Quantize(weights=WeightQuant(bits=4, group_size=args.group_size), tables=TableQuant(embedding_bits=tables, lm_head_bits=tables, group_size=args.table_group_size))], progress=False)
+    run_passes(w4, [Quantize(weights=WeightQuant(bits=4, group_size=args.group_size),
+                             tables=TableQuant(embedding_bits=tables, lm_head_bits=tables, group_size=args.table_group_size))], progress=False)
     print(f"program bytes: fp32 {fp32.weight_bytes() / 1e6:.1f} MB, W4 {w4.weight_bytes() / 1e6:.1f} MB", flush=True)
     windows = token_windows(tokenizer, "eval", seq_len=64, max_windows=2)
     prompt = token_windows(tokenizer, "heldout", seq_len=32, max_windows=1)
@@ -158,7 +160,8 @@ def main() -> None:
             if (bits, group) == (tables, args.table_group_size):
                 continue
             other = copy.deepcopy(fp32)
-            run_passes(other, [Quantize(weights=WeightQuant(bits=4, group_size=args.group_size), tables=TableQuant(embedding_bits=bits, lm_head_bits=bits, group_size=group))], progress=False)
+            run_passes(other, [Quantize(weights=WeightQuant(bits=4, group_size=args.group_size),
+                                        tables=TableQuant(embedding_bits=bits, lm_head_bits=bits, group_size=group))], progress=False)
             programs[f"W4, tables {f'{bits}-bit g{group}' if bits else 'fp32'}"] = other
         name = f"{tables}-bit g{args.table_group_size}" if tables else "fp32"
         programs[f"W4, tables {name} (benchmarked)"] = w4
@@ -204,9 +207,9 @@ def write_table(report: dict, args: argparse.Namespace) -> None:
     lines = [
         "# Lowering: SmolLM2-135M-Instruct, W4 vs fp32 artifacts",
         "",
-        f"W4 = `Quantize(w_bits=4, group_size={args.group_size}"
-        + (f", embedding_bits={args.table_bits}, lm_head_bits={args.table_bits}, "
-           f"table_group_size={args.table_group_size}" if args.table_bits else "")
+        f"W4 = `Quantize(weights=WeightQuant(bits=4, group_size={args.group_size})"
+        + (f", tables=TableQuant(embedding_bits={args.table_bits}, lm_head_bits={args.table_bits}, "
+           f"group_size={args.table_group_size})" if args.table_bits else "")
         + f")` (RTN, asymmetric; the tied embedding / lm_head table {tables}"
         + (", packed once and shared by the gather and the head" if args.table_bits else "")
         + "). Decode = per-token latency at batch 1 with the KV cache after a 32-token prompt, median of "

@@ -108,7 +108,9 @@ def quantize_cell(program, row: str, method: str, args) -> tuple[object, dict]:
 
     w, a, kv = ROWS[row]
     q = copy.deepcopy(program)
-    cfg = Quantize(weights=WeightQuant(bits=w, group_size=args.group_size, method=method, act_order=method == "gptq" and not args.no_act_order, seed=args.seed), activations=ActQuant(bits=a, clip_ratio=args.clip_ratio if a <= 4 else 1.0, clip_search=getattr(args, "act_clip_search", False) and a <= 4, symmetric=not getattr(args, "act_asym", False)), kv_cache=KVQuant(bits=kv, clip_ratio=args.kv_clip_ratio))
+    cfg = Quantize(weights=WeightQuant(bits=w, group_size=args.group_size, method=method, act_order=method == "gptq" and not args.no_act_order, seed=args.seed),
+                   activations=ActQuant(bits=a, clip_ratio=args.clip_ratio if a <= 4 else 1.0, clip_search=getattr(args, "act_clip_search", False) and a <= 4, symmetric=not getattr(args, "act_asym", False)),
+                   kv_cache=KVQuant(bits=kv, clip_ratio=args.kv_clip_ratio))
     result = run_passes(q, [cfg], progress=False)[0]
     return q, {"seconds": round(result.seconds, 1), "bytes_before": result.bytes_before, "bytes_after": result.bytes_after}
 

@@ -55,7 +55,9 @@ def main() -> None:
 
     passes = [
         Rotate(mode=args.rotation), FoldHadamard(),
-        Quantize(weights=WeightQuant(bits=4, method="gptq", act_order=True), activations=ActQuant(bits=4, clip_search=True, symmetric=False), kv_cache=KVQuant(bits=4, clip_ratio=0.95)),
+        Quantize(weights=WeightQuant(bits=4, method="gptq", act_order=True),
+                 activations=ActQuant(bits=4, clip_search=True, symmetric=False),
+                 kv_cache=KVQuant(bits=4, clip_ratio=0.95)),
     ]
     start = time.perf_counter()
     cm = fxpress.compile(model, passes=passes, calibration=calib)

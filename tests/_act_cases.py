@@ -43,7 +43,9 @@ def _searched_act_case(symmetric: bool) -> tuple[Program, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     vocab = program.info.vocab_size
     program.calibration = Calibration(torch.randint(0, vocab, (8, 32), generator=gen))
-    run_passes(program, [Rotate(), FoldHadamard(), Quantize(weights=WeightQuant(bits=None), activations=ActQuant(bits=4, clip_search=True, symmetric=symmetric), kv_cache=KVQuant(bits=4, clip_ratio=0.95))],
+    run_passes(program, [Rotate(), FoldHadamard(), Quantize(weights=WeightQuant(bits=None),
+                                                            activations=ActQuant(bits=4, clip_search=True, symmetric=symmetric),
+                                                            kv_cache=KVQuant(bits=4, clip_ratio=0.95))],
                progress=False)
     hidden = program.info.hidden_size
     nodes = [n for n in program.graph.nodes if n.target is QUANTIZE_ACT]

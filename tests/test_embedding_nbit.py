@@ -145,7 +145,8 @@ def test_tied_table_is_packed_once_and_read_by_both(tied_llama):
 
 def test_different_bits_store_a_tied_table_twice_with_a_warning(tied_llama):
     program = copy.deepcopy(tied_llama)
-    result = run_passes(program, [Quantize(weights=WeightQuant(bits=None, group_size=32), tables=TableQuant(embedding_bits=4, lm_head_bits=8))],
+    result = run_passes(program, [Quantize(weights=WeightQuant(bits=None, group_size=32),
+                                           tables=TableQuant(embedding_bits=4, lm_head_bits=8))],
                         progress=False)[-1]
     readers = _table_readers(program)
     assert readers == {"model_lm_head_weight_q4_packed": {"embedding_nbit"},
@@ -155,7 +156,8 @@ def test_different_bits_store_a_tied_table_twice_with_a_warning(tied_llama):
 
 def test_embedding_only_keeps_the_fp_head_and_says_so(tied_llama):
     program = copy.deepcopy(tied_llama)
-    result = run_passes(program, [Quantize(weights=WeightQuant(bits=None), tables=TableQuant(embedding_bits=8))], progress=False)[-1]
+    result = run_passes(program, [Quantize(weights=WeightQuant(bits=None),
+                                           tables=TableQuant(embedding_bits=8))], progress=False)[-1]
     assert any("still read in full precision" in w for w in result.warnings)
     ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(0))
     assert _rel(program(ids), tied_llama(ids)) < 0.02

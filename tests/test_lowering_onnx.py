@@ -145,7 +145,9 @@ def test_rotated_w4a4kv4_program_matches_pytorch_and_generates_the_same_tokens(t
 
     program = copy.deepcopy(tiny_llama)
     program.calibration = Calibration(torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)))
-    run_passes(program, [Rotate(), FoldHadamard(), Quantize(weights=WeightQuant(bits=4, group_size=32), activations=ActQuant(bits=4), kv_cache=KVQuant(bits=4))],
+    run_passes(program, [Rotate(), FoldHadamard(), Quantize(weights=WeightQuant(bits=4, group_size=32),
+                                                            activations=ActQuant(bits=4),
+                                                            kv_cache=KVQuant(bits=4))],
                progress=False)
     stats = export_onnx(program, tmp_path / "w4a4kv4.onnx")
     assert stats["matmulnbits"] == 14 and stats["functions"] >= 3

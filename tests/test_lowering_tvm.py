@@ -67,7 +67,9 @@ def test_rotated_w4a4kv4_lm_with_kv_cache_matches_pytorch_and_generates_the_same
 
     program = capture(tiny_causal_lm("llama"))
     program.calibration = Calibration(torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)))
-    run_passes(program, [Rotate(), FoldHadamard(), Quantize(weights=WeightQuant(bits=4, group_size=32), activations=ActQuant(bits=4), kv_cache=KVQuant(bits=4))],
+    run_passes(program, [Rotate(), FoldHadamard(), Quantize(weights=WeightQuant(bits=4, group_size=32),
+                                                            activations=ActQuant(bits=4),
+                                                            kv_cache=KVQuant(bits=4))],
                progress=False)
     export_tvm(copy.deepcopy(program), tmp_path / "llama")
     runner, ref = TvmRunner(tmp_path / "llama"), TorchRunner(program)

@@ -40,7 +40,10 @@ def w4a4kv4():
     program = capture(tiny_causal_lm("llama", seed=0))
     program.calibration = Calibration(_ids(program.info.vocab_size, 8, 32, seed=0))
     run_passes(program, [Rotate(), FoldHadamard(),
-                         Quantize(weights=WeightQuant(bits=4), activations=ActQuant(bits=4, clip_search=True, symmetric=False), kv_cache=KVQuant(bits=4, clip_ratio=0.95), tables=TableQuant(embedding_bits=4, group_size=32)),
+                         Quantize(weights=WeightQuant(bits=4),
+                                  activations=ActQuant(bits=4, clip_search=True, symmetric=False),
+                                  kv_cache=KVQuant(bits=4, clip_ratio=0.95),
+                                  tables=TableQuant(embedding_bits=4, group_size=32)),
                          Precision()], progress=False)
     return program
 

@@ -93,7 +93,9 @@ def test_kv_bits_on_a_model_without_cache_is_a_clear_error():
 
 
 def test_recipe_round_trip():
-    q = Quantize(weights=WeightQuant(bits=4, group_size=64, method="gptq", act_order=True, skip=("lm_head", "gate")), activations=ActQuant(bits=4), kv_cache=KVQuant(bits=4))
+    q = Quantize(weights=WeightQuant(bits=4, group_size=64, method="gptq", act_order=True, skip=("lm_head", "gate")),
+                 activations=ActQuant(bits=4),
+                 kv_cache=KVQuant(bits=4))
     again = pass_from_dict(q.to_dict())
     assert again.to_dict() == q.to_dict()
 
@@ -161,7 +163,9 @@ def test_every_linear_but_lm_head_is_packed_and_bytes_shrink(tiny_llama):
 @pytest.mark.parametrize("bits,tolerance", [(8, 0.03), (6, 0.06), (4, 0.2)])
 def test_quantized_tiny_model_stays_close(tiny_llama, bits, tolerance):
     program, ids = tiny_llama
-    q, _ = _quantized(program, Quantize(weights=WeightQuant(bits=bits, group_size=32), activations=ActQuant(bits=8), kv_cache=KVQuant(bits=8)))
+    q, _ = _quantized(program, Quantize(weights=WeightQuant(bits=bits, group_size=32),
+                                        activations=ActQuant(bits=8),
+                                        kv_cache=KVQuant(bits=8)))
     ref, out = program(ids), q(ids)
     rel = float((out - ref).abs().max() / ref.abs().max())
     assert rel < tolerance
@@ -170,7 +174,9 @@ def test_quantized_tiny_model_stays_close(tiny_llama, bits, tolerance):
 
 def test_activation_and_kv_quantizers_are_where_the_issue_says(tiny_llama):
     program, ids = tiny_llama
-    q, result = _quantized(program, Quantize(weights=WeightQuant(bits=None), activations=ActQuant(bits=4), kv_cache=KVQuant(bits=3)))
+    q, result = _quantized(program, Quantize(weights=WeightQuant(bits=None),
+                                             activations=ActQuant(bits=4),
+                                             kv_cache=KVQuant(bits=3)))
     layers = program.info.num_layers
     # one shared quantizer per distinct linear input: q/k/v, o, gate/up, down per layer
     assert result.stats["activation_quantizers"] == 4 * layers
@@ -197,7 +203,9 @@ def test_after_rotation_keys_are_quantized_after_the_online_hadamard(tiny_llama)
     from fxpress.passes import FoldHadamard, Rotate
 
     program, ids = tiny_llama
-    q, result = _quantized(program, Rotate(), FoldHadamard(), Quantize(weights=WeightQuant(bits=4, method="gptq"), activations=ActQuant(bits=8), kv_cache=KVQuant(bits=8)))
+    q, result = _quantized(program, Rotate(), FoldHadamard(), Quantize(weights=WeightQuant(bits=4, method="gptq"),
+                                                                       activations=ActQuant(bits=8),
+                                                                       kv_cache=KVQuant(bits=8)))
     writes = G.cache_writes(q.module)
     keys = [w for w in writes if w.kind == "key"]
     assert keys and all(w.new.target is QUANTIZE_ACT and w.new.args[0].target is torch.ops.fxpress.hadamard.default
@@ -258,7 +266,8 @@ def test_act_clip_search_needs_calibration_and_is_refused_before_work(tiny_llama
     program.calibration = None
     before = len(program.graph.nodes)
     with pytest.raises(ConfigError, match="calibration"):
-        run_passes(program, [Quantize(weights=WeightQuant(bits=None), activations=ActQuant(bits=4, clip_search=True))])
+        run_passes(program, [Quantize(weights=WeightQuant(bits=None),
+                                      activations=ActQuant(bits=4, clip_search=True))])
     assert len(program.graph.nodes) == before
 
 
@@ -271,8 +280,12 @@ def test_act_clip_search_picks_a_ratio_per_quantizer_and_lowers_the_error(tiny_l
     """Each activation quantizer gets its own ratio from the grid (at most clip_ratio); KV quantizers keep
     kv_clip_ratio; the searched model is closer to fp than the fixed ratio on held-out tokens."""
     program, ids = tiny_llama
-    fixed, _ = _quantized(program, Quantize(weights=WeightQuant(bits=None), activations=ActQuant(bits=4, clip_ratio=0.9), kv_cache=KVQuant(bits=4)))
-    searched, result = _quantized(program, Quantize(weights=WeightQuant(bits=None), activations=ActQuant(bits=4, clip_ratio=0.9, clip_search=True), kv_cache=KVQuant(bits=4)))
+    fixed, _ = _quantized(program, Quantize(weights=WeightQuant(bits=None),
+                                            activations=ActQuant(bits=4, clip_ratio=0.9),
+                                            kv_cache=KVQuant(bits=4)))
+    searched, result = _quantized(program, Quantize(weights=WeightQuant(bits=None),
+                                                    activations=ActQuant(bits=4, clip_ratio=0.9, clip_search=True),
+                                                    kv_cache=KVQuant(bits=4)))
     chosen = result.stats["act_clip_ratios"]
     assert len(chosen) == result.stats["activation_quantizers"] == 4 * program.info.num_layers
     assert all(0.5 <= r <= 0.9 for r in chosen.values())
@@ -284,7 +297,8 @@ def test_act_clip_search_picks_a_ratio_per_quantizer_and_lowers_the_error(tiny_l
 
 def test_asymmetric_activations_use_a_zero_point_and_all_levels(tiny_llama):
     program, ids = tiny_llama
-    q, result = _quantized(program, Quantize(weights=WeightQuant(bits=None), activations=ActQuant(bits=3, symmetric=False)))
+    q, result = _quantized(program, Quantize(weights=WeightQuant(bits=None),
+                                             activations=ActQuant(bits=3, symmetric=False)))
     acts = [n for n in q.graph.nodes if n.target is QUANTIZE_ACT]
     assert len(acts) == result.stats["activation_quantizers"] and all(n.args[3] is False for n in acts)
     x = torch.rand(64, 48) * 4 - 1  # skewed rows in [-1, 3]: the symmetric grid wastes its negative half

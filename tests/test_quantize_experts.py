@@ -156,7 +156,8 @@ def test_mixed_precision_output_is_finite_and_close(family):
     program = _program(family)
     ids = _ids()
     reference = program(ids)
-    run_passes(program, [QuantizeExperts(budget=ExpertBudget(avg_bits=3.0), weights=ExpertWeights(method="gptq"), verbose=False)])
+    run_passes(program, [QuantizeExperts(budget=ExpertBudget(avg_bits=3.0),
+                                         weights=ExpertWeights(method="gptq"), verbose=False)])
     out = program(ids)
     assert torch.isfinite(out).all()
     agree = (out.argmax(-1) == reference.argmax(-1)).float().mean()
@@ -212,7 +213,8 @@ def test_expert_without_tokens_is_calibrated_on_purpose():
     kl = analyse_program(program, min_rows=32, fisher=True).layers[0].model_kl
     assert kl[(3, "down_proj")][2] > kl[(3, "down_proj")][4] > 0  # its prior rows' cost, in KL
 
-    run_passes(program, [QuantizeExperts(budget=ExpertBudget(avg_bits=3.0), weights=ExpertWeights(method="gptq"), verbose=False)])
+    run_passes(program, [QuantizeExperts(budget=ExpertBudget(avg_bits=3.0),
+                                         weights=ExpertWeights(method="gptq"), verbose=False)])
     for name, buf in program.module.named_buffers():
         assert torch.isfinite(buf.float()).all(), name
     # route tokens to expert 3 again: its quantized weights must be good, not garbage
@@ -274,7 +276,8 @@ def test_per_expert_linear_form():
     assert len(layers[0].shared) == 3
     program.calibration = Calibration(torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(1)))
     reference = program(ids)
-    run_passes(program, [QuantizeExperts(budget=ExpertBudget(avg_bits=3.0), weights=ExpertWeights(group_size=32), verbose=False)])
+    run_passes(program, [QuantizeExperts(budget=ExpertBudget(avg_bits=3.0),
+                                         weights=ExpertWeights(group_size=32), verbose=False)])
     plan = program.metadata["quantize_experts"]
     assert plan["avg_bits"] <= 3.0 and set(plan["experts"][0]["bits"]) == {"gate_proj", "up_proj", "down_proj"}
     out = program(ids)
