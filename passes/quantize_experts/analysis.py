@@ -8,8 +8,8 @@
    model's output pays (`model_kl`): the mean KL of the model's next-token distributions on the
    calibration text when only that expert projection is quantized at that bit width, either to
    second order from sampled-Fisher gradients of each routed row (`record_fisher`, one forward and a
-   few backwards per batch) or measured exactly by one forward per projection and bit width
-   (`model_sensitivity`). Experts the calibration text barely reaches add the local error of
+   few backwards per batch, in `routing`) or measured exactly by one forward per projection and bit width
+   (`sensitivity.model_sensitivity`). Experts the calibration text barely reaches add the local error of
    `prior_rows` rows routed to them on purpose, converted to KL by the layer's measured KL per unit
    of local error.
 3. Inter-expert correlation: how often experts fire together (co-firing lift) and how redundant
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from fxpress.errors import ConfigError
 from fxpress.graph import ExpertLayer, LinearUse, expert_layers, get_param, subgraph_function
-from fxpress.passes.quantize.gptq import WeightSpec, gptq, rtn
+from fxpress.passes.quantize.gptq import QuantizedWeight, WeightSpec, gptq, rtn
 from fxpress.passes.quantize_experts.routing import LayerData, calibration_rows, fisher_kl, record_routing
 
 if TYPE_CHECKING:
@@ -149,8 +149,8 @@ def _unevenness(share: torch.Tensor) -> tuple[float, float, float]:
 
 
 def quantize_matrix(weight: torch.Tensor, bits: int, group_size: int, method: str = "rtn",
-                    h: torch.Tensor | None = None):
-    """One expert matrix quantized (QuantizedWeight); GPTQ uses the routing-weighted Hessian `h`."""
+                    h: torch.Tensor | None = None) -> QuantizedWeight:
+    """One expert matrix quantized; GPTQ uses the routing-weighted Hessian `h`."""
     spec = WeightSpec(bits=bits, group_size=group_size if group_size <= weight.shape[1] else -1)
     if method == "gptq" and h is not None:
         return gptq(weight, h, spec)

@@ -31,6 +31,7 @@ from fxpress.graph import (
 )
 from fxpress.passes.base import Pass, register_pass
 from fxpress.passes.quantize.config import regroup_fields
+from fxpress.passes.quantize.gptq import QuantizedWeight
 from fxpress.passes.quantize_experts.analysis import (
     ExpertFn,
     LayerAnalysis,
@@ -78,14 +79,15 @@ def _erase_weight_chain(gm: torch.fx.GraphModule, src: tuple | None) -> None:
         drop_param(gm, attr)
 
 
-def _packed_nodes(gm, base: str, quantized, before) -> tuple[Any, Any, Any]:
+def _packed_nodes(gm: torch.fx.GraphModule, base: str, quantized: QuantizedWeight, before: torch.fx.Node
+                  ) -> tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node | None]:
     qweight, scales, zeros = quantized.packed()
     return (add_param(gm, f"{base}_qweight", qweight, before, buffer=True),
             add_param(gm, f"{base}_scales", scales, before, buffer=True),
             add_param(gm, f"{base}_zeros", zeros, before, buffer=True) if zeros is not None else None)
 
 
-def replace_linear(gm: torch.fx.GraphModule, use: LinearUse, quantized) -> None:
+def replace_linear(gm: torch.fx.GraphModule, use: LinearUse, quantized: QuantizedWeight) -> None:
     """`use` (a 2-D linear or mm, or one expert slice) -> fxpress::linear_nbit with packed weights."""
     node = use.node
     q, s, z = _packed_nodes(gm, use.name.replace(".", "_"), quantized, node)
@@ -95,7 +97,8 @@ def replace_linear(gm: torch.fx.GraphModule, use: LinearUse, quantized) -> None:
     _erase_weight_chain(gm, src)
 
 
-def replace_grouped(gm: torch.fx.GraphModule, use: LinearUse, offsets, quantized: list) -> None:
+def replace_grouped(gm: torch.fx.GraphModule, use: LinearUse, offsets: torch.fx.Node,
+                    quantized: list[QuantizedWeight]) -> None:
     """A fused grouped_mm over 3-D experts -> fxpress::grouped_linear_nbit (bits per expert)."""
     node = use.node
     base = use.name.replace(".", "_")
@@ -221,7 +224,8 @@ class QuantizeExperts(Pass):
             return select_plan(program, layers, analysis, items, budget, select)
         return solve_allocation(trust_region_items(items, budget.avg_bits, budget.trust_region[0]), budget.avg_bits), []
 
-    def _quantize(self, weight: torch.Tensor, bits: int, x: torch.Tensor | None, w: torch.Tensor | None):
+    def _quantize(self, weight: torch.Tensor, bits: int, x: torch.Tensor | None, w: torch.Tensor | None
+                  ) -> QuantizedWeight:
         gptq = self.weights.method == "gptq" and x is not None
         h = weighted_hessian(x, w) if gptq else None
         return quantize_matrix(weight, bits, self.weights.group_size, self.weights.method, h)
@@ -229,7 +233,7 @@ class QuantizeExperts(Pass):
     def _rewrite_layer(self, gm: torch.fx.GraphModule, layer: ExpertLayer, fns: list[ExpertFn], data: LayerData,
                        analysis: LayerAnalysis, bits: dict[tuple[int, int, str], int]) -> None:
         """Replace the layer's expert matmuls, reusing the matrices the analysis already quantized."""
-        def quantized(e: int, use: LinearUse, weight: torch.Tensor):
+        def quantized(e: int, use: LinearUse, weight: torch.Tensor) -> QuantizedWeight:
             p = proj_name(use)
             b = bits[(layer.index, e, p)]
             if (e, p, b) in analysis.quantized:
