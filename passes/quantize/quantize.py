@@ -69,7 +69,8 @@ class Quantize(Pass):
     # -- configuration ------------------------------------------------------------------------
     @classmethod
     def upgrade_fields(cls, version: int, fields: dict[str, Any]) -> dict[str, Any]:
-        """Version 1 held 18 flat fields (w_bits, a_bits, kv_bits, act_clip_search, ...); version 2 groups them."""
+        """Version 1 held 18 flat fields (w_bits, a_bits, kv_bits, act_clip_search, ...); version 2 groups them
+        (`config.V1_FIELDS` maps each old name to its group and new name)."""
         if version == 1:
             return regroup_fields(fields, V1_FIELDS)
         return super().upgrade_fields(version, fields)

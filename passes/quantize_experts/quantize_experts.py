@@ -132,16 +132,16 @@ class QuantizeExperts(Pass):
     analysis: ExpertAnalysis = field(default_factory=ExpertAnalysis)
     verbose: bool = True
 
+    def validate(self) -> None:
+        for group in (self.budget, self.weights, self.analysis):
+            group.validate()
+
     @classmethod
     def upgrade_fields(cls, version: int, fields: dict[str, Any]) -> dict[str, Any]:
         """Version 3 held 16 flat fields (avg_bits, group_size, sensitivity, ...); version 4 groups them."""
         if version == 3:
             return regroup_fields(fields, V3_FIELDS)
         return super().upgrade_fields(version, fields)
-
-    def validate(self) -> None:
-        for group in (self.budget, self.weights, self.analysis):
-            group.validate()
 
     @property
     def _fisher(self) -> bool:
