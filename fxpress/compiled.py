@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from fxpress.calibration import as_calibration
+from fxpress.calibration import Calibration, as_calibration
 from fxpress.capture import capture
 from fxpress.errors import ConfigError
 from fxpress.passes.base import Pass, pass_from_dict
@@ -83,7 +83,7 @@ def compile(
     model: torch.nn.Module | str,
     passes: Sequence[Any] = (),
     example_inputs: Any = None,
-    calibration: Any = None,
+    calibration: Calibration | torch.Tensor | Sequence[torch.Tensor] | None = None,
     verify: bool = True,
     progress: bool = True,
 ) -> CompiledModel:

@@ -19,7 +19,8 @@ from torch.fx import GraphModule, Node
 
 from fxpress import graph as G
 from fxpress.errors import ConfigError
-from fxpress.passes.base import Pass, check_choice, register_pass
+from fxpress.passes.base import HADAMARD_FREE, UNCOMPRESSED, Pass, check_choice, register_pass
+from fxpress.program import Program
 from fxpress.runtime.hadamard import FALLBACKS, HadamardPlan, apply_rows, base_matrix, plan
 
 HADAMARD_OP = torch.ops.fxpress.hadamard.default
@@ -100,7 +101,8 @@ class FoldHadamard(Pass):
     name: ClassVar[str] = "fold_hadamard"
     version: ClassVar[int] = 1
     preserves_function: ClassVar[bool] = True
-    not_after: ClassVar[tuple[str, ...]] = ("quantize", "quantize_experts", "fold_hadamard", "threshold_neurons", "prune_tokens")
+    requires: ClassVar[frozenset[str]] = UNCOMPRESSED
+    invalidates: ClassVar[frozenset[str]] = frozenset({HADAMARD_FREE})
     tolerance: ClassVar[float] = 1e-4
 
     r4: bool = True
@@ -118,7 +120,7 @@ class FoldHadamard(Pass):
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError(f"fold_hadamard.seed = {self.seed!r} must be an integer")
 
-    def run(self, program) -> dict[str, Any]:
+    def run(self, program: Program) -> dict[str, Any]:
         gm = program.module
         stream = G.residual_stream(gm, strict=False)
         blocks = G.decoder_blocks(gm, stream)

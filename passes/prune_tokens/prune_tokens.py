@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fxpress.errors import CaptureError, ConfigError
-from fxpress.passes.base import Pass, check_range, register_pass
+from fxpress.passes.base import ALL_TOKENS, Pass, check_range, register_pass
 from fxpress.passes.prune_tokens.router import (
     FEATURES,
     SPARSITY_SCALE,
@@ -43,6 +43,7 @@ from fxpress.passes.prune_tokens.router import (
     keep_count,
     route_blocks,
 )
+from fxpress.program import Program
 
 SPARSITY_COLUMN = FEATURES.index("sparsity")
 
@@ -55,6 +56,7 @@ class PruneTokens(Pass):
     name: ClassVar[str] = "prune_tokens"
     version: ClassVar[int] = 3  # 3: learned hidden-state direction in the router, block-only search
     needs_calibration: ClassVar[bool] = True
+    invalidates: ClassVar[frozenset[str]] = frozenset({ALL_TOKENS})
 
     sparsity: float = 0.3  # global token sparsity: the FLOPs of skipping this fraction of all token-block visits
     schedule: list[float] | None = None  # fixed per-block sparsity (skips the search); 1.0 drops a block
@@ -101,7 +103,7 @@ class PruneTokens(Pass):
                 check_range(n, "schedule[i]", value, 0.0, 1.0)
 
     # -- the pass -------------------------------------------------------------------------------
-    def run(self, program) -> dict[str, Any]:
+    def run(self, program: Program) -> dict[str, Any]:
         if not program.is_causal_lm:
             raise ConfigError("prune_tokens works on causal language models (captured with a KV-cache signature)")
         if program.calibration is None:

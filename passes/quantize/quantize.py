@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 
 from fxpress import graph as G
 from fxpress.errors import ConfigError
-from fxpress.passes.base import Pass, check_choice, check_range, register_pass
+from fxpress.passes.base import FLOAT_EXPERTS, FLOAT_LINEARS, Pass, check_choice, check_range, register_pass
 from fxpress.passes.quantize.gptq import QuantizedWeight, WeightSpec, gptq, hessian, rtn
+from fxpress.program import Program
 from fxpress.runtime import embedding, quant  # noqa: F401  (define the fxpress ops)
 
 LINEAR_NBIT = torch.ops.fxpress.linear_nbit.default
@@ -56,7 +57,8 @@ class Quantize(Pass):
 
     name = "quantize"
     version = 1
-    not_after = ("quantize",)
+    requires = frozenset({FLOAT_LINEARS})
+    invalidates = frozenset({FLOAT_LINEARS, FLOAT_EXPERTS})  # it packs expert weights too
 
     w_bits: int | None = 4
     a_bits: int | None = None
@@ -124,7 +126,7 @@ class Quantize(Pass):
         return WeightSpec(self.w_bits or 8, self.group_size, self.symmetric, self.clip_search)
 
     # -- the pass -------------------------------------------------------------------------------
-    def run(self, program) -> dict[str, Any]:
+    def run(self, program: Program) -> dict[str, Any]:
         torch.manual_seed(self.seed)
         gm = program.module
         tables, heads = self._select_tables(gm)

@@ -56,7 +56,7 @@ from fxpress.graph import (
     param_source,
     replace_with_call,
 )
-from fxpress.passes.base import Pass, check_choice, check_range, register_pass
+from fxpress.passes.base import FLOAT_EXPERTS, Pass, check_choice, check_range, register_pass
 from fxpress.passes.quantize_experts.analysis import (
     LayerAnalysis,
     LayerData,
@@ -74,6 +74,7 @@ from fxpress.passes.quantize_experts.analysis import (
     weight_matrix,
     weighted_hessian,
 )
+from fxpress.program import Program
 
 
 # --- allocation: exact multiple-choice knapsack ----------------------------------------------------
@@ -228,7 +229,8 @@ class QuantizeExperts(Pass):
     name: ClassVar[str] = "quantize_experts"
     version: ClassVar[int] = 3
     needs_calibration: ClassVar[bool] = True
-    not_after: ClassVar[tuple[str, ...]] = ("quantize", "quantize_experts")
+    requires: ClassVar[frozenset[str]] = frozenset({FLOAT_EXPERTS})
+    invalidates: ClassVar[frozenset[str]] = frozenset({FLOAT_EXPERTS})
 
     avg_bits: float = 3.0
     bit_choices: tuple[int, ...] = (2, 3, 4)
@@ -268,7 +270,7 @@ class QuantizeExperts(Pass):
                               "penalties >= 0, e.g. (0.0, 0.5, 1.0); (0.0,) is the plain knapsack")
         check_range(self.name, "selection_samples", self.selection_samples, 0, 1 << 20)
 
-    def run(self, program) -> dict[str, Any]:
+    def run(self, program: Program) -> dict[str, Any]:
         gm = program.module
         layers = expert_layers(gm)
         if not layers:

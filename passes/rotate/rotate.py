@@ -23,7 +23,8 @@ from torch.fx import GraphModule, Node
 
 from fxpress import graph as G
 from fxpress.errors import ConfigError
-from fxpress.passes.base import Pass, check_choice, check_range, register_pass
+from fxpress.passes.base import ROTATED, UNCOMPRESSED, Pass, check_choice, check_range, register_pass
+from fxpress.program import Program
 from fxpress.runtime.hadamard import (
     FALLBACKS,
     Rotation,
@@ -60,7 +61,8 @@ class Rotate(Pass):
     name: ClassVar[str] = "rotate"
     version: ClassVar[int] = 1
     preserves_function: ClassVar[bool] = True
-    not_after: ClassVar[tuple[str, ...]] = ("quantize", "quantize_experts", "fold_hadamard", "threshold_neurons", "prune_tokens")
+    requires: ClassVar[frozenset[str]] = UNCOMPRESSED
+    establishes: ClassVar[frozenset[str]] = frozenset({ROTATED})
     tolerance: ClassVar[float] = 1e-4
 
     mode: str = "hadamard"
@@ -94,7 +96,7 @@ class Rotate(Pass):
         check_range(self.name, "dfrot_samples", self.dfrot_samples, 1, 1 << 16)
         check_range(self.name, "dfrot_massive_ratio", self.dfrot_massive_ratio, 1.0, 1e6)
 
-    def run(self, program) -> dict[str, Any]:
+    def run(self, program: Program) -> dict[str, Any]:
         gm = program.module
         before = G.residual_stream(gm, strict=True, allow_scales=True)  # every structural error before any change
         check_rotatable(before)

@@ -42,7 +42,8 @@ from torch.fx import GraphModule, Node
 from fxpress.calibration import collect_activations
 from fxpress.errors import ConfigError, FxpressError
 from fxpress.graph import add_param, get_param, is_op
-from fxpress.passes.base import Pass, check_range, register_pass
+from fxpress.passes.base import PLAIN_NEURONS, Pass, check_range, register_pass
+from fxpress.program import Program
 from fxpress.runtime.threshold import FLOAT32_EXACT, output_bounds
 
 aten = torch.ops.aten
@@ -153,6 +154,7 @@ class ThresholdNeurons(Pass):
     name = "threshold_neurons"
     version = 1
     preserves_function = False
+    invalidates = frozenset({PLAIN_NEURONS})
 
     layers: list[str] = field(default_factory=lambda: ["*"])  # fnmatch patterns on layer names ("0", "fc1")
     keep: list[str] = field(default_factory=list)  # multiplication injection: layers kept conventional
@@ -181,7 +183,7 @@ class ThresholdNeurons(Pass):
                 raise ConfigError(f"{n}.{fname} must be a list of layer-name patterns (e.g. ['0', 'fc*']), got {value!r}")
 
     # -- run -------------------------------------------------------------------------------------------
-    def run(self, program) -> dict[str, Any]:
+    def run(self, program: Program) -> dict[str, Any]:
         gm = program.module
         inputs, targets = _training_data(program)
         if self.steps > 0 and inputs is None:
