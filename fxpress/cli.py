@@ -7,9 +7,15 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fxpress.errors import FxpressError, RecipeError
+
+if TYPE_CHECKING:
+    import torch
+
+    from fxpress.compiled import CompiledModel
+    from fxpress.passes.base import Pass
 
 
 def _console():
@@ -24,7 +30,7 @@ def _parse_value(text: str) -> Any:
     return yaml.safe_load(text)
 
 
-def _build_passes(args: argparse.Namespace) -> list:
+def _build_passes(args: argparse.Namespace) -> list[Pass]:
     """Passes from --recipe or --passes, then --set PASS.FIELD=VALUE overrides; every name checked."""
     import fxpress.passes  # noqa: F401
     from fxpress.recipe import load_recipe, passes_from_recipe
@@ -118,7 +124,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_rows(model, cm, tokenizer, args) -> list[tuple[str, str]]:
+def _eval_rows(
+    model: torch.nn.Module, cm: CompiledModel, tokenizer: Any, args: argparse.Namespace
+) -> list[tuple[str, str]]:
     import torch
 
     from fxpress.data import token_windows

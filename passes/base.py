@@ -128,10 +128,6 @@ def get_pass_class(name: str) -> type[Pass]:
     return PASS_REGISTRY[name]
 
 
-def pass_fields(cls: type[Pass]) -> list[dataclasses.Field]:
-    return list(dataclasses.fields(cls))
-
-
 def pass_from_dict(data: dict[str, Any]) -> Pass:
     """Build a pass from `{"type", "version", "fields"}` (or `{"type", **fields}`), allow-listed by the registry.
 
