@@ -58,10 +58,10 @@ def _order_message(p: Pass, fact: str, ran: Sequence[Pass | type[Pass] | str]) -
     """Say which earlier pass took away the fact `p` requires, and how to order them."""
     meaning = FACTS.get(fact, fact)
     culprit = next((r for r in reversed(ran) if not isinstance(r, str) and fact in r.invalidates), None)
-    why = f"('{p.name}' requires {fact}: {meaning}; '{getattr(culprit, 'name', '')}' invalidates it)"
-    if culprit is not None and culprit.name == p.name:
-        return f"'{p.name}' cannot run twice {why}"
     if culprit is not None:
+        why = f"('{p.name}' requires {fact}: {meaning}; '{culprit.name}' invalidates it)"
+        if culprit.name == p.name:
+            return f"'{p.name}' cannot run twice {why}"
         return f"'{p.name}' cannot run after '{culprit.name}': list '{p.name}' before '{culprit.name}' in passes=[...] {why}"
     makers = sorted(name for name, cls in PASS_REGISTRY.items() if fact in cls.establishes)
     hint = f"run {' or '.join(repr(m) for m in makers)} before it" if makers else "no registered pass establishes it"
