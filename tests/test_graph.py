@@ -135,7 +135,7 @@ def test_every_block_yields_its_attention_and_down_projection():
     attentions = G.attentions(blocks)
     assert [a.sdpa for a in attentions] == [b.attention.attention.sdpa for b in blocks]
     downs = G.down_projections(blocks)
-    assert {u.name.split(".")[-1] for u in downs} == {"down_proj"}  # routed (fused) and shared experts
+    assert len(downs) == 2 * len(blocks) and all("down_proj" in u.name for u in downs)  # fused and shared experts
     assert all(b.attention.residual in G.residual_stream(gm, strict=False).nodes for b in blocks)
 
 

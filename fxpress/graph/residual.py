@@ -79,6 +79,8 @@ def find_embeddings(graph: torch.fx.Graph) -> list[tuple[Node, Node]]:
 
 @dataclass
 class _Walk:
+    """One walk of `residual_stream`: the stream being built, the options, and what the rules share."""
+
     stream: ResidualStream
     strict: bool
     allow_scales: bool
@@ -113,7 +115,17 @@ def _ops(*groups: Collection[str]) -> Matcher:
     return lambda walk, node: op_name(node) in names
 
 
+def _any_node(walk: _Walk, node: Node) -> bool:
+    """Matches every node: the last rule of a table, its default."""
+    return True
+
+
 # --- rules for a node that reads the stream ----------------------------------------------------------
+
+def _keep(walk: _Walk, node: Node) -> None:
+    """The op keeps the features of the last dim: its output is on the stream too."""
+    walk.extend(node)
+
 
 def _is_linear(walk: _Walk, node: Node) -> bool:
     return linear_use(node) is not None
@@ -204,17 +216,17 @@ def _fails(why: str) -> Callable[[_Walk, Node], None]:
 
 STREAM_RULES: list[Rule] = [
     (_is_linear, _read_by_linear),
-    (_ops(CAST_OPS, {"dropout"}), lambda walk, node: walk.extend(node)),
+    (_ops(CAST_OPS, {"dropout"}), _keep),
     (_ops(ROW_OPS), _move_rows),
     (_ops({"add", "sub"}), _add),
     (_ops({"mul", "div"}), _scale),
     (_is_square, _square),
-    (_is_row_reduction, lambda walk, node: walk.extend(node)),
-    (_ops(_SCATTER_OPS), lambda walk, node: walk.extend(node)),
+    (_is_row_reduction, _keep),
+    (_ops(_SCATTER_OPS), _keep),
     (_is_stream_rms_norm, _fused_rms_norm),
     (_ops({"layer_norm", "native_layer_norm"}),
      _fails("is a LayerNorm: its mean subtraction does not commute with a rotation")),
-    (lambda walk, node: True, _fails("mixes the hidden features in a way a rotation does not commute with")),
+    (_any_node, _fails("mixes the hidden features in a way a rotation does not commute with")),
 ]
 
 
@@ -230,6 +242,11 @@ def _off_stream(walk: _Walk, node: Node) -> None:
 
 
 # --- rules for a node on a branch added into the stream (walked back to the linears that write it) ---
+
+def _zeros(walk: _Walk, node: Node) -> list[Any]:
+    """A fresh zero buffer (MoE combine) contributes nothing to follow."""
+    return []
+
 
 def _first_arg(walk: _Walk, node: Node) -> list[Any]:
     src = node.args[0]
@@ -262,12 +279,12 @@ def _unexpected(walk: _Walk, node: Node) -> list[Any]:
 
 
 BRANCH_RULES: list[tuple[Matcher, Callable[[_Walk, Node], list[Any]]]] = [
-    (_ops(_ZERO_OPS), lambda walk, node: []),
+    (_ops(_ZERO_OPS), _zeros),
     (_ops(CAST_OPS, ROW_OPS, {"sum", "mean"}), _first_arg),
     (_ops({"add", "sub"}), _summands),
     (_ops({"mul", "div"}), _scaled),
     (_ops({"index_add", "scatter_add", "index_copy", "index_put", "copy"}), _scattered),
-    (lambda walk, node: True, _unexpected),
+    (_any_node, _unexpected),
 ]
 
 
