@@ -99,6 +99,7 @@ def attentions(blocks: list[Block]) -> list[Attention]:
 
 
 def moe_blocks(gm: GraphModule, stream: ResidualStream | None = None) -> list[MoE]:
+    """The MoE of every block whose MLP is one, in order."""
     return [b.mlp.moe for b in decoder_blocks(gm, stream) if b.mlp and b.mlp.moe]
 
 

@@ -211,6 +211,7 @@ def _fused_rms_norm(walk: _Walk, node: Node) -> None:
 
 
 def _fails(why: str) -> Callable[[_Walk, Node], None]:
+    """A handler that rejects the node (under `strict`) for the reason `why`."""
     return lambda walk, node: walk.fail(node, why)
 
 
