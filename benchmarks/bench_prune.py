@@ -34,9 +34,11 @@ from fxpress.data import token_windows
 from fxpress.evaluate import paired_bootstrap, window_metrics
 from fxpress.models import load_smollm2
 from fxpress.passes import PruneTokens, run_passes
-from fxpress.passes.prune_tokens import baselines
-from fxpress.passes.prune_tokens.prune_tokens import export_inputs, kl_divergence, prune_flops
+from fxpress.passes.prune_tokens import RouterTraining, SearchSettings, baselines
+from fxpress.passes.prune_tokens.export import export_inputs
+from fxpress.passes.prune_tokens.flops import prune_flops
 from fxpress.passes.prune_tokens.router import HeuristicRouter, find_blocks, route_blocks
+from fxpress.passes.prune_tokens.training import kl_divergence
 
 RESULTS = Path(__file__).parent / "results" / "prune.md"
 ROUTER = "token router (FTP)"
@@ -148,9 +150,10 @@ def main() -> None:
 
     pruned = clone(dense)
     pruned.calibration = Calibration(calib, batch_size=2)
-    cfg = PruneTokens(sparsity=args.sparsity, train_steps=args.train_steps, search_evals=args.search_evals,
-                      refine_evals=args.refine_evals, block_search_evals=args.block_search_evals, lr=args.lr,
-                      heldout_fraction=len(held) / len(calib))
+    cfg = PruneTokens(sparsity=args.sparsity, router=RouterTraining(train_steps=args.train_steps, lr=args.lr),
+                      search=SearchSettings(search_evals=args.search_evals, refine_evals=args.refine_evals,
+                                            block_search_evals=args.block_search_evals,
+                                            heldout_fraction=len(held) / len(calib)))
     result = run_passes(pruned, [cfg])[0]
     print(f"[{time.perf_counter() - t0:.0f}s] prune_tokens done in {result.seconds:.0f}s: {result.stats}")
     meta = pruned.metadata["prune_tokens"]
