@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from fxpress.errors import ConfigError
+from fxpress.errors import ConfigError, RecipeError
 from fxpress.passes.base import Pass, check_range, register_pass
 from fxpress.passes.prune_tokens.export import ensure_meta, retrace
 from fxpress.passes.prune_tokens.flops import flops_budget, prune_flops
@@ -110,8 +110,8 @@ class PruneTokens(Pass):
     @classmethod
     def upgrade_fields(cls, version: int, fields: dict[str, Any]) -> dict[str, Any]:
         """Version 3 kept the router and search settings flat: move them into their groups."""
-        if version != 3:
-            return super().upgrade_fields(version, fields)
+        if version != 3:  # older recipes predate the version history this pass keeps
+            raise RecipeError(f"pass '{cls.name}' reads recipes from version 3 on; this one is version {version}")
         upgraded: dict[str, Any] = {"router": {}, "search": {}}
         for key, value in fields.items():
             group, name = V3_GROUPED_FIELDS.get(key, (None, key))

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fxpress.errors import ConfigError
+from fxpress.errors import ConfigError, RecipeError
 from fxpress.passes.base import Pass, check_range, register_pass
 from fxpress.passes.threshold_neurons.data import (
     DATA_KEY,
@@ -78,8 +78,8 @@ class ThresholdNeurons(Pass):
     @classmethod
     def upgrade_fields(cls, version: int, fields: dict[str, Any]) -> dict[str, Any]:
         """Version 1 kept the fine-tuning settings flat: move them into `fine_tune`."""
-        if version != 1:
-            return super().upgrade_fields(version, fields)
+        if version != 1:  # older recipes predate the version history this pass keeps
+            raise RecipeError(f"pass '{cls.name}' reads recipes from version 1 on; this one is version {version}")
         group = {k: fields.pop(k) for k in V1_FINE_TUNE_FIELDS if k in fields}
         return {**fields, "fine_tune": group}
 
