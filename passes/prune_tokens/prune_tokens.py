@@ -196,13 +196,13 @@ class PruneTokens(Pass):
         """Guide-fit the router, search the schedule on held-out KL, then distill and refine when a block is routed."""
         clock = Stopwatch()
         train, held = split_heldout(program.calibration.batches, self.search.heldout_fraction)
-        masked = masked_module(program, router, self.router.probes)
-        ctx = RouterFit(program, router, masked, train, held, TeacherCache(program))
-        records = collect(masked, router, program, train)
+        ctx = RouterFit(program, router, masked_module(program, router, self.router.probes), train, held,
+                        TeacherCache(program))
+        records = collect(ctx.masked, router, program, train)
         stats["guide_loss"] = fit_guide(router, records, top, self.search.levels, self.router.guide_steps, self.seed)
         clock.lap("guide")
 
-        score = held_out_scorer(masked, router, program, held, ctx.teacher)
+        score = held_out_scorer(ctx.masked, router, program, held, ctx.teacher)
         search = ScheduleSearch(score, lambda s: prune_flops(meta, seq, s)["pruned"], allowed, top,
                                 self.search.levels, random.Random(self.seed))
         if self.schedule is not None:
