@@ -7,13 +7,37 @@ an op still lacks, and a test fails while that list is not empty.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 NAMESPACE = "fxpress"
-LOWERING_TARGETS = ("onnx", "tvm")
+
+
+@dataclass(frozen=True)
+class ExportTarget:
+    """An export target: its exporter (named, not imported: lowerings sit above the op table) and whether
+    every fxpress op needs a lowering of its own for it (hls/fpga map whole networks, not single ops)."""
+
+    name: str
+    exporter: str  # "module:function"
+    artifact: str  # default artifact name in an output directory
+    per_op: bool
+
+    def export_function(self) -> Callable:
+        module, function = self.exporter.split(":")
+        return getattr(importlib.import_module(module), function)
+
+
+EXPORT_TARGETS: dict[str, ExportTarget] = {t.name: t for t in (
+    ExportTarget("onnx", "fxpress.lowering.onnx:export_onnx", "model.onnx", per_op=True),
+    ExportTarget("tvm", "fxpress.lowering.tvm:export_tvm", "model.tvm", per_op=True),
+    ExportTarget("hls", "fxpress.lowering.fpga:export_fpga", "hls", per_op=False),
+    ExportTarget("fpga", "fxpress.lowering.fpga:export_fpga", "fpga", per_op=False),
+)}
+LOWERING_TARGETS = tuple(name for name, target in EXPORT_TARGETS.items() if target.per_op)
 
 
 @dataclass

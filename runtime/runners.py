@@ -18,11 +18,8 @@ import numpy as np
 import torch
 
 from fxpress.errors import ArtifactError, ConfigError
+from fxpress.lowering.artifacts import ARTIFACT_VERSION, METADATA_KEY, TVM_MANIFEST
 from fxpress.program import ModelInfo, Program
-
-METADATA_KEY = "fxpress.info"  # ONNX metadata_props key (see fxpress.lowering.onnx)
-TVM_MANIFEST = "fxpress.json"  # TVM artifact directory: manifest, library, weights (see fxpress.lowering.tvm)
-SUPPORTED_VERSION = 1
 
 
 class Runner:
@@ -110,10 +107,10 @@ def _require(path: Path, what: str) -> None:
 def _check_meta(meta: Any, path: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != "fxpress":
         raise ArtifactError(f"'{path}' is not an fxpress artifact (no fxpress metadata): export it with fxpress")
-    if meta.get("version") != SUPPORTED_VERSION:
+    if meta.get("version") != ARTIFACT_VERSION:
         raise ArtifactError(
             f"'{path}' is an fxpress artifact of version {meta.get('version')}, this fxpress reads version "
-            f"{SUPPORTED_VERSION}: export it again with this fxpress"
+            f"{ARTIFACT_VERSION}: export it again with this fxpress"
         )
     return meta
 
