@@ -1,8 +1,9 @@
 """The `fxpress::*` op table: each op's schema, reference kernel, fake kernel and lowerings, in one place.
 
 A pass that needs an op ATen lacks defines it here (via `define_op` in its runtime module); each
-lowering registers a translation per op with `register_lowering`. `missing_parts()` lists what
-an op still lacks, and a test fails while that list is not empty.
+lowering registers its part per op with `register_lowering` (ONNX: an `OnnxOp` class, TVM: a converter).
+`EXPORT_TARGETS` is the one list of export targets; `missing_parts()` lists what an op still lacks for the
+targets that lower op by op, and a test fails while that list is not empty.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def define_op(name: str, schema: str, kernel: Callable, fake: Callable, doc: str
 
 
 def register_lowering(op_name: str, target: str) -> Callable[[Callable], Callable]:
-    """Decorator used by a lowering module: the translation of `fxpress::op_name` for `target`."""
+    """Decorator used by a lowering module: its lowering of `fxpress::op_name` for `target`."""
     if target not in LOWERING_TARGETS:
         raise ValueError(f"unknown lowering target '{target}': targets are {', '.join(LOWERING_TARGETS)}")
 
@@ -88,14 +89,6 @@ def register_lowering(op_name: str, target: str) -> Callable[[Callable], Callabl
         return fn
 
     return wrap
-
-
-def op_for_node_target(target: object) -> OpSpec | None:
-    """The OpSpec behind an FX node's target, if it is an fxpress op."""
-    name = getattr(target, "name", lambda: "")()
-    if isinstance(name, str) and name.startswith(f"{NAMESPACE}::"):
-        return OPS.get(name.split("::", 1)[1].split(".", 1)[0])
-    return None
 
 
 def missing_parts() -> dict[str, list[str]]:
