@@ -59,7 +59,8 @@ class Runner:
             return tuple(inputs)
         return tuple(t.to(self.dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs)
 
-    def step(self, input_ids: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tensor):
+    def step(self, input_ids: torch.Tensor, past_keys: torch.Tensor,
+             past_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One forward with the cache: (logits, present_keys, present_values)."""
         logits, keys, values = self.run(input_ids, past_keys, past_values)
         return logits, keys, values
@@ -75,7 +76,7 @@ class TorchRunner(Runner):
 
     kind = "torch"
 
-    def __init__(self, program: Program):
+    def __init__(self, program: Program) -> None:
         self.program = program
         self.info = program.info
 
@@ -120,7 +121,7 @@ class OnnxRunner(Runner):
 
     kind = "onnx"
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None, optimize: bool = True):
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, optimize: bool = True) -> None:
         import onnxruntime as ort
 
         path = Path(path)
@@ -180,7 +181,7 @@ class TvmRunner(Runner):
 
     kind = "tvm"
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike) -> None:
         import tvm
         from tvm import relax
 

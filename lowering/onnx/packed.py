@@ -8,6 +8,8 @@ tensor (`Materializer.shared`), so a tied embedding table and LM head share them
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -42,7 +44,7 @@ def _zero_codes(zeros: np.ndarray | None, bits: int, n: int, k_blocks: int) -> n
 
 
 def packed_matmul(b: Materializer, node, x, qweight: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None,
-                  bits: int, block: int, in_features: int, tag: str):
+                  bits: int, block: int, in_features: int, tag: str) -> Any:
     """x @ dequant(W).T in the chosen format; returns the output value (no bias)."""
     if scales.dtype == np.float64:  # Precision(float64): no int kernel or DequantizeLinear takes double
         return _exact_matmul(b, node, x, qweight, scales, zeros, bits, block, in_features, tag)
@@ -57,7 +59,7 @@ def packed_matmul(b: Materializer, node, x, qweight: np.ndarray, scales: np.ndar
     return _dequantize_matmul(b, node, x, qweight, scales, zeros, bits, block, in_features, tag)
 
 
-def _matmulnbits(b: Materializer, node, x, qweight, scales, zeros, bits, block, sub, in_features, tag):
+def _matmulnbits(b: Materializer, node, x, qweight, scales, zeros, bits, block, sub, in_features, tag) -> Any:
     cached = b.shared.get(tag, {})
     key = next((k for k in cached if k[0] == "nbits"), ("nbits", sub))  # a tied table's layout, if made
     if key not in cached:
@@ -93,7 +95,7 @@ def nbits_initializers(b: Materializer, qweight, scales, zeros, bits, block, sub
     return b.initializer(f"{tag}.qweight", packed), b.initializer(f"{tag}.scales", scales), zero_value
 
 
-def _dequantize_matmul(b: Materializer, node, x, qweight, scales, zeros, bits, block, in_features, tag):
+def _dequantize_matmul(b: Materializer, node, x, qweight, scales, zeros, bits, block, in_features, tag) -> Any:
     """Standard ONNX: blocked DequantizeLinear of W.T (codes as UINT4/UINT2/UINT8), Slice to K rows, MatMul."""
     w, s, z = transposed_initializers(b, qweight, scales, zeros, bits, block, tag)
     weight = b.node(node, "", "DequantizeLinear", [w, s, z], {"axis": 0, "block_size": block})
@@ -129,7 +131,7 @@ def transposed_initializers(b: Materializer, qweight, scales, zeros, bits, block
 
 
 # -- float64 (Precision pass): exact dequantization ------------------------------------------------------
-def _exact_rows(b: Materializer, node, qweight, scales, zeros, bits, block, tag):
+def _exact_rows(b: Materializer, node, qweight, scales, zeros, bits, block, tag) -> Any:
     """(code - zero) * scale as float64 rows (N, k_blocks, block), exact: made once per packed tensor (a tied
     table's gather and LM head share it); ONNX Runtime folds it into a dense float64 weight at load."""
     cached = b.shared.setdefault(tag, {})
@@ -157,7 +159,7 @@ def _exact_rows(b: Materializer, node, qweight, scales, zeros, bits, block, tag)
     return rows
 
 
-def _exact_dense(b: Materializer, node, qweight, scales, zeros, bits, block, columns, tag):
+def _exact_dense(b: Materializer, node, qweight, scales, zeros, bits, block, columns, tag) -> Any:
     """The exact float64 [N, columns] matrix: dequantized rows, reshaped, the last block's padding sliced off."""
     rows = _exact_rows(b, node, qweight, scales, zeros, bits, block, tag)
     n, k_blocks, _ = qweight.shape
@@ -169,13 +171,13 @@ def _exact_dense(b: Materializer, node, qweight, scales, zeros, bits, block, col
     return dense
 
 
-def _exact_matmul(b: Materializer, node, x, qweight, scales, zeros, bits, block, in_features, tag):
+def _exact_matmul(b: Materializer, node, x, qweight, scales, zeros, bits, block, in_features, tag) -> Any:
     """float64 x @ W.T with W = (code - zero) * scale computed exactly in float64, then sliced to K columns."""
     weight = _exact_dense(b, node, qweight, scales, zeros, bits, block, in_features, tag)
     return b.node(node, "", "MatMul", [x, b.node(node, "", "Transpose", [weight], {"perm": [1, 0]})])
 
 
-def exact_gather(b: Materializer, node, ids, qweight, scales, zeros, bits, block, dim, tag):
+def exact_gather(b: Materializer, node, ids, qweight, scales, zeros, bits, block, dim, tag) -> Any:
     """float64 embedding rows: Gather the exact dequantized rows, then drop the last block's padding."""
     table = _exact_dense(b, node, qweight, scales, zeros, bits, block, dim, tag)
     return b.node(node, "", "Gather", [table, ids], {"axis": 0})

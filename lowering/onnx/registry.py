@@ -29,7 +29,9 @@ class OnnxOp:
     attributes: ClassVar[dict[str, str]] = {}  # placeholder attribute -> OpSchema.AttrType name
     first: ClassVar[bool] = False  # materialized before the others
 
-    translate: ClassVar[Callable[..., Any]]  # torch.onnx translation: emits the placeholder (a staticmethod)
+    # torch.onnx translation (a staticmethod) emitting the placeholder; left unannotated, as torch.onnx reads
+    # a translation's annotations as its input types
+    translate: ClassVar[Callable[..., Any]]
 
     @classmethod
     def materialize(cls, b: Materializer, node: Any) -> None:
