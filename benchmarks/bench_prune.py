@@ -34,9 +34,11 @@ from fxpress.data import token_windows
 from fxpress.evaluate import paired_bootstrap, window_metrics
 from fxpress.models import load_smollm2
 from fxpress.passes import PruneTokens, run_passes
-from fxpress.passes.prune_tokens import baselines
-from fxpress.passes.prune_tokens.prune_tokens import export_inputs, kl_divergence, prune_flops
+from fxpress.passes.prune_tokens import RouterTraining, SearchSettings, baselines
+from fxpress.passes.prune_tokens.export import export_inputs
+from fxpress.passes.prune_tokens.flops import prune_flops
 from fxpress.passes.prune_tokens.router import HeuristicRouter, find_blocks, route_blocks
+from fxpress.passes.prune_tokens.training import kl_divergence
 
 RESULTS = Path(__file__).parent / "results" / "prune.md"
 ROUTER = "token router (FTP)"
@@ -112,7 +114,7 @@ def schedule_text(schedule: list[float]) -> str:
     return f"dropped {', '.join(dropped) or '-'}; routed {', '.join(routed) or '-'}"
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sparsity", type=float, default=0.3)
     ap.add_argument("--train-steps", type=int, default=16)
@@ -136,6 +138,72 @@ def main() -> None:
         args.refine_evals, args.calib_windows, args.heldout_windows, args.block_search_evals = 1, 2, 2, 2
     if args.block_search_evals is None:
         args.block_search_evals = args.search_evals
+    return args
+
+
+def baseline_programs(args, dense, calib: torch.Tensor, flops: dict) -> tuple[dict, dict]:
+    """ShortGPT layer pruning and sub-block pruning by Block Influence, at the router's FLOPs."""
+    costs = {}
+    for b in find_blocks(dense.module):
+        for part, macs in baselines.sub_block_macs(b, args.seq).items():
+            costs[(b.index, part)] = macs
+    budget = flops["dense"] - flops["pruned"]
+    scores = baselines.influence(dense, calib[:4])
+    programs, info = {}, {}
+    for label, kinds in ((SHORTGPT, ("block",)), ("sub-block pruning (attn/MLP by BI)", ("attn", "mlp"))):
+        chosen, saved = baselines.choose_at_flops(scores, costs, budget, kinds)
+        programs[label] = clone(dense)
+        baselines.drop(programs[label], chosen)
+        info[label] = {"flops": 1.0 - saved / flops["dense"],
+                       "dropped": ", ".join(f"{i}{'' if p == 'block' else ':' + p}" for i, p in sorted(chosen))}
+    return programs, info
+
+
+def variant_programs(args, dense, pruned, result, held: torch.Tensor, calib: torch.Tensor, probes: int):
+    """The router, its ablations and the baselines, all at the router's FLOPs, with their table columns."""
+    meta = pruned.metadata["prune_tokens"]
+    flops = prune_flops(meta, args.seq)
+    programs = {"unpruned": dense, ROUTER: pruned}
+    info = {"unpruned": {"flops": 1.0}, ROUTER: {"flops": flops["ratio"], "dropped": schedule_text(meta["schedule"])}}
+    if any(0 < s < 1 for s in meta["schedule"]):
+        label, programs[HEURISTIC] = heuristic_program(dense, meta["schedule"], held, probes)
+        info[HEURISTIC] = {**info[ROUTER], "dropped": f"{label}; same schedule"}
+    if "block_only_schedule" in result.stats:
+        chosen = [(i, "block") for i, s in enumerate(result.stats["block_only_schedule"]) if s >= 1.0]
+        programs[SEARCHED] = clone(dense)
+        baselines.drop(programs[SEARCHED], chosen)
+        info[SEARCHED] = {"flops": prune_flops(meta, args.seq, result.stats["block_only_schedule"])["ratio"],
+                          "dropped": ", ".join(str(i) for i, _ in chosen)}
+    more_programs, more_info = baseline_programs(args, dense, calib, flops)
+    return {**programs, **more_programs}, {**info, **more_info}
+
+
+def quality(dense, programs: dict, info: dict, evalw: torch.Tensor, t0: float) -> tuple[dict, list]:
+    """Per-variant quality rows and paired bootstrap tests of the pairs that matter."""
+    metrics = window_metrics(dense, programs, evalw, batch_size=2)
+    rows = {name: {**summary(metrics[name]), **info[name]} for name in programs}
+    for name, row in rows.items():
+        print(f"[{time.perf_counter() - t0:.0f}s] {name}: {row}")
+    pairs = [(ROUTER, SHORTGPT), (ROUTER, SEARCHED), (ROUTER, HEURISTIC), (SEARCHED, SHORTGPT)]
+    tests = [(a, b, paired_bootstrap(metrics[a]["nll"], metrics[b]["nll"], "ppl"),
+              paired_bootstrap(metrics[a]["kl"], metrics[b]["kl"], "mean"))
+             for a, b in pairs if a in metrics and b in metrics]
+    return rows, tests
+
+
+def pytorch_times(args, tok, dense, pruned, keys, values, t0: float) -> dict:
+    pt = {}
+    for length in args.prefill:
+        ids = token_windows(tok, "eval", length, 1)
+        with torch.no_grad():
+            pt[length] = median_times({"dense": lambda ids=ids: dense.run(ids, keys, values),
+                                       "pruned": lambda ids=ids: pruned.run(ids, keys, values)}, args.reps)
+        print(f"[{time.perf_counter() - t0:.0f}s] PyTorch prefill {length}: {pt[length]}")
+    return pt
+
+
+def main() -> None:
+    args = parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -148,62 +216,25 @@ def main() -> None:
 
     pruned = clone(dense)
     pruned.calibration = Calibration(calib, batch_size=2)
-    cfg = PruneTokens(sparsity=args.sparsity, train_steps=args.train_steps, search_evals=args.search_evals,
-                      refine_evals=args.refine_evals, block_search_evals=args.block_search_evals, lr=args.lr,
-                      heldout_fraction=len(held) / len(calib))
+    cfg = PruneTokens(sparsity=args.sparsity, router=RouterTraining(train_steps=args.train_steps, lr=args.lr),
+                      search=SearchSettings(search_evals=args.search_evals, refine_evals=args.refine_evals,
+                                            block_search_evals=args.block_search_evals,
+                                            heldout_fraction=len(held) / len(calib)))
     result = run_passes(pruned, [cfg])[0]
     print(f"[{time.perf_counter() - t0:.0f}s] prune_tokens done in {result.seconds:.0f}s: {result.stats}")
     meta = pruned.metadata["prune_tokens"]
-    flops = prune_flops(meta, args.seq)
 
-    # --- the variants, all at the router's FLOPs ---------------------------------------------------------
-    programs = {"unpruned": dense, ROUTER: pruned}
-    info = {"unpruned": {"flops": 1.0}, ROUTER: {"flops": flops["ratio"], "dropped": schedule_text(meta["schedule"])}}
-    if any(0 < s < 1 for s in meta["schedule"]):
-        label, programs[HEURISTIC] = heuristic_program(dense, meta["schedule"], held, cfg.probes)
-        info[HEURISTIC] = {**info[ROUTER], "dropped": f"{label}; same schedule"}
-    if "block_only_schedule" in result.stats:
-        chosen = [(i, "block") for i, s in enumerate(result.stats["block_only_schedule"]) if s >= 1.0]
-        programs[SEARCHED] = clone(dense)
-        baselines.drop(programs[SEARCHED], chosen)
-        info[SEARCHED] = {"flops": prune_flops(meta, args.seq, result.stats["block_only_schedule"])["ratio"],
-                          "dropped": ", ".join(str(i) for i, _ in chosen)}
-    blocks = find_blocks(dense.module)
-    costs = {}
-    for b in blocks:
-        for part, macs in baselines.sub_block_macs(b, args.seq).items():
-            costs[(b.index, part)] = macs
-    budget = flops["dense"] - flops["pruned"]
-    scores = baselines.influence(dense, calib[:4])
-    for label, kinds in ((SHORTGPT, ("block",)), ("sub-block pruning (attn/MLP by BI)", ("attn", "mlp"))):
-        chosen, saved = baselines.choose_at_flops(scores, costs, budget, kinds)
-        programs[label] = clone(dense)
-        baselines.drop(programs[label], chosen)
-        info[label] = {"flops": 1.0 - saved / flops["dense"],
-                       "dropped": ", ".join(f"{i}{'' if p == 'block' else ':' + p}" for i, p in sorted(chosen))}
-    metrics = window_metrics(dense, programs, evalw, batch_size=2)
-    rows = {name: {**summary(metrics[name]), **info[name]} for name in programs}
-    for name, row in rows.items():
-        print(f"[{time.perf_counter() - t0:.0f}s] {name}: {row}")
-    pairs = [(ROUTER, SHORTGPT), (ROUTER, SEARCHED), (ROUTER, HEURISTIC), (SEARCHED, SHORTGPT)]
-    tests = [(a, b, paired_bootstrap(metrics[a]["nll"], metrics[b]["nll"], "ppl"),
-              paired_bootstrap(metrics[a]["kl"], metrics[b]["kl"], "mean"))
-             for a, b in pairs if a in metrics and b in metrics]
+    programs, info = variant_programs(args, dense, pruned, result, held, calib, cfg.router.probes)
+    rows, tests = quality(dense, programs, info, evalw, t0)
 
-    # --- wall time -------------------------------------------------------------------------------------
-    pt, ort_times, parity = {}, {}, None
     keys, values = dense.empty_cache(1)
-    for length in args.prefill:
-        ids = token_windows(tok, "eval", length, 1)
-        with torch.no_grad():
-            pt[length] = median_times({"dense": lambda ids=ids: dense.run(ids, keys, values),
-                                       "pruned": lambda ids=ids: pruned.run(ids, keys, values)}, args.reps)
-        print(f"[{time.perf_counter() - t0:.0f}s] PyTorch prefill {length}: {pt[length]}")
+    pt = pytorch_times(args, tok, dense, pruned, keys, values, t0)
+    ort_times, parity = {}, None
     if not args.no_onnx:
         ort_times, parity = onnx_times(args, tok, dense, pruned, keys, values)
         print(f"[{time.perf_counter() - t0:.0f}s] ORT prefill {ort_times}, parity {parity:.2e}")
     prefill_flops = {length: prune_flops(meta, length)["ratio"] for length in args.prefill}
-    write_report(args, result, meta, rows, tests, flops, prefill_flops, pt, ort_times, parity,
+    write_report(args, result, meta, rows, tests, prune_flops(meta, args.seq), prefill_flops, pt, ort_times, parity,
                  time.perf_counter() - t0)
 
 
@@ -255,6 +286,29 @@ def write_report(args, result, meta, rows, tests, flops, prefill_flops, pt, ort_
         f"{sum(schedule) / len(schedule):.3f}; dropped blocks (1.0): {result.stats['dropped_blocks']}; routed "
         f"blocks (0 < s < 1): {result.stats['routed_blocks']}.",
         "",
+        *quality_lines(args, rows, tests),
+        "",
+        *timing_lines(args, prefill_flops, pt, ort_times, parity),
+        "",
+        "## Per block",
+        "",
+        "| block | sparsity | FLOPs saved in block |",
+        "| --- | --- | --- |",
+    ]
+    for i, (s, saved) in enumerate(zip(schedule, flops["block_saved"])):
+        lines.append(f"| {i} | {s:.3f} | {saved:.3f} |")
+    stats = {k: v for k, v in result.stats.items() if k not in ("block_sparsity", "block_flops_saved")}
+    lines += ["", "## Pass statistics", "", "```", *(f"{k}: {v}" for k, v in stats.items()), "```", "", NOTES, ""]
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, RESULTS)
+    print("\n".join(lines))
+
+
+def quality_lines(args, rows: dict, tests: list) -> list[str]:
+    """The quality table at equal FLOPs and the paired bootstrap differences."""
+    lines = [
         f"## Quality at the same FLOPs (prefill of {args.seq} tokens, lm_head included)",
         "",
         "| method | FLOPs ratio | perplexity | KL vs unpruned | top-1 agreement | blocks dropped / routed |",
@@ -272,8 +326,12 @@ def write_report(args, result, meta, rows, tests, flops, prefill_flops, pt, ort_
     for a, b, ppl, kl in tests:
         lines.append(f"| {a} - {b} | {ppl['diff']:+.2f} | [{ppl['lo']:+.2f}, {ppl['hi']:+.2f}] | {kl['diff']:+.3f} | "
                      f"[{kl['lo']:+.3f}, {kl['hi']:+.3f}] | {ppl['windows_better']:.2f} |")
-    lines += [
-        "",
+    return lines
+
+
+def timing_lines(args, prefill_flops: dict, pt: dict, ort_times: dict, parity: float | None) -> list[str]:
+    """Prefill wall time of the unpruned and pruned programs in PyTorch and ONNX Runtime, and their parity."""
+    lines = [
         f"## Prefill wall time, batch 1, {args.threads} thread(s) (median of {args.reps} interleaved runs)",
         "",
         "| prefill tokens | FLOPs ratio | PyTorch unpruned (s) | PyTorch pruned (s) | PyTorch ratio "
@@ -289,21 +347,8 @@ def write_report(args, result, meta, rows, tests, flops, prefill_flops, pt, ort_
         "",
         (f"ONNX Runtime vs PyTorch logits of the pruned program: max relative difference {parity:.1e}."
          if parity is not None else "ONNX Runtime not measured (--no-onnx)."),
-        "",
-        "## Per block",
-        "",
-        "| block | sparsity | FLOPs saved in block |",
-        "| --- | --- | --- |",
     ]
-    for i, (s, saved) in enumerate(zip(schedule, flops["block_saved"])):
-        lines.append(f"| {i} | {s:.3f} | {saved:.3f} |")
-    stats = {k: v for k, v in result.stats.items() if k not in ("block_sparsity", "block_flops_saved")}
-    lines += ["", "## Pass statistics", "", "```", *(f"{k}: {v}" for k, v in stats.items()), "```", "", NOTES, ""]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, RESULTS)
-    print("\n".join(lines))
+    return lines
 
 
 NOTES = """Notes:

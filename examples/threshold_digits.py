@@ -31,6 +31,7 @@ from fxpress.evaluate import accuracy
 from fxpress.lowering.fpga import build, export_fpga, netlist_from_program
 from fxpress.lowering.fpga.netlist import first_neurons
 from fxpress.passes import ThresholdNeurons, run_passes
+from fxpress.passes.threshold_neurons import FineTuning
 from fxpress.zoo import train_mlp
 
 
@@ -51,7 +52,7 @@ def main() -> None:
 
     program = capture(model, (xtr[:4],))
     program.metadata["train_data"] = (xtr, ytr)
-    result = run_passes(program, [ThresholdNeurons(density=args.density, steps=args.steps)], verify=False)[0]
+    result = run_passes(program, [ThresholdNeurons(density=args.density, fine_tune=FineTuning(steps=args.steps))], verify=False)[0]
     acc_tn = accuracy(program, xte, yte)
     netlist = netlist_from_program(program)
     acc_int = float((netlist.reference(netlist.quantize(xte))[-1].argmax(-1) == yte).float().mean())

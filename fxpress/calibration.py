@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx
 
 from fxpress.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fxpress.program import Program
 
 
 @dataclass
@@ -45,7 +49,7 @@ def as_calibration(data: object) -> Calibration | None:
     raise ConfigError(f"calibration must be a tensor or fxpress.calibration.Calibration, got {type(data).__name__}")
 
 
-def program_inputs(program, samples: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def program_inputs(program: Program, samples: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The full graph inputs for a batch of samples (an empty KV cache for causal LMs)."""
     if program.is_causal_lm:
         keys, values = program.empty_cache(samples.shape[0])
@@ -69,7 +73,7 @@ class _Recorder(torch.fx.Interpreter):
 
 
 def for_each_activation(
-    program, node_names: Iterable[str], callback: Callable[[str, torch.Tensor], None],
+    program: Program, node_names: Iterable[str], callback: Callable[[str, torch.Tensor], None],
     samples: Iterable[torch.Tensor] | None = None,
 ) -> None:
     """Call `callback(node_name, tensor)` for every wanted node on every calibration batch.
@@ -92,7 +96,7 @@ def for_each_activation(
 
 
 def collect_activations(
-    program, node_names: Iterable[str], samples: Iterable[torch.Tensor] | None = None
+    program: Program, node_names: Iterable[str], samples: Iterable[torch.Tensor] | None = None
 ) -> dict[str, list[torch.Tensor]]:
     """The outputs of the named nodes on each calibration batch (kept in memory: use for few nodes)."""
     store: dict[str, list[torch.Tensor]] = {name: [] for name in node_names}

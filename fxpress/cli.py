@@ -7,9 +7,15 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fxpress.errors import FxpressError, RecipeError
+
+if TYPE_CHECKING:
+    import torch
+
+    from fxpress.compiled import CompiledModel
+    from fxpress.passes.base import Pass
 
 
 def _console():
@@ -24,7 +30,7 @@ def _parse_value(text: str) -> Any:
     return yaml.safe_load(text)
 
 
-def _build_passes(args: argparse.Namespace) -> list:
+def _build_passes(args: argparse.Namespace) -> list[Pass]:
     """Passes from --recipe or --passes, then --set PASS.FIELD=VALUE overrides; every name checked."""
     import fxpress.passes  # noqa: F401
     from fxpress.recipe import load_recipe, passes_from_recipe
@@ -85,6 +91,18 @@ def cmd_passes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_targets(text: str | None) -> list:
+    """The --export list as export targets, every name checked before any work is done."""
+    from fxpress.errors import ConfigError
+    from fxpress.runtime.ops import EXPORT_TARGETS
+
+    names = [t.strip() for t in (text or "").split(",") if t.strip()]
+    unknown = [n for n in names if n not in EXPORT_TARGETS]
+    if unknown:
+        raise ConfigError(f"--export: unknown target '{unknown[0]}': choose from {', '.join(EXPORT_TARGETS)}")
+    return [EXPORT_TARGETS[n] for n in names]
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     """Load a model, run the passes, save the program, export the artifacts, optionally evaluate."""
     import fxpress
@@ -92,6 +110,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from fxpress.models import load_causal_lm
     from fxpress.passes.manager import validate_pipeline
 
+    targets = _export_targets(args.export)
     passes = _build_passes(args)
     needs_calibration = any(p.needs_calibration for p in passes)
     validate_pipeline(passes, (), True)
@@ -106,11 +125,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
     console.print(cm.report.table())
     saved = cm.save(out / "program")
     rows.append(("program", str(saved)))
-    for target in [t.strip() for t in (args.export or "").split(",") if t.strip()]:
-        suffix = {"onnx": "model.onnx", "tvm": "model.tvm"}.get(target, target)
-        with console.status(f"exporting {target}"):
-            path = cm.export(target, out / suffix)
-        rows.append((f"{target} artifact", str(path)))
+    for target in targets:
+        with console.status(f"exporting {target.name}"):
+            path = cm.export(target.name, out / target.artifact)
+        rows.append((f"{target.name} artifact", str(path)))
     rows.append(("weight bytes", f"{cm.program.weight_bytes():,}"))
     if args.eval_windows:
         rows += _eval_rows(model, cm, tokenizer, args)
@@ -118,7 +136,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_rows(model, cm, tokenizer, args) -> list[tuple[str, str]]:
+def _eval_rows(
+    model: torch.nn.Module, cm: CompiledModel, tokenizer: Any, args: argparse.Namespace
+) -> list[tuple[str, str]]:
     import torch
 
     from fxpress.data import token_windows
@@ -166,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passes", help="comma-separated pass names, e.g. rotate,fold_hadamard,quantize")
     p.add_argument("--set", action="append", metavar="PASS.FIELD=VALUE", help="override a pass field")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--export", help="comma-separated targets: onnx,tvm,hls")
+    p.add_argument("--export", help="comma-separated export targets, e.g. onnx,tvm")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--eval-windows", type=int, default=0, help="evaluate on this many windows of real text")

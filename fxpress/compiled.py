@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from fxpress.calibration import as_calibration
+from fxpress.calibration import Calibration, as_calibration
 from fxpress.capture import capture
 from fxpress.errors import ConfigError
 from fxpress.passes.base import Pass, pass_from_dict
@@ -17,8 +17,7 @@ from fxpress.passes.manager import run_passes, validate_pipeline
 from fxpress.program import Program
 from fxpress.recipe import passes_from_recipe, recipe_dict, save_recipe
 from fxpress.report import Report
-
-EXPORT_TARGETS = ("onnx", "tvm", "hls", "fpga")
+from fxpress.runtime.ops import EXPORT_TARGETS
 
 
 def _as_passes(passes: Sequence[Any]) -> list[Pass]:
@@ -62,12 +61,7 @@ class CompiledModel:
         if target not in EXPORT_TARGETS:
             raise ConfigError(f"unknown export target '{target}': choose one of {', '.join(EXPORT_TARGETS)}")
         path = Path(path)
-        if target == "onnx":
-            from fxpress.lowering.onnx import export_onnx as lower
-        elif target == "tvm":
-            from fxpress.lowering.tvm import export_tvm as lower
-        else:
-            from fxpress.lowering.fpga import export_fpga as lower
+        lower = EXPORT_TARGETS[target].export_function()
         self.exports[target] = lower(self.program, path, **options)
         save_recipe(self.passes, path.with_name(path.stem + ".recipe.json"))
         return path
@@ -83,7 +77,7 @@ def compile(
     model: torch.nn.Module | str,
     passes: Sequence[Any] = (),
     example_inputs: Any = None,
-    calibration: Any = None,
+    calibration: Calibration | torch.Tensor | Sequence[torch.Tensor] | None = None,
     verify: bool = True,
     progress: bool = True,
 ) -> CompiledModel:

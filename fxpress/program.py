@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from fxpress.calibration import Calibration
 from fxpress.report import PassResult
 
 ACTIVATION_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -62,8 +63,9 @@ class Program:
     module: torch.fx.GraphModule
     example_inputs: tuple[torch.Tensor, ...]
     info: ModelInfo
-    calibration: Any = None  # fxpress.calibration.Calibration
+    calibration: Calibration | None = None
     history: list[str] = field(default_factory=list)
+    facts: set[str] | None = None  # what holds of the graph (fxpress.passes.base.FACTS); None: derive from history
     report: list[PassResult] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -132,4 +134,5 @@ class Program:
             "ops": sum(1 for n in nodes if n.op == "call_function"),
             "weight_bytes": self.weight_bytes(),
             "passes": list(self.history),
+            "facts": sorted(self.facts) if self.facts is not None else None,
         }

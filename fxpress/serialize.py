@@ -63,6 +63,7 @@ def save_program(program: Program, directory: str | os.PathLike, extra: dict[str
     manifest = {
         "format": FORMAT, "version": FORMAT_VERSION, "torch": torch.__version__,
         "info": program.info.to_dict(), "history": program.history, "aliases": aliases,
+        "facts": sorted(program.facts) if program.facts is not None else None,
         "parameters": [k for k, v in ep.state_dict.items() if isinstance(v, torch.nn.Parameter)],
         "num_examples": len(examples),
         "example_shapes": [list(t.shape) for t in program.example_inputs],
@@ -134,5 +135,9 @@ def load_program(directory: str | os.PathLike) -> tuple[Program, dict[str, Any]]
         torch.zeros(shape, dtype=getattr(torch, dtype.split(".")[-1]))
         for shape, dtype in zip(manifest["example_shapes"], manifest["example_dtypes"])
     )
-    program = Program(module=ep.module(), example_inputs=example, info=info, history=list(manifest["history"]))
+    facts = manifest.get("facts")  # absent in artifacts saved before facts were recorded: derived from history
+    program = Program(
+        module=ep.module(), example_inputs=example, info=info, history=list(manifest["history"]),
+        facts=set(facts) if facts is not None else None,
+    )
     return program, manifest

@@ -17,20 +17,45 @@ if TYPE_CHECKING:
 
 PASS_REGISTRY: dict[str, type[Pass]] = {}
 
+# -- facts: properties of a program that passes require, establish or invalidate ------------------
+# The manager walks a pipeline with the set of facts that hold and refuses a pass whose `requires`
+# are not all there, so order rules are stated once, by the pass that has them, about the graph.
+FLOAT_LINEARS = "float_linears"
+FLOAT_EXPERTS = "float_experts"
+HADAMARD_FREE = "hadamard_free"
+PLAIN_NEURONS = "plain_neurons"
+ALL_TOKENS = "all_tokens"
+ROTATED = "rotated"
+
+FACTS: dict[str, str] = {
+    FLOAT_LINEARS: "the dense linear weights are still float (not packed low-bit codes)",
+    FLOAT_EXPERTS: "the MoE expert weights are still float (not packed low-bit codes)",
+    HADAMARD_FREE: "the graph has no online Hadamard transforms",
+    PLAIN_NEURONS: "every MLP neuron is a plain linear neuron (no threshold neurons)",
+    ALL_TOKENS: "every token passes through every block (no token router)",
+    ROTATED: "the residual stream is rotated (norm scales folded, embeddings untied)",
+}
+# What holds of a program nothing has compressed yet (a fresh capture); passes that change the
+# weights' basis (rotate, fold_hadamard) need all of it.
+UNCOMPRESSED = frozenset({FLOAT_LINEARS, FLOAT_EXPERTS, HADAMARD_FREE, PLAIN_NEURONS, ALL_TOKENS})
+
 
 @dataclass
 class Pass:
     """Base of every pass. Subclasses set `name`, fill in `run`, and may override `validate`.
 
     `preserves_function` passes are checked against the graph before them on the example inputs.
-    `not_after` names passes that must not have run before this one (an invalid order).
+    `requires` are the facts (see FACTS) that must hold before the pass runs; afterwards its
+    `invalidates` no longer hold and its `establishes` do. The manager checks a whole pipeline first.
     """
 
     name: ClassVar[str] = ""
     version: ClassVar[int] = 1
     preserves_function: ClassVar[bool] = False
     needs_calibration: ClassVar[bool] = False
-    not_after: ClassVar[tuple[str, ...]] = ()
+    requires: ClassVar[frozenset[str]] = frozenset()
+    establishes: ClassVar[frozenset[str]] = frozenset()
+    invalidates: ClassVar[frozenset[str]] = frozenset()
     tolerance: ClassVar[float] = 1e-4
 
     def validate(self) -> None:
@@ -89,6 +114,9 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
         raise TypeError(f"{cls.__name__} must set a class attribute `name` before it is registered")
     if cls.name in PASS_REGISTRY and PASS_REGISTRY[cls.name] is not cls:
         raise TypeError(f"a pass named '{cls.name}' is already registered ({PASS_REGISTRY[cls.name].__name__})")
+    unknown = sorted((cls.requires | cls.establishes | cls.invalidates) - FACTS.keys())
+    if unknown:
+        raise TypeError(f"{cls.__name__} declares unknown facts {unknown}: the known facts are {sorted(FACTS)}")
     PASS_REGISTRY[cls.name] = cls
     return cls
 
@@ -98,10 +126,6 @@ def get_pass_class(name: str) -> type[Pass]:
         known = ", ".join(sorted(PASS_REGISTRY)) or "none"
         raise RecipeError(f"unknown pass '{name}': registered passes are {known}")
     return PASS_REGISTRY[name]
-
-
-def pass_fields(cls: type[Pass]) -> list[dataclasses.Field]:
-    return list(dataclasses.fields(cls))
 
 
 def pass_from_dict(data: dict[str, Any]) -> Pass:
@@ -135,7 +159,7 @@ def build_config(cls: type, fields: Any, path: str) -> Any:
     unknown = sorted(set(fields) - set(known))
     if unknown:
         raise RecipeError(
-            f"{path} has no field {', '.join(repr(u) for u in unknown)}: its fields are {', '.join(sorted(known)) or 'none'}"
+            f"'{path}' has no field {', '.join(repr(u) for u in unknown)}: its fields are {', '.join(sorted(known)) or 'none'}"
         )
     hints = typing.get_type_hints(cls)
     values = {}

@@ -2,35 +2,70 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
 from fxpress.errors import ConfigError, FxpressError, PassError, PassOrderError
-from fxpress.passes.base import Pass, PassResult
+from fxpress.passes.base import FACTS, PASS_REGISTRY, UNCOMPRESSED, Pass, PassResult
 
 if TYPE_CHECKING:
     from fxpress.program import Program
 
 
-def validate_pipeline(passes: Sequence[Pass], history: Sequence[str] = (), has_calibration: bool = True) -> None:
-    """Every error a pipeline can be known to have before it runs: bad fields, order, missing data."""
+def facts_after(history: Sequence[str], start: Iterable[str] = UNCOMPRESSED) -> set[str]:
+    """The facts that hold once the named registered passes have run from `start`.
+
+    For programs that do not record their facts (artifacts saved before they were recorded).
+    """
+    facts = set(start)
+    for name in history:
+        if name in PASS_REGISTRY:
+            facts = _apply(PASS_REGISTRY[name], facts)
+    return facts
+
+
+def _apply(p: Pass | type[Pass], facts: set[str]) -> set[str]:
+    return (facts - p.invalidates) | p.establishes
+
+
+def validate_pipeline(
+    passes: Sequence[Pass], history: Sequence[str] = (), has_calibration: bool = True, facts: Iterable[str] | None = None
+) -> None:
+    """Every error a pipeline can be known to have before it runs: bad fields, order, missing data.
+
+    `facts` hold before the first pass (by default those after `history` on a fresh capture).
+    """
     for p in passes:
         if not isinstance(p, Pass):
             raise ConfigError(f"{p!r} is not an fxpress pass: use the classes in fxpress.passes (e.g. Rotate())")
         p.validate()
-    ran = list(history)
+    holding = facts_after(history) if facts is None else set(facts)
+    ran: list[Pass | type[Pass] | str] = [PASS_REGISTRY.get(name, name) for name in history]
     for p in passes:
-        for earlier in p.not_after:
-            if earlier in ran:
-                raise PassOrderError(
-                    f"'{p.name}' cannot run after '{earlier}': list '{p.name}' before '{earlier}' in passes=[...]"
-                )
+        missing = [fact for fact in FACTS if fact in p.requires - holding]  # in FACTS order, the plainest first
+        if missing:
+            raise PassOrderError(_order_message(p, missing[0], ran))
         if p.needs_calibration and not has_calibration:
             raise ConfigError(f"pass '{p.name}' needs calibration data: pass calibration=... to fxpress.compile")
-        ran.append(p.name)
+        holding = _apply(p, holding)
+        ran.append(p)
+
+
+def _order_message(p: Pass, fact: str, ran: Sequence[Pass | type[Pass] | str]) -> str:
+    """Say which earlier pass took away the fact `p` requires, and how to order them."""
+    meaning = FACTS.get(fact, fact)
+    culprit = next((r for r in reversed(ran) if not isinstance(r, str) and fact in r.invalidates), None)
+    if culprit is not None:
+        why = f"('{p.name}' requires {fact}: {meaning}; '{culprit.name}' invalidates it)"
+        if culprit.name == p.name:
+            return f"'{p.name}' cannot run twice {why}"
+        return f"'{p.name}' cannot run after '{culprit.name}': list '{p.name}' before '{culprit.name}' in passes=[...] {why}"
+    makers = sorted(name for name, cls in PASS_REGISTRY.items() if fact in cls.establishes)
+    hint = f"run {' or '.join(repr(m) for m in makers)} before it" if makers else "no registered pass establishes it"
+    return f"'{p.name}' requires {fact} ({meaning}), which does not hold here: {hint}"
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -41,7 +76,9 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def run_passes(program: Program, passes: Sequence[Pass], verify: bool = True, progress: bool = True) -> list[PassResult]:
     """Run `passes` over `program` in order; on failure name the pass and those before it."""
-    validate_pipeline(passes, program.history, program.calibration is not None)
+    if program.facts is None:
+        program.facts = facts_after(program.history)
+    validate_pipeline(passes, program.history, program.calibration is not None, program.facts)
     results = []
     for p in tqdm(passes, desc="passes", disable=not progress or len(passes) < 2, leave=False):
         ran_before = list(program.history)
@@ -65,6 +102,7 @@ def run_passes(program: Program, passes: Sequence[Pass], verify: bool = True, pr
                     f"it promises to keep the function but changed the outputs by {error:.2e} relative (> {p.tolerance:.0e})",
                 )
         program.history.append(p.name)
+        program.facts = _apply(p, program.facts)
         program.report.append(result)
         results.append(result)
     return results

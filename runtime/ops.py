@@ -1,19 +1,44 @@
 """The `fxpress::*` op table: each op's schema, reference kernel, fake kernel and lowerings, in one place.
 
 A pass that needs an op ATen lacks defines it here (via `define_op` in its runtime module); each
-lowering registers a translation per op with `register_lowering`. `missing_parts()` lists what
-an op still lacks, and a test fails while that list is not empty.
+lowering registers its part per op with `register_lowering` (ONNX: an `OnnxOp` class, TVM: a converter).
+`EXPORT_TARGETS` is the one list of export targets; `missing_parts()` lists what an op still lacks for the
+targets that lower op by op, and a test fails while that list is not empty.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 NAMESPACE = "fxpress"
-LOWERING_TARGETS = ("onnx", "tvm")
+
+
+@dataclass(frozen=True)
+class ExportTarget:
+    """An export target: its exporter (named, not imported: lowerings sit above the op table) and whether
+    every fxpress op needs a lowering of its own for it (hls/fpga map whole networks, not single ops)."""
+
+    name: str
+    exporter: str  # "module:function"
+    artifact: str  # default artifact name in an output directory
+    per_op: bool
+
+    def export_function(self) -> Callable:
+        module, function = self.exporter.split(":")
+        return getattr(importlib.import_module(module), function)
+
+
+EXPORT_TARGETS: dict[str, ExportTarget] = {t.name: t for t in (
+    ExportTarget("onnx", "fxpress.lowering.onnx:export_onnx", "model.onnx", per_op=True),
+    ExportTarget("tvm", "fxpress.lowering.tvm:export_tvm", "model.tvm", per_op=True),
+    ExportTarget("hls", "fxpress.lowering.fpga:export_fpga", "hls", per_op=False),
+    ExportTarget("fpga", "fxpress.lowering.fpga:export_fpga", "fpga", per_op=False),
+)}
+LOWERING_TARGETS = tuple(name for name, target in EXPORT_TARGETS.items() if target.per_op)
 
 
 @dataclass
@@ -53,7 +78,7 @@ def define_op(name: str, schema: str, kernel: Callable, fake: Callable, doc: str
 
 
 def register_lowering(op_name: str, target: str) -> Callable[[Callable], Callable]:
-    """Decorator used by a lowering module: the translation of `fxpress::op_name` for `target`."""
+    """Decorator used by a lowering module: its lowering of `fxpress::op_name` for `target`."""
     if target not in LOWERING_TARGETS:
         raise ValueError(f"unknown lowering target '{target}': targets are {', '.join(LOWERING_TARGETS)}")
 
@@ -64,14 +89,6 @@ def register_lowering(op_name: str, target: str) -> Callable[[Callable], Callabl
         return fn
 
     return wrap
-
-
-def op_for_node_target(target: object) -> OpSpec | None:
-    """The OpSpec behind an FX node's target, if it is an fxpress op."""
-    name = getattr(target, "name", lambda: "")()
-    if isinstance(name, str) and name.startswith(f"{NAMESPACE}::"):
-        return OPS.get(name.split("::", 1)[1].split(".", 1)[0])
-    return None
 
 
 def missing_parts() -> dict[str, list[str]]:

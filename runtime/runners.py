@@ -18,11 +18,8 @@ import numpy as np
 import torch
 
 from fxpress.errors import ArtifactError, ConfigError
+from fxpress.lowering.artifacts import ARTIFACT_VERSION, METADATA_KEY, TVM_MANIFEST
 from fxpress.program import ModelInfo, Program
-
-METADATA_KEY = "fxpress.info"  # ONNX metadata_props key (see fxpress.lowering.onnx)
-TVM_MANIFEST = "fxpress.json"  # TVM artifact directory: manifest, library, weights (see fxpress.lowering.tvm)
-SUPPORTED_VERSION = 1
 
 
 class Runner:
@@ -62,7 +59,8 @@ class Runner:
             return tuple(inputs)
         return tuple(t.to(self.dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs)
 
-    def step(self, input_ids: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tensor):
+    def step(self, input_ids: torch.Tensor, past_keys: torch.Tensor,
+             past_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One forward with the cache: (logits, present_keys, present_values)."""
         logits, keys, values = self.run(input_ids, past_keys, past_values)
         return logits, keys, values
@@ -78,7 +76,7 @@ class TorchRunner(Runner):
 
     kind = "torch"
 
-    def __init__(self, program: Program):
+    def __init__(self, program: Program) -> None:
         self.program = program
         self.info = program.info
 
@@ -110,10 +108,10 @@ def _require(path: Path, what: str) -> None:
 def _check_meta(meta: Any, path: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != "fxpress":
         raise ArtifactError(f"'{path}' is not an fxpress artifact (no fxpress metadata): export it with fxpress")
-    if meta.get("version") != SUPPORTED_VERSION:
+    if meta.get("version") != ARTIFACT_VERSION:
         raise ArtifactError(
             f"'{path}' is an fxpress artifact of version {meta.get('version')}, this fxpress reads version "
-            f"{SUPPORTED_VERSION}: export it again with this fxpress"
+            f"{ARTIFACT_VERSION}: export it again with this fxpress"
         )
     return meta
 
@@ -123,7 +121,7 @@ class OnnxRunner(Runner):
 
     kind = "onnx"
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None, optimize: bool = True):
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, optimize: bool = True) -> None:
         import onnxruntime as ort
 
         path = Path(path)
@@ -183,7 +181,7 @@ class TvmRunner(Runner):
 
     kind = "tvm"
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike) -> None:
         import tvm
         from tvm import relax
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from fxpress.cli import main
@@ -13,6 +16,16 @@ def test_passes_lists_every_registered_pass(capsys):
     assert main(["passes"]) == 0
     out = capsys.readouterr().out
     assert PASS_REGISTRY and all(name in out for name in PASS_REGISTRY)
+
+
+def test_python_dash_m_fxpress_runs_the_cli(tmp_path):
+    listed = subprocess.run([sys.executable, "-m", "fxpress", "passes"], capture_output=True, text=True, timeout=300)
+    assert listed.returncode == 0 and "rotate" in listed.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "fxpress", "compile", "--passes", "quantize,rotate", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert bad.returncode == 2 and "'rotate' cannot run after 'quantize'" in bad.stderr
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from fxpress.lowering.fpga.flow import parse_icetime, parse_nextpnr, parse_yosys
 from fxpress.lowering.fpga.netlist import Netlist, first_neurons, mac_netlist
 from fxpress.lowering.fpga.verilog import lint
 from fxpress.passes import ThresholdNeurons, run_passes
+from fxpress.passes.threshold_neurons import FineTuning
 from fxpress.zoo import train_mlp
 
 pytest.importorskip("sklearn")
@@ -34,7 +35,7 @@ def converted():
     original = {k: v.clone() for k, v in model.state_dict().items()}
     program = capture(model, (xtr[:4],))
     program.metadata["train_data"] = (xtr, ytr)
-    run_passes(program, [ThresholdNeurons(density=0.25, steps=300)], verify=False)  # small kernels
+    run_passes(program, [ThresholdNeurons(density=0.25, fine_tune=FineTuning(steps=300))], verify=False)  # small kernels
     return program, original, xte, yte
 
 
@@ -141,7 +142,7 @@ def test_compiled_float_model_lowers_bit_exact(sizes, tmp_path):
         layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
     model = torch.nn.Sequential(*layers[:-1]).eval()
     x = torch.randn(64, sizes[0])
-    passes = [ThresholdNeurons(steps=20, density=0.5, layers=[str(2 * i) for i in range(len(sizes) - 2)])]
+    passes = [ThresholdNeurons(fine_tune=FineTuning(steps=20), density=0.5, layers=[str(2 * i) for i in range(len(sizes) - 2)])]
     cm = fxpress.compile(model, passes=passes, example_inputs=(x[:4],), calibration=x, progress=False)
     out = cm.export("fpga", tmp_path / "net", vectors=x, synthesize=False)
     report = json.loads((out / "report.json").read_text())

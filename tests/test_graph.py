@@ -127,3 +127,26 @@ def test_get_set_add_param_and_untie():
     copy_node = G.untie(gm, use.node, use.weight)
     assert use.node.args[1] is copy_node and torch.equal(G.get_param(gm, copy_node), w * 2)
     gm.graph.lint()
+
+
+def test_every_block_yields_its_attention_and_down_projection():
+    gm = program("qwen2_moe").module
+    blocks = G.decoder_blocks(gm)
+    attentions = G.attentions(blocks)
+    assert [a.sdpa for a in attentions] == [b.attention.attention.sdpa for b in blocks]
+    downs = G.down_projections(blocks)
+    assert len(downs) == 2 * len(blocks) and all("down_proj" in u.name for u in downs)  # fused and shared experts
+    assert all(b.attention.residual in G.residual_stream(gm, strict=False).nodes for b in blocks)
+
+
+def test_ancestors_stop_at_and_stay_within_the_given_nodes():
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    a = graph.call_function(torch.relu, (x,))
+    b = graph.call_function(torch.neg, (a,))
+    c = graph.call_function(torch.add, (b, x))
+    graph.output(c)
+    assert G.ancestors(c) == {c, b, a, x}
+    assert G.ancestors(c, stop={b}) == {c, b, x}
+    assert G.ancestors(c, within={b, a}) == {c, b, a}
+    assert G.descendants(x) == {a, b, c, graph.output_node()} and G.descendants(x, depth=1) == {a, c}

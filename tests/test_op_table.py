@@ -8,7 +8,7 @@ import torch
 import fxpress.lowering.onnx  # noqa: F401  (registers the ONNX translations)
 import fxpress.lowering.tvm  # noqa: F401  (registers the TVM converters)
 import fxpress.runtime  # noqa: F401  (defines the ops)
-from fxpress.runtime.ops import LOWERING_TARGETS, OPS, missing_parts
+from fxpress.runtime.ops import EXPORT_TARGETS, LOWERING_TARGETS, OPS, missing_parts
 
 pytest.importorskip("onnxscript")
 
@@ -50,3 +50,11 @@ def test_translation_tables_cover_every_op():
     _all_op_modules_imported()
     assert set(translation_table()) == {spec.overload for spec in OPS.values()}
     assert set(convert_map()) == {f"{name}.default" for name in OPS}
+
+
+def test_export_targets_name_their_exporters():
+    """One table of targets: each names an importable exporter; only per-op targets need op lowerings."""
+    assert set(LOWERING_TARGETS) == {name for name, target in EXPORT_TARGETS.items() if target.per_op}
+    assert {"onnx", "tvm", "hls", "fpga"} <= set(EXPORT_TARGETS)
+    for target in EXPORT_TARGETS.values():
+        assert callable(target.export_function()), target.name

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import json
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import pytest
 import torch
 
 import fxpress
 from fxpress.errors import ConfigError, PassError, PassOrderError, RecipeError
-from fxpress.passes.base import PASS_REGISTRY, Pass, check_range, register_pass
+from fxpress.passes.base import FLOAT_LINEARS, PASS_REGISTRY, ROTATED, Pass, check_range, register_pass
+from fxpress.passes.manager import run_passes, validate_pipeline
 from fxpress.recipe import load_recipe, passes_from_recipe, recipe_dict, save_recipe
 
 
@@ -21,7 +23,7 @@ class ScaleLinears(Pass):
 
     name: ClassVar[str] = "test_scale_linears"
     preserves_function: ClassVar[bool] = True
-    not_after: ClassVar[tuple[str, ...]] = ("test_freeze",)
+    requires: ClassVar[frozenset[str]] = frozenset({FLOAT_LINEARS})
     factor: float = 1.0
 
     def validate(self) -> None:
@@ -38,9 +40,10 @@ class ScaleLinears(Pass):
 
 @dataclass
 class Freeze(Pass):
-    """Test pass that changes nothing; ScaleLinears must not run after it."""
+    """Test pass that changes nothing but claims to pack the linears, so ScaleLinears must not run after it."""
 
     name: ClassVar[str] = "test_freeze"
+    invalidates: ClassVar[frozenset[str]] = frozenset({FLOAT_LINEARS})
 
     def run(self, program):
         return {"modified": False}
@@ -108,3 +111,170 @@ def test_recipe_with_unknown_field_fails_naming_it_and_the_known_fields():
 def test_recipe_with_wrong_version_is_rejected():
     with pytest.raises(RecipeError, match="version"):
         passes_from_recipe([{"type": "test_scale_linears", "version": 7, "fields": {}}])
+
+
+# -- pass order as declared facts ---------------------------------------------------------------
+# The order rules as they were before facts: each pass listed the passes that must not run before it.
+OLD_NOT_AFTER = {
+    "rotate": ("quantize", "quantize_experts", "fold_hadamard", "threshold_neurons", "prune_tokens"),
+    "fold_hadamard": ("quantize", "quantize_experts", "fold_hadamard", "threshold_neurons", "prune_tokens"),
+    "quantize": ("quantize",),
+    "quantize_experts": ("quantize", "quantize_experts"),
+    "prune_tokens": (),
+    "threshold_neurons": (),
+    "precision": (),
+}
+
+
+def _old_rule_allows(names: tuple[str, ...]) -> bool:
+    return not any(earlier in OLD_NOT_AFTER[later] for i, later in enumerate(names) for earlier in names[:i])
+
+
+def _facts_allow(names: tuple[str, ...]) -> bool:
+    try:
+        validate_pipeline([PASS_REGISTRY[n]() for n in names])
+    except PassOrderError:
+        return False
+    return True
+
+
+def test_declared_facts_reject_exactly_the_orders_the_old_lists_rejected():
+    builtin = sorted(set(PASS_REGISTRY) - {ScaleLinears.name, Freeze.name})
+    assert builtin == sorted(OLD_NOT_AFTER)
+    orders = [*itertools.product(builtin, repeat=2), *itertools.product(builtin, repeat=3)]
+    disagree = [o for o in orders if _old_rule_allows(o) != _facts_allow(o)]
+    assert not disagree
+    assert not _facts_allow(("quantize", "rotate")) and _facts_allow(("rotate", "fold_hadamard", "quantize"))
+
+
+def test_order_error_names_the_pass_the_missing_fact_and_who_invalidated_it():
+    with pytest.raises(PassOrderError) as err:
+        validate_pipeline([fxpress.passes.Quantize(), fxpress.passes.Rotate()])
+    message = str(err.value)
+    assert "'rotate' cannot run after 'quantize': list 'rotate' before 'quantize'" in message
+    assert "float_linears" in message and "\n" not in message
+    with pytest.raises(PassOrderError, match="'quantize' cannot run twice"):
+        validate_pipeline([fxpress.passes.Quantize()], history=["quantize"])
+
+
+@dataclass
+class NeedsRotation(Pass):
+    """Test pass (not registered) that only makes sense on a rotated residual stream."""
+
+    name: ClassVar[str] = "test_needs_rotation"
+    requires: ClassVar[frozenset[str]] = frozenset({ROTATED})
+
+
+def test_a_fact_no_earlier_pass_established_names_the_passes_that_do():
+    with pytest.raises(PassOrderError, match="'test_needs_rotation' requires rotated .*run 'rotate' before it"):
+        validate_pipeline([NeedsRotation()])
+    validate_pipeline([fxpress.passes.Rotate(), NeedsRotation()])
+
+
+def test_registering_a_pass_with_an_unknown_fact_fails():
+    @dataclass
+    class Typo(Pass):
+        name: ClassVar[str] = "test_typo"
+        requires: ClassVar[frozenset[str]] = frozenset({"float_linear"})
+
+    with pytest.raises(TypeError, match="unknown facts \\['float_linear'\\]"):
+        register_pass(Typo)
+    assert "test_typo" not in PASS_REGISTRY
+
+
+def test_compiled_and_reloaded_programs_keep_their_facts(tmp_path):
+    cm = fxpress.compile(_mlp(), passes=[Freeze()], example_inputs=(torch.randn(2, 8),))
+    assert FLOAT_LINEARS not in cm.program.facts
+    with pytest.raises(PassOrderError, match="'test_scale_linears' cannot run after 'test_freeze'"):
+        run_passes(cm.program, [ScaleLinears()])
+    saved = cm.save(tmp_path / "prog")
+    assert fxpress.load(saved).program.facts == cm.program.facts
+    manifest = json.loads((saved / "manifest.json").read_text())
+    del manifest["facts"]  # as saved before facts were recorded: they are derived from the history
+    (saved / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PassOrderError, match="'test_scale_linears' cannot run after 'test_freeze'"):
+        run_passes(fxpress.load(saved).program, [ScaleLinears()])
+
+
+# -- nested config groups and versioned recipes ---------------------------------------------------
+@dataclass
+class WeightGroup:
+    bits: int = 4
+    group_size: int | None = None
+
+
+@dataclass
+class Grouped(Pass):
+    """Test pass with a config group; version 1 had a flat `bits` field."""
+
+    name: ClassVar[str] = "test_grouped"
+    version: ClassVar[int] = 2
+    upgrades: ClassVar[list[int]] = []
+    weights: WeightGroup = field(default_factory=WeightGroup)
+    scale: float = 1.0
+
+    @classmethod
+    def upgrade_fields(cls, version: int, fields: dict[str, Any]) -> dict[str, Any]:
+        cls.upgrades.append(version)
+        return {**{k: v for k, v in fields.items() if k != "bits"}, "weights": {"bits": fields["bits"]}}
+
+    def run(self, program):
+        return {"modified": False}
+
+
+@pytest.fixture
+def grouped():
+    register_pass(Grouped)
+    Grouped.upgrades.clear()
+    yield Grouped
+    PASS_REGISTRY.pop(Grouped.name, None)
+
+
+def test_config_group_is_built_from_a_mapping_and_round_trips(grouped):
+    p = passes_from_recipe([{"type": "test_grouped", "fields": {"weights": {"bits": 3, "group_size": 64}}}])[0]
+    assert p.weights == WeightGroup(bits=3, group_size=64) and p.scale == 1.0
+    assert p.to_dict() == {"type": "test_grouped", "version": 2, "fields": {"weights": {"bits": 3, "group_size": 64}, "scale": 1.0}}
+    assert passes_from_recipe([p.to_dict()])[0] == p
+
+
+def test_unknown_key_in_a_config_group_names_pass_group_and_key(grouped):
+    with pytest.raises(RecipeError, match=r"'test_grouped\.weights' has no field 'bitz': its fields are bits, group_size"):
+        passes_from_recipe([{"type": "test_grouped", "fields": {"weights": {"bitz": 3}}}])
+
+
+def test_wrong_type_in_a_config_group_names_pass_group_and_field(grouped):
+    with pytest.raises(RecipeError, match=r"test_grouped\.weights\.bits = 'four' has the wrong type: expected int"):
+        passes_from_recipe([{"type": "test_grouped", "fields": {"weights": {"bits": "four"}}}])
+    with pytest.raises(RecipeError, match=r"test_grouped\.weights\.group_size = 1\.5 has the wrong type"):
+        passes_from_recipe([{"type": "test_grouped", "fields": {"weights": {"group_size": 1.5}}}])
+    with pytest.raises(RecipeError, match=r"test_grouped\.weights must be a mapping"):
+        passes_from_recipe([{"type": "test_grouped", "fields": {"weights": 4}}])
+
+
+def test_older_recipe_is_upgraded_by_the_pass(grouped):
+    p = passes_from_recipe([{"type": "test_grouped", "version": 1, "fields": {"bits": 2, "scale": 0.5}}])[0]
+    assert Grouped.upgrades == [1]
+    assert p == Grouped(weights=WeightGroup(bits=2), scale=0.5)
+
+
+def test_newer_recipe_than_the_pass_is_rejected(grouped):
+    with pytest.raises(RecipeError, match="'test_grouped' is at version 2; the recipe asks for version 3"):
+        passes_from_recipe([{"type": "test_grouped", "version": 3, "fields": {}}])
+    assert Grouped.upgrades == []
+
+
+@dataclass
+class FreezeV2(Freeze):
+    """Test pass at version 2 that does not say how to read version 1."""
+
+    name: ClassVar[str] = "test_freeze_v2"
+    version: ClassVar[int] = 2
+
+
+def test_pass_that_bumps_its_version_without_an_upgrade_rejects_old_recipes():
+    register_pass(FreezeV2)
+    try:
+        with pytest.raises(RecipeError, match="'test_freeze_v2' is at version 2 and cannot read recipes of version 1"):
+            passes_from_recipe([{"type": "test_freeze_v2", "version": 1, "fields": {}}])
+    finally:
+        PASS_REGISTRY.pop(FreezeV2.name, None)

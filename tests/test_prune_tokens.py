@@ -12,17 +12,11 @@ import torch
 
 from fxpress.calibration import Calibration
 from fxpress.capture import capture
-from fxpress.errors import ConfigError, PassError
+from fxpress.errors import ConfigError, PassError, RecipeError
 from fxpress.evaluate import paired_bootstrap, perplexity, window_metrics
-from fxpress.passes import PruneTokens, run_passes
+from fxpress.passes import PruneTokens, pass_from_dict, run_passes
 from fxpress.passes.prune_tokens import baselines
-from fxpress.passes.prune_tokens.prune_tokens import (
-    ScheduleSearch,
-    collect,
-    fit_guide,
-    masked_module,
-    prune_flops,
-)
+from fxpress.passes.prune_tokens.flops import prune_flops
 from fxpress.passes.prune_tokens.router import (
     FEATURES,
     HeuristicRouter,
@@ -32,6 +26,8 @@ from fxpress.passes.prune_tokens.router import (
     find_blocks,
     route_blocks,
 )
+from fxpress.passes.prune_tokens.search import ScheduleSearch, SearchSettings
+from fxpress.passes.prune_tokens.training import RouterTraining, collect, fit_guide, masked_module
 from fxpress.passes.quantize import WeightQuant
 from fxpress.zoo import tiny_causal_lm
 
@@ -222,7 +218,7 @@ def test_rejects_bad_configs_before_work(tiny_program):
     with pytest.raises(ConfigError, match="sparsity"):
         PruneTokens(sparsity=1.5).validate()
     with pytest.raises(ConfigError, match="max_block_sparsity"):
-        PruneTokens(sparsity=0.6, max_block_sparsity=0.5).validate()
+        PruneTokens(sparsity=0.6, search=SearchSettings(max_block_sparsity=0.5)).validate()
     with pytest.raises(ConfigError, match="schedule"):
         PruneTokens(schedule=[]).validate()
     twin = clone(tiny_program)
@@ -237,11 +233,11 @@ def test_rejects_bad_configs_before_work(tiny_program):
 def test_pass_guides_searches_distills_and_rewrites(tiny_program):
     program = clone(tiny_program)
     program.calibration = Calibration(torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(0)))
-    cfg = PruneTokens(sparsity=0.3, guide_steps=30, train_steps=2, search_evals=4, refine_evals=1, probes=4,
-                      block_search_evals=3, progress=False)
+    cfg = PruneTokens(sparsity=0.3, router=RouterTraining(guide_steps=30, train_steps=2, probes=4),
+                      search=SearchSettings(search_evals=4, refine_evals=1, block_search_evals=3), progress=False)
     stats = run_passes(program, [cfg], progress=False)[0].stats
     schedule = program.metadata["prune_tokens"]["schedule"]
-    assert schedule[0] == 0.0 and all(s * cfg.levels == round(s * cfg.levels) for s in schedule)  # on the grid
+    assert schedule[0] == 0.0 and all(s * cfg.search.levels == round(s * cfg.search.levels) for s in schedule)  # on the grid
     assert stats["flops_ratio@32"] <= stats["flops_budget@32"] + 1e-9 < 0.8
     for seed in ("uniform", "shortgpt", "sensitivity", "block_only"):  # ShortGPT's order and the best
         assert stats["search_kl_best"] <= stats[f"search_kl_{seed}"] + 1e-9  # whole-block schedule are seeds
@@ -270,8 +266,9 @@ def test_composes_with_rotate_and_quantize_and_exports_to_onnx(tmp_path):
     torch.manual_seed(0)
     model = tiny_causal_lm("llama", num_hidden_layers=LAYERS)
     calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
-    prune = PruneTokens(sparsity=0.25, guide_steps=20, train_steps=1, search_evals=2, refine_evals=0, probes=4,
-                        max_block_sparsity=0.75, sensitivity_probes=False, progress=False)  # routed, none dropped
+    prune = PruneTokens(sparsity=0.25, router=RouterTraining(guide_steps=20, train_steps=1, probes=4),
+                        search=SearchSettings(search_evals=2, refine_evals=0, max_block_sparsity=0.75,
+                                              sensitivity_probes=False), progress=False)  # routed, none dropped
     cm = fxpress.compile(model, passes=[Rotate(), Quantize(weights=WeightQuant(bits=4, group_size=32)), prune], calibration=calib,
                          progress=False)
     assert cm.program.history == ["rotate", "quantize", "prune_tokens"]
@@ -290,3 +287,23 @@ def test_composes_with_rotate_and_quantize_and_exports_to_onnx(tmp_path):
         expected = cm.program.run(ids, keys, values)[0].numpy()
         got = session.run(None, dict(zip(names, (ids.numpy(), keys.numpy(), values.numpy()))))[0]
         assert np.abs(got - expected).max() < 1e-3 * max(1.0, np.abs(expected).max())
+
+
+def test_version_3_recipe_loads_into_the_same_grouped_config():
+    flat = {"sparsity": 0.4, "schedule": None, "levels": 4, "max_block_sparsity": 0.75, "protect_first": 2,
+            "protect_last": 1, "router_hidden": 32, "router_projection": False, "probes": 8, "guide_steps": 50,
+            "train_steps": 4, "train_batch": 3, "lr": 1e-3, "sensitivity_probes": False, "search_evals": 10,
+            "block_search_evals": 2, "refine_evals": 3, "heldout_fraction": 0.5, "seed": 7, "progress": False}
+    loaded = pass_from_dict({"type": "prune_tokens", "version": 3, "fields": flat})
+    assert loaded == PruneTokens(
+        sparsity=0.4, protect_first=2, protect_last=1, seed=7, progress=False,
+        router=RouterTraining(hidden=32, projection=False, probes=8, guide_steps=50, train_steps=4, train_batch=3,
+                              lr=1e-3),
+        search=SearchSettings(levels=4, max_block_sparsity=0.75, sensitivity_probes=False, search_evals=10,
+                              block_search_evals=2, refine_evals=3, heldout_fraction=0.5),
+    )
+    assert pass_from_dict({"type": "prune_tokens", "version": 3, "fields": {"lr": 0.01}}).router.lr == 0.01
+    assert pass_from_dict(loaded.to_dict()) == loaded  # version 4 writes the groups nested
+    assert loaded.to_dict()["fields"]["router"]["hidden"] == 32
+    with pytest.raises(RecipeError, match="prune_tokens.router"):
+        pass_from_dict({"type": "prune_tokens", "fields": {"router": {"router_hidden": 32}}})

@@ -11,6 +11,7 @@ from fxpress.data import digits_split
 from fxpress.errors import ConfigError, PassError
 from fxpress.evaluate import accuracy
 from fxpress.passes import ThresholdNeurons, pass_from_dict, run_passes
+from fxpress.passes.threshold_neurons import FineTuning
 from fxpress.runtime.threshold import threshold_linear
 from fxpress.zoo import train_mlp
 
@@ -102,14 +103,14 @@ def test_threshold_network_within_two_points_of_conventional(digits, mlp, conver
 def test_fine_tuning_beats_initialisation(digits, mlp, converted):
     xtr, ytr, xte, yte = digits
     init = _program(mlp, xtr, ytr)
-    run_passes(init, [ThresholdNeurons(density=DENSITY, steps=0)], verify=False)
+    run_passes(init, [ThresholdNeurons(density=DENSITY, fine_tune=FineTuning(steps=0))], verify=False)
     assert accuracy(converted[0], xte, yte) > accuracy(init, xte, yte) + 0.05
 
 
 def test_distillation_without_labels(digits, mlp):
     xtr, _, xte, yte = digits
     program = _program(mlp, xtr)  # inputs only: the pass distils the original outputs
-    run_passes(program, [ThresholdNeurons(density=0.5, steps=300)], verify=False)
+    run_passes(program, [ThresholdNeurons(density=0.5, fine_tune=FineTuning(steps=300))], verify=False)
     assert accuracy(program, xte, yte) > 0.9
 
 
@@ -117,7 +118,7 @@ def test_chained_threshold_layers_stay_integer(digits):
     xtr, ytr, xte, yte = digits
     model = train_mlp(xtr, ytr, sizes=(64, 24, 16, 10), steps=150)
     program = _program(model, xtr, ytr)
-    stats = run_passes(program, [ThresholdNeurons(density=0.5, steps=60, keep_last=False)], verify=False)[0].stats
+    stats = run_passes(program, [ThresholdNeurons(density=0.5, fine_tune=FineTuning(steps=60), keep_last=False)], verify=False)[0].stats
     nodes = [n for n in program.graph.nodes if n.target == torch.ops.fxpress.threshold_linear.default]
     assert len(nodes) == 3 and len(stats["layers"]) == 3
     assert nodes[1].args[0] is nodes[0] and nodes[2].args[0] is nodes[1]  # no rescaling between them
@@ -128,7 +129,7 @@ def test_chained_threshold_layers_stay_integer(digits):
 def test_layer_patterns_and_multiplication_injection(digits, mlp):
     xtr, ytr, _, _ = digits
     program = _program(mlp, xtr, ytr)
-    result = run_passes(program, [ThresholdNeurons(keep=["0"], steps=0)], verify=False)[0]
+    result = run_passes(program, [ThresholdNeurons(keep=["0"], fine_tune=FineTuning(steps=0))], verify=False)[0]
     assert not result.modified and "no linear layer matched" in result.warnings[0]
 
 
@@ -139,10 +140,22 @@ def test_bad_configuration_is_refused_before_work(digits, mlp):
         ThresholdNeurons(layers="0").validate()
     program = capture(mlp, (digits[0][:4],))
     with pytest.raises(PassError, match="train_data"):
-        run_passes(program, [ThresholdNeurons(steps=10)], verify=False)
+        run_passes(program, [ThresholdNeurons(fine_tune=FineTuning(steps=10))], verify=False)
     assert "threshold_linear" not in str(program.graph)
 
 
 def test_recipe_round_trip():
-    p = ThresholdNeurons(layers=["fc*"], keep=["fc3"], density=0.3, steps=5)
+    p = ThresholdNeurons(layers=["fc*"], keep=["fc3"], density=0.3, fine_tune=FineTuning(steps=5))
     assert pass_from_dict(p.to_dict()) == p
+
+
+def test_version_1_recipe_loads_into_the_same_grouped_config():
+    flat = {"layers": ["fc*"], "keep": ["fc3"], "keep_last": False, "density": 0.3, "input_bits": 6, "steps": 5,
+            "lr": 0.01, "kept_lr": 0.0, "distill": 2.0, "batch_size": 64, "seed": 3}
+    loaded = pass_from_dict({"type": "threshold_neurons", "version": 1, "fields": flat})
+    assert loaded == ThresholdNeurons(
+        layers=["fc*"], keep=["fc3"], keep_last=False, density=0.3, input_bits=6, seed=3,
+        fine_tune=FineTuning(steps=5, lr=0.01, kept_lr=0.0, distill=2.0, batch_size=64),
+    )
+    assert loaded.to_dict()["fields"]["fine_tune"]["steps"] == 5  # version 2 writes the group nested
+    assert pass_from_dict({"type": "threshold_neurons", "version": 1, "fields": {"steps": 0}}).fine_tune.steps == 0

@@ -12,15 +12,19 @@ reported.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch.fx import GraphModule, Node
 
 from fxpress import graph as G
 from fxpress.errors import ConfigError
-from fxpress.passes.base import Pass, check_choice, register_pass
+from fxpress.passes.base import HADAMARD_FREE, UNCOMPRESSED, Pass, check_choice, register_pass
+from fxpress.program import Program
 from fxpress.runtime.hadamard import FALLBACKS, HadamardPlan, apply_rows, base_matrix, plan
+
+if TYPE_CHECKING:
+    from fxpress.program import Program
 
 HADAMARD_OP = torch.ops.fxpress.hadamard.default
 
@@ -28,7 +32,7 @@ HADAMARD_OP = torch.ops.fxpress.hadamard.default
 class _Bases:
     """One base-matrix buffer per transform size, shared by every online Hadamard of that size."""
 
-    def __init__(self, gm: GraphModule, fallback: str, seed: int):
+    def __init__(self, gm: GraphModule, fallback: str, seed: int) -> None:
         self.gm, self.fallback, self.seed = gm, fallback, seed
         self.plans: dict[int, HadamardPlan] = {}
         self.tensors: dict[int, torch.Tensor] = {}
@@ -56,40 +60,29 @@ class _Bases:
 
 def _online(gm: GraphModule, bases: _Bases, user: Node, arg: Node, n: int) -> Node:
     """Insert hadamard(arg) just before `user` and make `user` read it."""
-    base = bases.node(n, user)
-    with gm.graph.inserting_before(user):
-        new = gm.graph.call_function(HADAMARD_OP, (arg, base), {})
-    if "val" in arg.meta:
-        new.meta["val"] = arg.meta["val"]
-    user.replace_input_with(arg, new)
-    return new
+    return G.insert_before_use(gm, user, arg, HADAMARD_OP, (bases.node(n, user),))
 
 
-def _down_projections(blocks: list[G.Block]) -> dict[str, list[G.LinearUse]]:
+def _down_projections_by_weight(blocks: list[G.Block]) -> dict[str, list[G.LinearUse]]:
     """MLP down projections grouped by weight (a fused expert tensor or per-expert slices share one)."""
     by_target: dict[str, list[G.LinearUse]] = {}
-    for block in blocks:
-        for use in block.mlp.writers if block.mlp is not None else []:
-            if G.last_dim(use.input) != use.in_features():
-                raise G.GraphPatternError(
-                    f"down projection '{use.node.name}' reads {G.last_dim(use.input)} features, not {use.in_features()}")
-            by_target.setdefault(str(use.weight.target), []).append(use)
+    for use in G.down_projections(blocks):
+        if G.last_dim(use.input) != use.in_features():
+            raise G.GraphPatternError(
+                f"down projection '{use.node.name}' reads {G.last_dim(use.input)} features, not {use.in_features()}")
+        by_target.setdefault(str(use.weight.target), []).append(use)
     return by_target
 
 
-def _attentions(blocks: list[G.Block]) -> list[G.Attention]:
-    """Every attention whose queries and keys share a head dim (R3 needs q H . k H = q . k)."""
-    out = []
-    for block in blocks:
-        att = block.attention.attention if block.attention else None
-        if att is None:
-            continue
+def _rotatable_attentions(blocks: list[G.Block]) -> list[G.Attention]:
+    """Every attention, checked to share one head dim between queries and keys (R3 needs q H . k H = q . k)."""
+    atts = G.attentions(blocks)
+    for att in atts:
         hd = G.last_dim(att.q_in)
         if hd is None or hd != G.last_dim(att.k_in):
             raise G.GraphPatternError(
                 f"attention '{att.sdpa.name}': query and key head dims differ ({hd} vs {G.last_dim(att.k_in)})")
-        out.append(att)
-    return out
+    return atts
 
 
 @register_pass
@@ -100,7 +93,8 @@ class FoldHadamard(Pass):
     name: ClassVar[str] = "fold_hadamard"
     version: ClassVar[int] = 1
     preserves_function: ClassVar[bool] = True
-    not_after: ClassVar[tuple[str, ...]] = ("quantize", "quantize_experts", "fold_hadamard", "threshold_neurons", "prune_tokens")
+    requires: ClassVar[frozenset[str]] = UNCOMPRESSED
+    invalidates: ClassVar[frozenset[str]] = frozenset({HADAMARD_FREE})
     tolerance: ClassVar[float] = 1e-4
 
     r4: bool = True
@@ -118,13 +112,12 @@ class FoldHadamard(Pass):
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError(f"fold_hadamard.seed = {self.seed!r} must be an integer")
 
-    def run(self, program) -> dict[str, Any]:
+    def run(self, program: Program) -> dict[str, Any]:
         gm = program.module
-        stream = G.residual_stream(gm, strict=False)
-        blocks = G.decoder_blocks(gm, stream)
+        blocks = G.decoder_blocks(gm)
         bases = _Bases(gm, self.fallback, self.seed)
-        downs = _down_projections(blocks) if self.r4 else {}
-        atts = _attentions(blocks) if self.r3 else []
+        downs = _down_projections_by_weight(blocks) if self.r4 else {}
+        atts = _rotatable_attentions(blocks) if self.r3 else []
         for n in {uses[0].in_features() for uses in downs.values()} | {G.last_dim(a.q_in) for a in atts}:
             bases.get(n)  # every size planned (and a fallback="error" raised) before the graph changes
         stats: dict[str, Any] = {}
@@ -134,17 +127,20 @@ class FoldHadamard(Pass):
             stats.update(self._r3(gm, atts, bases))
         gm.recompile()
         G.reset_order_cache(gm.graph)
+        return self._record(program, bases, stats)
+
+    def _record(self, program: Program, bases: _Bases, stats: dict[str, Any]) -> dict[str, Any]:
+        """Sizes and fallbacks into the stats; the online nodes into the program's metadata (lowerings read them)."""
         sizes = {n: p.describe() for n, p in sorted(bases.plans.items())}
         stats["sizes"] = sizes
         fallbacks = [p.describe() for p in bases.plans.values() if p.fallback]
         if fallbacks:
             stats["fallbacks"] = fallbacks
             stats["warnings"] = [f"no Hadamard construction for {d}; used the {self.fallback} fallback" for d in fallbacks]
+        r3_nodes, r4_nodes = stats.pop("r3_online_nodes", []), stats.pop("r4_online_nodes", [])
         program.metadata["fold_hadamard"] = {"r3": self.r3, "r4": self.r4, "sizes": sizes,
-                                             "r3_nodes": stats.pop("r3_online_nodes", []),
-                                             "r4_nodes": stats.pop("r4_online_nodes", [])}
-        stats["online_hadamards"] = len(program.metadata["fold_hadamard"]["r3_nodes"]) + len(
-            program.metadata["fold_hadamard"]["r4_nodes"])
+                                             "r3_nodes": r3_nodes, "r4_nodes": r4_nodes}
+        stats["online_hadamards"] = len(r3_nodes) + len(r4_nodes)
         return stats
 
     def _r4(self, gm: GraphModule, by_target: dict[str, list[G.LinearUse]], bases: _Bases) -> dict[str, Any]:

@@ -17,16 +17,10 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
+from fxpress import graph as G
 from fxpress.calibration import for_each_activation
 from fxpress.errors import ConfigError
-from fxpress.passes.prune_tokens.router import (
-    CASTS,
-    DecoderBlock,
-    _ancestors,
-    _drop_orphans,
-    find_blocks,
-    matmul_macs,
-)
+from fxpress.passes.prune_tokens.router import BlockRegion, _drop_orphans, find_blocks, matmul_macs
 
 
 def _cosine_gap(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
@@ -37,7 +31,7 @@ def _cosine_gap(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
 def _stream_value(node: torch.fx.Node) -> torch.fx.Node:
     """The cast of a residual add that the next sub-block reads, if there is one."""
     for user in node.users:
-        if user.target in CASTS:
+        if G.is_cast(user):
             return user
     return node
 
@@ -70,16 +64,16 @@ def influence(program, samples: torch.Tensor) -> dict[tuple[int, str], float]:
     return {key: total / max(count, 1) for key, (total, count) in sums.items()}
 
 
-def sub_block_macs(block: DecoderBlock, seq: int) -> dict[str, float]:
+def sub_block_macs(block: BlockRegion, seq: int) -> dict[str, float]:
     """Multiply-adds of one prefill of `seq` tokens a dropped attention / MLP sub-block saves (its k/v
     projections are not counted: the graph still runs them, their output fills the KV cache)."""
     mid = block.residual_adds[0]
     region = set(block.region)
-    attn_nodes = _ancestors(mid, region) & set(block.query_side)  # k/v projections still run: they fill the cache
+    attn_nodes = G.ancestors(mid, within=region) & set(block.query_side)  # k/v projections still run: they fill the cache
     q = block.sdpa.args[0].meta["val"]
     attention = 2 * int(q.shape[1]) * int(q.shape[-1]) * seq * seq
     attn = seq * sum(matmul_macs(n) for n in block.region if n in attn_nodes) + attention
-    mlp = seq * sum(matmul_macs(n) for n in block.region if n not in _ancestors(mid, region))
+    mlp = seq * sum(matmul_macs(n) for n in block.region if n not in G.ancestors(mid, within=region))
     return {"attn": float(attn), "mlp": float(mlp), "block": float(attn + mlp)}
 
 

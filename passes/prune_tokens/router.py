@@ -31,113 +31,59 @@ import torch
 import torch.fx
 import torch.nn as nn
 
+from fxpress import graph as G
 from fxpress.errors import ConfigError
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
-ADD = aten.add.Tensor
-CASTS = {aten.to.dtype, aten.alias.default, aten._to_copy.default, aten.clone.default, aten.to.dtype_layout}
 MATMULS = {aten.linear.default, aten.mm.default, aten.matmul.default, aten.addmm.default}
 FEATURES = ("log_position", "relative_position", "attention", "attention_rank", "hidden_norm", "sparsity", "depth")
 SPARSITY_SCALE = 1000  # per-block sparsity is baked into the graph as an integer fraction of this
 SINK_BONUS = 1e4  # added to the router score of absolute position 0 (never skipped)
 
 
-# --- graph structure -------------------------------------------------------------------------------
+# --- graph structure (blocks come from fxpress.graph.decoder_blocks) -------------------------------------
 
 @dataclass
-class DecoderBlock:
-    """One decoder block as the residual stream sees it: h_out = h_in + attention(...) + mlp(...)."""
+class BlockRegion:
+    """What a skipped token bypasses in one decoder block: h_out = h_in + attention(...) + mlp(...)."""
 
     index: int
     h_in: torch.fx.Node
     h_out: torch.fx.Node
     sdpa: torch.fx.Node
+    residual_adds: list[torch.fx.Node]  # attention add, then MLP add(s)
     region: list[torch.fx.Node] = field(default_factory=list)  # nodes between h_in and h_out (topological)
     query_side: list[torch.fx.Node] = field(default_factory=list)  # what only kept tokens need
     query_path: list[torch.fx.Node] = field(default_factory=list)  # h_in -> query (for probe rows)
-    residual_adds: list[torch.fx.Node] = field(default_factory=list)  # attention add, then MLP add(s)
 
 
-def _descendants(start: torch.fx.Node) -> set[torch.fx.Node]:
-    seen, stack = set(), [start]
-    while stack:
-        for user in stack.pop().users:
-            if user not in seen:
-                seen.add(user)
-                stack.append(user)
-    return seen
-
-
-def _ancestors(end: torch.fx.Node, allowed: set[torch.fx.Node]) -> set[torch.fx.Node]:
-    seen, stack = {end}, [end]
-    while stack:
-        for inp in stack.pop().all_input_nodes:
-            if inp in allowed and inp not in seen:
-                seen.add(inp)
-                stack.append(inp)
-    return seen
-
-
-def _stream(node: torch.fx.Node) -> set[torch.fx.Node]:
-    """A residual-stream node and the dtype casts/aliases of it."""
-    out, stack = {node}, [node]
-    while stack:
-        for user in stack.pop().users:
-            if user.target in CASTS and user not in out:
-                out.add(user)
-                stack.append(user)
-    return out
-
-
-def _residual_add(cur: torch.fx.Node, forbidden: set[torch.fx.Node]) -> torch.fx.Node | None:
-    """The next residual add on the stream: add(cur, f(cur)) with f not reaching into the next block."""
-    stream = _stream(cur)
-    later = _descendants(cur)
-    for node in stream:
-        for user in node.users:
-            if user.target is not ADD or len(user.args) < 2:
-                continue
-            others = [a for a in user.args[:2] if isinstance(a, torch.fx.Node) and a not in stream]
-            if len(others) == 1 and others[0] in later and others[0] not in forbidden:
-                return user
-    return None
-
-
-def find_blocks(gm: torch.fx.GraphModule) -> list[DecoderBlock]:
-    """Decoder blocks found from the graph's structure (one SDPA each), not from model classes."""
-    nodes = list(gm.graph.nodes)
-    sdpas = [n for n in nodes if n.target is SDPA]
-    if not sdpas:
+def find_blocks(gm: torch.fx.GraphModule) -> list[BlockRegion]:
+    """The decoder blocks of the graph (one SDPA each) with the regions a skipped token bypasses."""
+    regions: list[BlockRegion] = []
+    for block in G.decoder_blocks(gm):
+        if block.attention is not None:
+            part = block.attention
+            regions.append(BlockRegion(len(regions), part.residual, part.add, part.attention.sdpa, [part.add]))
+        elif not regions:
+            continue  # an MLP before the first attention belongs to no block a router could skip
+        if block.mlp is not None:
+            regions[-1].residual_adds.append(block.mlp.add)
+            regions[-1].h_out = block.mlp.add
+    if not regions:
         raise ConfigError(
             "prune_tokens found no aten.scaled_dot_product_attention in the graph: capture the model with "
             "attn_implementation='sdpa' (the transformers default)"
         )
-    desc = [_descendants(s) | {s} for s in sdpas]
-    order = {n: i for i, n in enumerate(nodes)}
-    blocks = []
-    for i, s in enumerate(sdpas):
-        forbidden = desc[i + 1] if i + 1 < len(sdpas) else set()
-        attn_add = next(
-            (n for n in nodes[order[s] + 1:] if n.target is ADD and len(n.args) >= 2
-             and sum(isinstance(a, torch.fx.Node) and a in desc[i] for a in n.args[:2]) == 1
-             and all(isinstance(a, torch.fx.Node) for a in n.args[:2])), None)
-        if attn_add is None:
-            raise ConfigError(f"prune_tokens: attention {s.name} has no residual add after it")
-        h_in = next(a for a in attn_add.args[:2] if a not in desc[i])
-        adds = [attn_add]
-        while (nxt := _residual_add(adds[-1], forbidden)) is not None:
-            adds.append(nxt)
-        blocks.append(_fill_block(DecoderBlock(i, h_in, adds[-1], s, residual_adds=adds), order))
-    return blocks
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return [_fill_region(region, order) for region in regions]
 
 
-def _fill_block(block: DecoderBlock, order: dict[torch.fx.Node, int]) -> DecoderBlock:
-    after_in = {n for n in _descendants(block.h_in) if order[n] <= order[block.h_out]}
-    region = _ancestors(block.h_out, after_in)
-    query = block.sdpa.args[0]
-    query_path = _ancestors(query, region)
-    post = (_descendants(block.sdpa) | {block.sdpa}) & region
+def _fill_region(block: BlockRegion, order: dict[torch.fx.Node, int]) -> BlockRegion:
+    after_in = {n for n in G.descendants(block.h_in) if order[n] <= order[block.h_out]}
+    region = G.ancestors(block.h_out, within=after_in)
+    query_path = G.ancestors(block.sdpa.args[0], within=region)
+    post = (G.descendants(block.sdpa) | {block.sdpa}) & region
     block.region = sorted(region, key=order.__getitem__)
     block.query_path = [n for n in block.region if n in query_path]
     block.query_side = [n for n in block.region if n in query_path or n in post]
@@ -162,7 +108,7 @@ def matmul_macs(node: torch.fx.Node) -> int:
         return 0
 
 
-def block_costs(block: DecoderBlock) -> dict[str, int]:
+def block_costs(block: BlockRegion) -> dict[str, int]:
     """Per-token multiply-adds of a block, split into what every token pays and what kept tokens pay."""
     query_side = set(block.query_side)
     kept = sum(matmul_macs(n) for n in block.query_side)
@@ -409,7 +355,7 @@ def _sdpa_scale(sdpa: torch.fx.Node) -> float:
 
 
 def route_blocks(gm: torch.fx.GraphModule, router: TokenRouter, mode: str, schedule: list[float],
-                 probes: int = 16, gate: MaskGate | None = None) -> list[DecoderBlock]:
+                 probes: int = 16, gate: MaskGate | None = None) -> list[BlockRegion]:
     """Insert the router before every block with sparsity > 0 and skip tokens ("gather" or "mask" mode)."""
     blocks = find_blocks(gm)
     if len(schedule) != len(blocks):
@@ -433,7 +379,7 @@ def route_blocks(gm: torch.fx.GraphModule, router: TokenRouter, mode: str, sched
     return blocks
 
 
-def _route_block(graph: torch.fx.Graph, block: DecoderBlock, mode: str, permille: int, seq, probes: int) -> None:
+def _route_block(graph: torch.fx.Graph, block: BlockRegion, mode: str, permille: int, seq, probes: int) -> None:
     sdpa, h_in, h_out = block.sdpa, block.h_in, block.h_out
     with graph.inserting_before(h_out):
         probe_idx = graph.call_function(probe_rows, (h_in, probes))

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from fxpress import graph as G
 from fxpress.errors import ConfigError
-from fxpress.passes.base import Pass, register_pass
+from fxpress.passes.base import FLOAT_EXPERTS, FLOAT_LINEARS, Pass, register_pass
 from fxpress.passes.quantize.act_clip import search_act_clips
 from fxpress.passes.quantize.config import (
     V1_FIELDS,
@@ -54,7 +54,8 @@ class Quantize(Pass):
 
     name = "quantize"
     version = 2
-    not_after = ("quantize",)
+    requires = frozenset({FLOAT_LINEARS})
+    invalidates = frozenset({FLOAT_LINEARS, FLOAT_EXPERTS})  # it packs expert weights too
 
     weights: WeightQuant = field(default_factory=WeightQuant)
     activations: ActQuant = field(default_factory=ActQuant)

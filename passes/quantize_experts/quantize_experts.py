@@ -29,7 +29,7 @@ from fxpress.graph import (
     param_source,
     replace_with_call,
 )
-from fxpress.passes.base import Pass, register_pass
+from fxpress.passes.base import FLOAT_EXPERTS, Pass, register_pass
 from fxpress.passes.quantize.config import regroup_fields
 from fxpress.passes.quantize.gptq import QuantizedWeight
 from fxpress.passes.quantize_experts.analysis import (
@@ -125,7 +125,8 @@ class QuantizeExperts(Pass):
     name: ClassVar[str] = "quantize_experts"
     version: ClassVar[int] = 4
     needs_calibration: ClassVar[bool] = True
-    not_after: ClassVar[tuple[str, ...]] = ("quantize", "quantize_experts")
+    requires: ClassVar[frozenset[str]] = frozenset({FLOAT_EXPERTS})
+    invalidates: ClassVar[frozenset[str]] = frozenset({FLOAT_EXPERTS})
 
     budget: ExpertBudget = field(default_factory=ExpertBudget)
     weights: ExpertWeights = field(default_factory=ExpertWeights)

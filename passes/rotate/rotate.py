@@ -16,23 +16,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch.fx import GraphModule, Node
 
 from fxpress import graph as G
 from fxpress.errors import ConfigError
-from fxpress.passes.base import Pass, check_choice, check_range, register_pass
+from fxpress.passes.base import ROTATED, UNCOMPRESSED, Pass, check_choice, check_range, register_pass
+from fxpress.program import Program
 from fxpress.runtime.hadamard import (
     FALLBACKS,
     Rotation,
     random_hadamard_rotation,
     random_orthogonal_rotation,
 )
-
-if TYPE_CHECKING:
-    from fxpress.program import Program
 
 MODES = ("hadamard", "orthogonal", "dfrot")
 
@@ -63,7 +61,8 @@ class Rotate(Pass):
     name: ClassVar[str] = "rotate"
     version: ClassVar[int] = 1
     preserves_function: ClassVar[bool] = True
-    not_after: ClassVar[tuple[str, ...]] = ("quantize", "quantize_experts", "fold_hadamard", "threshold_neurons", "prune_tokens")
+    requires: ClassVar[frozenset[str]] = UNCOMPRESSED
+    establishes: ClassVar[frozenset[str]] = frozenset({ROTATED})
     tolerance: ClassVar[float] = 1e-4
 
     mode: str = "hadamard"

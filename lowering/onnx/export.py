@@ -1,0 +1,140 @@
+"""ONNX export: re-export, translate with torch.onnx (dynamo), materialize, check, write atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fxpress.errors import ConfigError, LoweringError
+from fxpress.lowering.artifacts import METADATA_KEY, artifact_metadata
+from fxpress.lowering.export import reexport
+from fxpress.lowering.onnx.builder import Materializer
+from fxpress.lowering.onnx.registry import ONNX_OPS, translation_table
+from fxpress.program import Program
+
+WEIGHT_FORMATS = ("matmulnbits", "dequantizelinear")
+EXTERNAL_DATA_BYTES = 2**31 - 2**26  # protobuf's 2 GB limit, with margin for the graph itself
+
+
+def _rename_dims(model: Any, names: dict[str, str]) -> None:
+    """Give dynamic dims readable names (batch, seq, past) on the graph's inputs and outputs."""
+    import onnx_ir as ir
+
+    if not names:
+        return
+    pattern = re.compile(r"\b(" + "|".join(re.escape(k) for k in sorted(names, key=len, reverse=True)) + r")\b")
+    for value in list(model.graph.inputs) + list(model.graph.outputs):
+        if value.shape is None:
+            continue
+        dims = []
+        for d in value.shape:
+            if isinstance(d, int):
+                dims.append(d)
+            else:
+                text = str(d.value) if hasattr(d, "value") else str(d)
+                dims.append(pattern.sub(lambda m: names[m.group(1)], text) if text != "None" else None)
+        value.shape = ir.Shape(dims)
+
+
+def _validate(program: Program, path: str | os.PathLike, weights: str, opset: int, accuracy_level: int) -> Path:
+    if not isinstance(program, Program):
+        raise ConfigError(f"export_onnx needs an fxpress Program (e.g. compiled.program), got {type(program).__name__}")
+    if weights not in WEIGHT_FORMATS:
+        raise ConfigError(f"weights = {weights!r} is not a weight format: choose one of {', '.join(WEIGHT_FORMATS)}")
+    if not isinstance(opset, int) or opset < 21:
+        raise ConfigError(f"opset = {opset!r}: the ONNX lowering needs opset >= 21 (blocked DequantizeLinear, INT4)")
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise ConfigError(f"ONNX artifact path '{path}' should end in .onnx")
+    if path.exists() and path.is_dir():
+        raise ConfigError(f"ONNX artifact path '{path}' is a directory: give a file name ending in .onnx")
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise ConfigError(f"accuracy_level = {accuracy_level!r}: MatMulNBits takes 0 (float), 1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8)")
+    return path
+
+
+def to_onnx_model(program: Program, weights: str = "matmulnbits", opset: int = 21, accuracy_level: int = 0,
+                  optimize: bool = True, additive_masks: bool = True) -> tuple[Any, dict[str, Any]]:
+    """The materialized onnx_ir Model (nothing written) and export statistics."""
+    ep, sig = reexport(program, additive_masks=additive_masks)
+    table = translation_table()
+    try:
+        onnx_program = torch.onnx.export(
+            ep, sig.example_args, dynamo=True, opset_version=opset, input_names=list(sig.input_names),
+            output_names=list(sig.output_names), custom_translation_table=table, optimize=optimize, verbose=False,
+        )
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise LoweringError(f"torch.onnx.export failed on the compiled program: {type(err).__name__}: {first}") from err
+    model = onnx_program.model
+    for node in model.graph.all_nodes():  # the exporter's per-node stack traces: megabytes on a real model
+        node.metadata_props.clear()
+    stats = Materializer(model, weights, opset, accuracy_level).run(ONNX_OPS)
+    _rename_dims(model, sig.dim_names)
+    meta = artifact_metadata(program, sig, {"weights": weights, "opset": opset, "accuracy_level": accuracy_level})
+    model.metadata_props[METADATA_KEY] = json.dumps(meta)
+    model.producer_name = "fxpress"
+    return model, stats
+
+
+def _initializer_bytes(model: Any) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def export_onnx(program: Program, path: str | os.PathLike, weights: str = "matmulnbits", opset: int = 21,
+                accuracy_level: int = 0, external_data: bool | None = None, optimize: bool = True,
+                check: bool = True, additive_masks: bool = True) -> dict[str, Any]:
+    """Write `program` as an ONNX model at `path` (atomically); returns statistics (sizes, kernels used).
+
+    weights: "matmulnbits" (ONNX Runtime's int kernels) or "dequantizelinear" (standard ONNX, opset >= 21).
+    accuracy_level: MatMulNBits compute type; 0 = the activations' float type (matches PyTorch), 4 = int8
+    activations (faster, ~1e-2 relative error); runners apply the same level to fused DequantizeLinear.
+    external_data: None = only when the weights exceed 2 GB (then `<path>.data` is written beside the model).
+    optimize: run onnxscript's graph optimizer (constant folding, fusions) on the exported graph.
+    additive_masks: a causal LM's boolean attention mask becomes additive (no all-masked-row guard; see
+    lowering/export.py); False keeps the exporter's guarded form.
+    """
+    path = _validate(program, path, weights, opset, accuracy_level)
+    model, stats = to_onnx_model(program, weights, opset, accuracy_level, optimize, additive_masks)
+    if external_data is None:
+        external_data = _initializer_bytes(model) > EXTERNAL_DATA_BYTES
+    _write(model, path, external_data, check)
+    files = [path] + ([path.parent / (path.name + ".data")] if external_data else [])
+    stats.update({"path": str(path), "bytes": sum(f.stat().st_size for f in files), "external_data": external_data,
+                  "weights": weights, "opset": opset})
+    return stats
+
+
+def _write(model: Any, path: Path, external_data: bool, check: bool) -> None:
+    """Save into a temporary directory beside `path`, check, then rename into place (data file first)."""
+    import onnx_ir as ir
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=".fxpress-onnx-", dir=path.parent))
+    try:
+        tmp = tmpdir / path.name
+        data_name = path.name + ".data"
+        ir.save(model, tmp, external_data=data_name if external_data else None)
+        if check:
+            _check(tmp)
+        if external_data:
+            os.replace(tmpdir / data_name, path.parent / data_name)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _check(path: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as err:
+        raise LoweringError(f"the exported ONNX model does not pass onnx.checker: {str(err).splitlines()[0]}") from err

@@ -1,0 +1,172 @@
+"""TVM build: import into Relax (fxpress converters + float-preserving ATen ones), build for llvm, save atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fxpress.errors import ConfigError, LoweringError
+from fxpress.lowering.artifacts import TVM_LIBRARY, TVM_MANIFEST, TVM_WEIGHTS, artifact_metadata
+from fxpress.lowering.export import reexport
+from fxpress.lowering.tvm.registry import convert_map
+from fxpress.lowering.tvm.relax_helpers import dtype_of
+from fxpress.program import Program
+
+
+def _convert_aten_linear(node: Any, importer: Any) -> Any:
+    """aten.linear in the input's float type: TVM's frontend emits it with out_dtype float32 whatever the input
+    (a float64 program, after the Precision pass, would otherwise round its LM head to float32)."""
+    from tvm import relax
+
+    args = importer.retrieve_args(node)
+    x, weight = args[0], args[1]
+    bias = args[2] if len(args) > 2 else None
+    return importer.block_builder.emit(relax.op.linear(x, weight, bias, dtype_of(x)))
+
+
+def _convert_aten_matmul(node: Any, importer: Any) -> Any:
+    """aten.matmul / mm / bmm in the inputs' float type (TVM's frontend fixes out_dtype to float32)."""
+    from tvm import relax
+
+    lhs, rhs = importer.retrieve_args(node)[:2]
+    return importer.block_builder.emit(relax.op.linear_algebra.matmul(lhs, rhs, out_dtype=dtype_of(lhs)))
+
+
+# ATen converters that replace the frontend's own: they keep the input's float type (float64 after Precision)
+ATEN_CONVERTERS: dict[str, Callable] = {
+    "linear.default": _convert_aten_linear,
+    **dict.fromkeys(("matmul.default", "mm.default", "bmm.default"), _convert_aten_matmul),
+}
+
+
+def _target(target: Any) -> Any:
+    import tvm
+
+    if isinstance(target, str):
+        target = {"kind": target}
+    try:
+        return tvm.target.Target(target)
+    except Exception as err:  # TVM raises its own error types for unknown targets
+        raise ConfigError(f"target {target!r} is not a TVM target: use 'llvm' or {{'kind': 'llvm', 'mcpu': 'native'}}") from err
+
+
+def _pipeline(target: Any) -> Any:
+    """TVM's CPU pipeline without operator fusion, plus dlight's CPU schedules (GEMV, reductions).
+
+    FuseOps/FuseTIR fail on the attention graphs transformers emits (a RenewDefs check in TVM 0.27), so
+    operators stay unfused; dlight parallelises and vectorises the decode-time matrix-vector products.
+    """
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+    from tvm.s_tir import dlight as dl
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _run(mod: Any, _ctx: Any) -> Any:
+        with target:
+            passes = (cpu.library_dispatch_passes(target) + [relax.transform.LegalizeOps()]
+                      + [dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())]
+                      + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _run
+
+
+def to_relax(program: Program) -> tuple[Any, list[np.ndarray], list[str], Any]:
+    """The Relax IRModule (weights as parameters), the weights, their names, and the signature."""
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    ep, sig = reexport(program)
+    table = {**convert_map(), **ATEN_CONVERTERS}
+    try:
+        mod = from_exported_program(ep, keep_params_as_input=True, unwrap_unit_return_tuple=False,
+                                    custom_convert_map=table)
+    except Exception as err:  # the frontend raises KeyError/ValueError/TVM errors for unsupported ops
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise LoweringError(f"TVM's PyTorch frontend could not import the program: {type(err).__name__}: {first}") from err
+    mod, params = relax.frontend.detach_params(mod)
+    func = mod["main"]
+    # The exporter's upper bounds (8192 positions, 1024 rows) make the memory planner reserve the worst case.
+    mod["main"] = func.without_attr("tir_var_upper_bound")
+    arrays = [p.numpy() for p in params.get("main", [])]
+    return mod, arrays, _dedupe_names(arrays), sig
+
+
+def _dedupe_names(arrays: list[np.ndarray]) -> list[str]:
+    """One stored name per distinct tensor: tied weights (embedding = lm_head) are saved once."""
+    names: list[str] = []
+    seen: dict[tuple, list[int]] = {}
+    for i, a in enumerate(arrays):
+        key = (a.shape, str(a.dtype))
+        twin = next((j for j in seen.get(key, []) if np.array_equal(arrays[j], a)), None)
+        names.append(names[twin] if twin is not None else f"p{i:04d}")
+        if twin is None:
+            seen.setdefault(key, []).append(i)
+    return names
+
+
+def export_tvm(program: Program, path: str | os.PathLike, target: Any = "llvm", schedule: bool = True) -> dict[str, Any]:
+    """Build `program` for `target` and write the artifact directory at `path` (atomically); returns statistics.
+
+    The directory holds `model-<id>.so` (the Relax VM executable), `weights.safetensors` and `fxpress.json`.
+    """
+    import tvm
+
+    if not isinstance(program, Program):
+        raise ConfigError(f"export_tvm needs an fxpress Program (e.g. compiled.program), got {type(program).__name__}")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"TVM artifact path '{path}' is a file: the TVM artifact is a directory, give a new path")
+    tgt = _target(target)
+    mod, arrays, names, sig = to_relax(program)
+    try:
+        pipeline = _pipeline(tgt) if schedule else "default"
+        executable = tvm.compile(mod, target=tgt, relax_pipeline=pipeline)
+    except Exception as err:  # build failures come as TVM errors
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise LoweringError(f"TVM could not build the program for {tgt}: {type(err).__name__}: {first}") from err
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".fxpress-tvm-", dir=path.parent))
+    library = TVM_LIBRARY.format(uuid.uuid4().hex[:12])
+    try:
+        executable.export_library(str(tmp / library))
+        files = _write_weights(tmp, library, names, arrays)
+        manifest = artifact_metadata(program, sig, {"target": str(tgt), "library": library, "weights": TVM_WEIGHTS,
+                                                    "params": names, "files": files})
+        (tmp / TVM_MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _replace_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"path": str(path), "bytes": sum(files.values()), "weight_bytes": files[TVM_WEIGHTS],
+            "library_bytes": files[library], "target": str(tgt)}
+
+
+def _write_weights(directory: Path, library: str, names: list[str], arrays: list[np.ndarray]) -> dict[str, int]:
+    """Save each distinct weight once beside the library; returns the artifact's files and their sizes."""
+    from safetensors.numpy import save_file
+
+    unique: dict[str, np.ndarray] = {}
+    for name, array in zip(names, arrays):
+        unique.setdefault(name, np.ascontiguousarray(array))
+    save_file(unique, str(directory / TVM_WEIGHTS))
+    return {f: (directory / f).stat().st_size for f in (library, TVM_WEIGHTS)}
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished directory into place; an old artifact is removed only after the new one is there."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
