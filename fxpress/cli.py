@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -72,6 +71,17 @@ def _results_table(title: str, rows: list[tuple[str, str]]):
     return table
 
 
+def _dotted_fields(fields: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """A pass's default fields with config groups flattened to `group.field`, as `--set` names them."""
+    out: list[tuple[str, Any]] = []
+    for key, value in fields.items():
+        if isinstance(value, dict):
+            out += _dotted_fields(value, f"{prefix}{key}.")
+        else:
+            out.append((prefix + key, value))
+    return out
+
+
 def cmd_passes(args: argparse.Namespace) -> int:
     """List registered passes and their fields."""
     from rich.table import Table
@@ -83,9 +93,7 @@ def cmd_passes(args: argparse.Namespace) -> int:
     for column in ("name", "class", "keeps function", "fields (default)"):
         table.add_column(column)
     for name, cls in sorted(PASS_REGISTRY.items()):
-        fields = ", ".join(
-            f"{f.name}={f.default!r}" if f.default is not dataclasses.MISSING else f.name for f in dataclasses.fields(cls)
-        )
+        fields = ", ".join(f"{key}={value!r}" for key, value in _dotted_fields(cls().to_dict()["fields"]))
         table.add_row(name, cls.__name__, "yes" if cls.preserves_function else "no", fields)
     _console().print(table)
     return 0

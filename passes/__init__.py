@@ -1,4 +1,4 @@
-"""fxpress passes: one module per pass, the Pass contract, the registry and the manager.
+"""fxpress passes: one folder per pass, the Pass contract, the registry and the manager.
 
 Importing this package registers every built-in pass by name (rotate, fold_hadamard, quantize,
 quantize_experts, prune_tokens, threshold_neurons), so recipes and the CLI can find them.

@@ -432,8 +432,3 @@ def random_orthogonal_rotation(n: int, seed: int = 0) -> Rotation:
     """A Haar-random orthogonal Rotation (QR with sign fix), seeded."""
     return Rotation(n, matrix=random_orthogonal(n, torch.Generator().manual_seed(seed)))
 
-
-def random_hadamard(n: int, seed: int = 0, fallback: str = "orthogonal") -> tuple[torch.Tensor, HadamardPlan]:
-    """diag(random signs) @ H_n as a dense float64 matrix (orthogonal), and its plan."""
-    rot = random_hadamard_rotation(n, seed, fallback)
-    return rot.dense(), rot.plan

@@ -23,10 +23,6 @@ TOOLS = ("yosys", "nextpnr-ice40", "icepack", "icetime")
 APT_PACKAGES = "yosys nextpnr-ice40 fpga-icestorm"
 
 
-def tools_available() -> bool:
-    return all(shutil.which(t) for t in TOOLS)
-
-
 def _run(cmd: list[str], cwd: Path, timeout: float, what: str) -> subprocess.CompletedProcess:
     if shutil.which(cmd[0]) is None:
         raise LoweringError(f"{what} needs {cmd[0]}: apt-get install {APT_PACKAGES}")
