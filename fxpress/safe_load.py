@@ -176,7 +176,10 @@ def canonical(text: Any, guard: bool = False) -> str:
     """`text` printed back from our parse tree; raises _Reject when it is not in the grammar."""
     if not isinstance(text, str) or len(text) > 100_000:
         raise _Reject("not a string of reasonable length")
-    return _Parser(text, guard).parse()
+    try:
+        return _Parser(text, guard).parse()
+    except RecursionError:
+        raise _Reject("nested too deeply") from None
 
 
 def check_target(target: Any) -> None:
@@ -189,27 +192,44 @@ def check_target(target: Any) -> None:
                       "arithmetic, torch.sym_*)")
 
 
+def _refuse(where: str, what: str, value: Any, err: _Reject) -> ArtifactError:
+    return ArtifactError(f"{where}: refusing {what} {str(value)[:200]!r}: {err}; this file was not written by fxpress "
+                         "(or was edited): load only artifacts you saved, or save it again")
+
+
+def _check_entry(key: str, value: Any, where: str) -> Any:
+    """The entry's value to keep (canonicalized for expressions); ArtifactError when it is refused."""
+    try:
+        if key == "expr_str":
+            return canonical(value)
+        if key == "as_operator":
+            check_target(value)
+        elif key == "source_fn_stack" and isinstance(value, str):
+            for item in value.split(";"):
+                check_target(item.rpartition(",")[2])
+        elif key == "custom_obj_values" and value:
+            raise _Reject("fxpress programs hold no custom (script) objects")
+    except _Reject as err:
+        raise _refuse(where, key, value, err) from None
+    if key == "nodes" and isinstance(value, list):
+        for node in value:
+            target = node.get("target") if isinstance(node, dict) else node
+            try:
+                check_target(target)
+            except _Reject as err:
+                raise _refuse(where, "target", target, err) from None
+    return value
+
+
 def _walk(obj: Any, where: str) -> None:
     """Canonicalize every `expr_str` and check every op target in the (nested) graph, in place."""
     if isinstance(obj, list):
         for item in obj:
             _walk(item, where)
-        return
-    if not isinstance(obj, dict):
-        return
-    for key, value in obj.items():
-        try:
-            if key == "expr_str":
-                obj[key] = canonical(value)
-            elif key == "as_operator" or (key == "target" and "inputs" in obj and "outputs" in obj):
-                check_target(value)
-            elif key == "source_fn_stack" and isinstance(value, str):
-                for item in value.split(";"):
-                    check_target(item.rpartition(",")[2])
-        except _Reject as err:
-            raise ArtifactError(f"{where}: refusing {key} {str(value)[:200]!r}: {err}; this file was not written by "
-                                "fxpress (or was edited): load only artifacts you saved, or save it again") from None
-        _walk(value, where)
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            obj[key] = _check_entry(key, value, where)
+            _walk(obj[key], where)
 
 
 def _range_constraints(ranges: Any, where: str) -> None:

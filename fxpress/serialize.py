@@ -115,6 +115,15 @@ def _read(path: Path) -> bytes:
         raise ArtifactError(f"{path} is missing or unreadable ({err}): save the program again") from err
 
 
+def _dtype(name: Any, directory: Path) -> torch.dtype:
+    """A manifest's dtype string as a torch.dtype, and nothing else torch has under that name."""
+    dtype = getattr(torch, str(name).removeprefix("torch."), None) if str(name).isascii() else None
+    if not isinstance(dtype, torch.dtype):
+        raise ArtifactError(f"{directory / MANIFEST_FILE}: example_dtypes holds {str(name)[:100]!r}, not a torch dtype; "
+                            "save the program again")
+    return dtype
+
+
 def load_program(directory: str | os.PathLike) -> tuple[Program, dict[str, Any]]:
     """Read a directory written by save_program back into a Program (and its manifest)."""
     from safetensors import SafetensorError
@@ -144,7 +153,7 @@ def load_program(directory: str | os.PathLike) -> tuple[Program, dict[str, Any]]
         raise ArtifactError(f"{directory / GRAPH_FILE} could not be read as an exported program: {type(err).__name__}: {err}") from err
     info = ModelInfo.from_dict(manifest["info"])
     example = tuple(
-        torch.zeros(shape, dtype=getattr(torch, dtype.split(".")[-1]))
+        torch.zeros(shape, dtype=_dtype(dtype, directory))
         for shape, dtype in zip(manifest["example_shapes"], manifest["example_dtypes"])
     )
     facts = manifest.get("facts")  # absent in artifacts saved before facts were recorded: derived from history

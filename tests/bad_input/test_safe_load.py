@@ -168,3 +168,28 @@ def test_the_payloads_are_live_without_the_validator(saved, tmp_path, monkeypatc
     except Exception:  # noqa: BLE001 - the guard payload makes the guard fail after it ran
         pass
     assert expr_marker.exists() and guard_marker.exists()
+
+
+def test_deep_nesting_custom_objects_and_unknown_verifiers_are_refused(saved, tmp_path):
+    directory, ids, _ = saved
+    marker = tmp_path / "marker"
+
+    def deep(data):
+        first_expr(data)["expr_str"] = "(" * 5000 + "s70" + ")" * 5000
+
+    refused(craft(directory, tmp_path / "deep", deep), marker, "nested too deeply", ids)
+    objects = {"evil": {"name": "evil", "class_fqn": "__torch__.torch.classes.os.system"}}
+    custom = craft(directory, tmp_path / "custom", lambda d: d["graph_module"]["graph"]["custom_obj_values"].update(objects))
+    refused(custom, marker, "refusing custom_obj_values", ids)
+    verifiers = craft(directory, tmp_path / "verifiers", lambda d: d.update(verifiers=["__import__('os')"]))
+    refused(verifiers, marker, "refusing verifiers", ids)
+
+
+def test_manifest_dtypes_must_be_torch_dtypes(saved, tmp_path):
+    directory, _, _ = saved
+    crafted = Path(shutil.copytree(directory, tmp_path / "dtypes"))
+    manifest = json.loads((crafted / "manifest.json").read_text())
+    manifest["example_dtypes"][0] = "torch.load"
+    (crafted / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="manifest.json: example_dtypes holds 'torch.load'"):
+        fxpress.load(crafted)
