@@ -12,7 +12,9 @@ from typing import Any
 import torch
 
 from fxpress.errors import ArtifactError, FxpressError
+from fxpress.integrity import record_digests, verify_digests
 from fxpress.program import ModelInfo, Program
+from fxpress.safe_load import safe_program_json
 from fxpress.signature import signature
 
 FORMAT = "fxpress-program"
@@ -75,6 +77,7 @@ def save_program(program: Program, directory: str | os.PathLike, extra: dict[str
     tmp.mkdir(parents=True)
     (tmp / GRAPH_FILE).write_bytes(artifact.exported_program)
     save_file(unique, str(tmp / WEIGHTS_FILE))
+    manifest["integrity"] = record_digests(tmp, (GRAPH_FILE, WEIGHTS_FILE))
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str))
     if directory.exists():
         shutil.rmtree(directory)
@@ -89,6 +92,7 @@ def _to_bytes(obj: Any) -> bytes:
 
 
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a saved program, checked for format and version (files are verified by load_program)."""
     directory = Path(directory)
     path = directory / MANIFEST_FILE
     if not path.is_file():
@@ -104,6 +108,22 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise ArtifactError(f"{path} is missing or unreadable ({err}): save the program again") from err
+
+
+def _dtype(name: Any, directory: Path) -> torch.dtype:
+    """A manifest's dtype string as a torch.dtype, and nothing else torch has under that name."""
+    dtype = getattr(torch, str(name).removeprefix("torch."), None) if str(name).isascii() else None
+    if not isinstance(dtype, torch.dtype):
+        raise ArtifactError(f"{directory / MANIFEST_FILE}: example_dtypes holds {str(name)[:100]!r}, not a torch dtype; "
+                            "save the program again")
+    return dtype
+
+
 def load_program(directory: str | os.PathLike) -> tuple[Program, dict[str, Any]]:
     """Read a directory written by save_program back into a Program (and its manifest)."""
     from safetensors import SafetensorError
@@ -112,6 +132,8 @@ def load_program(directory: str | os.PathLike) -> tuple[Program, dict[str, Any]]
 
     directory = Path(directory)
     manifest = read_manifest(directory)
+    verify_digests(directory, manifest.get("integrity"), "saved program")
+    graph_json = safe_program_json(_read(directory / GRAPH_FILE), directory / GRAPH_FILE)
     try:
         tensors = load_file(str(directory / WEIGHTS_FILE))
     except (SafetensorError, FileNotFoundError, OSError) as err:
@@ -126,13 +148,12 @@ def load_program(directory: str | os.PathLike) -> tuple[Program, dict[str, Any]]
     constants = {k[len("const."):]: v for k, v in tensors.items() if k.startswith("const.")}
     examples = tuple(tensors[f"example.{i}"] for i in range(manifest["num_examples"]))
     try:
-        graph_bytes = (directory / GRAPH_FILE).read_bytes()
-        ep = deserialize(SerializedArtifact(graph_bytes, _to_bytes(state), _to_bytes(constants), _to_bytes((examples, {}))))
+        ep = deserialize(SerializedArtifact(graph_json, _to_bytes(state), _to_bytes(constants), _to_bytes((examples, {}))))
     except Exception as err:
         raise ArtifactError(f"{directory / GRAPH_FILE} could not be read as an exported program: {type(err).__name__}: {err}") from err
     info = ModelInfo.from_dict(manifest["info"])
     example = tuple(
-        torch.zeros(shape, dtype=getattr(torch, dtype.split(".")[-1]))
+        torch.zeros(shape, dtype=_dtype(dtype, directory))
         for shape, dtype in zip(manifest["example_shapes"], manifest["example_dtypes"])
     )
     facts = manifest.get("facts")  # absent in artifacts saved before facts were recorded: derived from history

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from fxpress.errors import ArtifactError, ConfigError
-from fxpress.lowering.artifacts import ARTIFACT_VERSION, METADATA_KEY, TVM_MANIFEST
+from fxpress.integrity import verify_digests
+from fxpress.lowering.artifacts import ARTIFACT_VERSION, METADATA_KEY, TVM_MANIFEST, verify_onnx_initializers
 from fxpress.program import ModelInfo, Program
 
 
@@ -133,6 +134,7 @@ class OnnxRunner(Runner):
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.log_severity_level = 3
         level = self._accuracy_level(path)
+        verify_onnx_initializers(path)
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -203,6 +205,7 @@ class TvmRunner(Runner):
                     f"'{file}' has {file.stat().st_size} bytes, the manifest says {size}: it is truncated or was "
                     "replaced; export the artifact again"
                 )
+        verify_digests(path, self.meta.get("integrity"), "TVM artifact")  # before the library is dlopen'ed
         try:
             lib = tvm.runtime.load_module(str(path / self.meta["library"]))
         except Exception as err:  # TVM raises its own error types for unreadable libraries

@@ -35,7 +35,7 @@ def test_load_rejects_truncated_and_foreign_directories(tmp_path):
     saved = cm.save(tmp_path / "prog")
     weights = saved / "weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(ArtifactError, match="weights.safetensors is missing or corrupt"):
+    with pytest.raises(ArtifactError, match="weights.safetensors"):
         fxpress.load(saved)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "manifest.json").write_text(json.dumps({"format": "something-else"}))

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from fxpress.errors import ConfigError, LoweringError
-from fxpress.lowering.artifacts import METADATA_KEY, artifact_metadata
+from fxpress.lowering.artifacts import METADATA_KEY, ONNX_DIGESTS_KEY, artifact_metadata, initializer_digests
 from fxpress.lowering.export import reexport
 from fxpress.lowering.onnx.builder import Materializer
 from fxpress.lowering.onnx.registry import ONNX_OPS, translation_table
@@ -80,6 +80,7 @@ def to_onnx_model(program: Program, weights: str = "matmulnbits", opset: int = 2
     _rename_dims(model, sig.dim_names)
     meta = artifact_metadata(program, sig, {"weights": weights, "opset": opset, "accuracy_level": accuracy_level})
     model.metadata_props[METADATA_KEY] = json.dumps(meta)
+    model.metadata_props[ONNX_DIGESTS_KEY] = json.dumps(initializer_digests(model))
     model.producer_name = "fxpress"
     return model, stats
 

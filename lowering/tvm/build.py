@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from fxpress.errors import ConfigError, LoweringError
+from fxpress.integrity import record_digests
 from fxpress.lowering.artifacts import TVM_LIBRARY, TVM_MANIFEST, TVM_WEIGHTS, artifact_metadata
 from fxpress.lowering.export import reexport
 from fxpress.lowering.tvm.registry import convert_map
@@ -141,7 +142,8 @@ def export_tvm(program: Program, path: str | os.PathLike, target: Any = "llvm", 
         executable.export_library(str(tmp / library))
         files = _write_weights(tmp, library, names, arrays)
         manifest = artifact_metadata(program, sig, {"target": str(tgt), "library": library, "weights": TVM_WEIGHTS,
-                                                    "params": names, "files": files})
+                                                    "params": names, "files": files,
+                                                    "integrity": record_digests(tmp, files)})
         (tmp / TVM_MANIFEST).write_text(json.dumps(manifest, indent=1))
         _replace_dir(tmp, path)
     finally:
