@@ -36,6 +36,7 @@ from fxpress.errors import ConfigError
 
 # marker file of each fxpress artifact directory -> its "format" value (program, TVM, FPGA netlist)
 DIR_MARKERS = {"manifest.json": "fxpress-program", "fxpress.json": "fxpress", "netlist.json": "fxpress-fpga-netlist"}
+RECIPE_KEY = "fxpress_recipe"  # the key that marks a recipe file (fxpress.recipe.recipe_dict)
 ONNX_METADATA_KEY = "fxpress.info"  # fxpress.lowering.artifacts.METADATA_KEY (a test keeps them equal)
 STAGE_TAG, ASIDE_TAG = ".fxpress-new-", ".fxpress-old"
 STEP_HOOKS: list[Callable[[str], None]] = []
@@ -51,19 +52,24 @@ def _aside(target: Path) -> Path:
 
 
 def is_fxpress_artifact(path: str | os.PathLike) -> bool:
-    """True for a directory or ONNX file fxpress wrote (an empty directory counts: nothing to lose)."""
+    """True for a directory, ONNX file or recipe fxpress wrote (an empty directory counts: nothing to lose)."""
     path = Path(path)
     if path.is_dir():
-        return not any(path.iterdir()) or any(_marker_format(path / m) == f for m, f in DIR_MARKERS.items())
-    return path.suffix == ".onnx" and path.is_file() and _is_fxpress_onnx(path)
+        return not any(path.iterdir()) or any(_json_field(path / m, "format") == f for m, f in DIR_MARKERS.items())
+    if not path.is_file():
+        return False
+    if path.suffix == ".json":  # the recipe saved beside every export
+        return _json_field(path, RECIPE_KEY) is not None
+    return path.suffix == ".onnx" and _is_fxpress_onnx(path)
 
 
-def _marker_format(path: Path) -> str | None:
+def _json_field(path: Path, key: str) -> object:
+    """`key` of the JSON object in `path`; None when the file is missing, not JSON or has no such key."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return data.get("format") if isinstance(data, dict) else None
+    return data.get(key) if isinstance(data, dict) else None
 
 
 def _is_fxpress_onnx(path: Path) -> bool:

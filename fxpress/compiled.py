@@ -68,9 +68,10 @@ class CompiledModel:
         if target not in EXPORT_TARGETS:
             raise ConfigError(f"unknown export target '{target}': choose one of {', '.join(EXPORT_TARGETS)}")
         path = check_target(path, directory=target not in FILE_TARGETS, overwrite=overwrite)
+        recipe = check_target(path.with_name(path.stem + ".recipe.json"), directory=False, overwrite=overwrite)
         lower = EXPORT_TARGETS[target].export_function()
         self.exports[target] = lower(self.program, path, overwrite=overwrite, **options)
-        save_recipe(self.passes, path.with_name(path.stem + ".recipe.json"))
+        save_recipe(self.passes, recipe)
         return path
 
     def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:

@@ -77,6 +77,10 @@ def export_fpga(program, path: str | os.PathLike, vectors: torch.Tensor | None =
     """
     if not (isinstance(weight_bits, int) and 2 <= weight_bits <= 8):
         raise ConfigError(f"weight_bits={weight_bits!r}: conventional layers are lowered as int2..int8 MACs")
+    out = Path(path)
+    if out.suffix:
+        raise ConfigError(f"export_fpga writes a folder; {out} looks like a file name (drop '{out.suffix}')")
+    check_target(out, directory=True, overwrite=overwrite)
     netlist = netlist_from_program(program, weight_bits=weight_bits)
     if layers is not None:
         if not (isinstance(layers, int) and 1 <= layers <= len(netlist.layers)):
@@ -86,10 +90,6 @@ def export_fpga(program, path: str | os.PathLike, vectors: torch.Tensor | None =
         vectors = program.example_inputs[0]
     if not isinstance(vectors, torch.Tensor) or vectors.dim() != 2 or vectors.shape[1] != netlist.input["features"]:
         raise LoweringError(f"vectors must be a tensor (N, {netlist.input['features']}) of real inputs")
-    out = Path(path)
-    if out.suffix:
-        raise ConfigError(f"export_fpga writes a folder; {out} looks like a file name (drop '{out.suffix}')")
-    check_target(out, directory=True, overwrite=overwrite)
     with staged_dir(out, overwrite=overwrite) as stage:
         report = build(netlist, stage, netlist.quantize(vectors), simulate, synthesize, bitstream, device)
         if "bitstream" in report.get("fpga", {}):  # name the published file, not the staging one

@@ -195,6 +195,25 @@ def test_tvm_export_into_a_users_directory_is_refused_before_the_build(tmp_path,
     assert (user / "notes.txt").read_text() == "mine"
 
 
+def test_fpga_export_into_a_users_directory_is_refused_first(tmp_path):
+    user = tmp_path / "board"
+    user.mkdir()
+    (user / "pins.pcf").write_text("set_io clk 35")
+    with pytest.raises(ConfigError, match=r"board' is a non-empty directory that fxpress did not write"):
+        tiny(1).export("hls", user)  # not even a threshold network: the path is checked before the netlist
+    assert (user / "pins.pcf").read_text() == "set_io clk 35"
+
+
+def test_a_users_file_where_the_recipe_goes_is_refused_before_the_export(tmp_path, monkeypatch):
+    import fxpress.lowering.onnx
+
+    monkeypatch.setattr(fxpress.lowering.onnx, "export_onnx", lambda *a, **k: pytest.fail("the export ran"))
+    (tmp_path / "m.recipe.json").write_text('{"mine": true}')
+    with pytest.raises(ConfigError, match=r"m.recipe.json' is a file that fxpress did not write"):
+        tiny(1).export("onnx", tmp_path / "m.onnx")
+    assert (tmp_path / "m.recipe.json").read_text() == '{"mine": true}'
+
+
 # -- destination checks come before any work ---------------------------------------------------------------
 @pytest.fixture
 def read_only_dir(tmp_path):
@@ -266,7 +285,9 @@ def test_cli_out_that_is_a_file_fails_before_loading_the_model(tmp_path, capsys,
 def test_the_markers_match_what_the_writers_write():
     from fxpress.lowering.artifacts import METADATA_KEY, TVM_MANIFEST
     from fxpress.lowering.fpga.netlist import FORMAT as NETLIST_FORMAT
+    from fxpress.recipe import recipe_dict
     from fxpress.serialize import FORMAT, MANIFEST_FILE
 
     assert atomic.DIR_MARKERS == {MANIFEST_FILE: FORMAT, TVM_MANIFEST: "fxpress", "netlist.json": NETLIST_FORMAT}
     assert atomic.ONNX_METADATA_KEY == METADATA_KEY
+    assert atomic.RECIPE_KEY in recipe_dict([])
