@@ -11,9 +11,10 @@ into a staging folder beside the target, then published:
 
 A target that exists and is not an fxpress artifact is refused unless `overwrite=True`, and every check of
 the destination (`check_target`) runs before any lowering work and names the user's path, not a temp one.
+A filesystem error while writing (disk full, permissions) is raised as ArtifactError naming the user's path;
+the staging folder is removed and the old artifact is left as it was.
 `STEP_HOOKS` are called at each step (`staging`, `staged`, `aside`, `swapped`, `companion`, `published`,
-`cleaned`):
-the fault-injection tests kill the process there.
+`cleaned`): the fault-injection tests kill the process there.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from fxpress.errors import ConfigError
+from fxpress.errors import ArtifactError, ConfigError
 
 # marker file of each fxpress artifact directory -> its "format" value (program, TVM, FPGA netlist)
 DIR_MARKERS = {"manifest.json": "fxpress-program", "fxpress.json": "fxpress", "netlist.json": "fxpress-fpga-netlist"}
@@ -163,6 +164,9 @@ def _stage(target: Path, overwrite: bool, directory: bool) -> Iterator[Path]:
     try:
         _step("staging")
         yield stage
+    except OSError as err:  # it names the staging path, which means nothing to the user
+        reason = err.strerror or type(err).__name__
+        raise ArtifactError(f"could not write '{target}': {reason}; what was at '{target}' is unchanged") from err
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
@@ -190,7 +194,11 @@ def _publish_dir(new: Path, target: Path, stage: Path) -> None:
         aside = _aside(target)
         os.rename(target, aside)
         _step("aside")
-        os.rename(new, target)
+        try:
+            os.rename(new, target)
+        except OSError:
+            os.rename(aside, target)
+            raise
         _step("published")
         shutil.rmtree(aside, ignore_errors=True)
     shutil.rmtree(stage, ignore_errors=True)

@@ -3,6 +3,7 @@ killed at any step of the replace protocol leaves the old artifact or the new on
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -20,7 +21,7 @@ import torch
 import fxpress
 from fxpress import atomic
 from fxpress.compiled import CompiledModel
-from fxpress.errors import ConfigError
+from fxpress.errors import ArtifactError, ConfigError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _lowering_cases import ops_program, relative_error  # noqa: E402
@@ -151,6 +152,23 @@ def test_tvm_export_killed_while_replacing_keeps_a_loadable_artifact(tmp_path):
     export_tvm(new, target)  # the real build path, replacing an fxpress artifact without overwrite
     assert relative_error(TvmRunner(target)(x), new(x)) < 1e-5
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("step", ["staging", "staged"])
+def test_a_filesystem_error_names_the_users_path_and_keeps_the_old_artifact(step, tmp_path, monkeypatch):
+    old, new = tiny(1), tiny(2)
+    target = tmp_path / "prog"
+    old.save(target)
+
+    def disk_full(name: str) -> None:
+        if name == step:
+            raise OSError(errno.ENOSPC, "No space left on device", str(next(tmp_path.glob(".prog.fxpress-new-*"))))
+
+    monkeypatch.setattr(atomic, "STEP_HOOKS", [disk_full])
+    with pytest.raises(ArtifactError, match=r"could not write '.*prog': No space left on device") as err:
+        new.save(target)
+    assert atomic.STAGE_TAG not in str(err.value) and leftovers(tmp_path) == []
+    assert torch.allclose(fxpress.load(target)(X), old(X))
 
 
 # -- what fxpress did not write ----------------------------------------------------------------------------
