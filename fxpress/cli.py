@@ -111,6 +111,19 @@ def _export_targets(text: str | None) -> list:
     return [EXPORT_TARGETS[n] for n in names]
 
 
+def _check_out(out: Path, targets: list, overwrite: bool) -> None:
+    """--out and every artifact under it, checked before the model is even loaded."""
+    from fxpress.atomic import check_target
+    from fxpress.compiled import FILE_TARGETS
+    from fxpress.errors import ConfigError
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out '{out}' is a file: give a directory (it will hold program/ and the exports)")
+    check_target(out / "program", directory=True, overwrite=overwrite)
+    for target in targets:
+        check_target(out / target.artifact, directory=target.name not in FILE_TARGETS, overwrite=overwrite)
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     """Load a model, run the passes, save the program, export the artifacts, optionally evaluate."""
     import fxpress
@@ -123,6 +136,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     needs_calibration = any(p.needs_calibration for p in passes)
     validate_pipeline(passes, (), True)
     out = Path(args.out)
+    _check_out(out, targets, args.overwrite)
     console = _console()
     with console.status(f"loading {args.model}"):
         model, tokenizer = load_causal_lm(args.model)
@@ -131,11 +145,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     cm = fxpress.compile(model, passes=passes, calibration=calibration)
     rows = [("compile seconds", f"{time.perf_counter() - start:.1f}")]
     console.print(cm.report.table())
-    saved = cm.save(out / "program")
+    saved = cm.save(out / "program", overwrite=args.overwrite)
     rows.append(("program", str(saved)))
     for target in targets:
         with console.status(f"exporting {target.name}"):
-            path = cm.export(target.name, out / target.artifact)
+            path = cm.export(target.name, out / target.artifact, overwrite=args.overwrite)
         rows.append((f"{target.name} artifact", str(path)))
     rows.append(("weight bytes", f"{cm.program.weight_bytes():,}"))
     if args.eval_windows:
@@ -194,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passes", help="comma-separated pass names, e.g. rotate,fold_hadamard,quantize")
     p.add_argument("--set", action="append", metavar="PASS.FIELD=VALUE", help="override a pass field")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files under --out that fxpress did not write (they are refused otherwise)")
     p.add_argument("--export", help="comma-separated export targets, e.g. onnx,tvm")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--calib-samples", type=int, default=32)

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from fxpress.atomic import check_target
 from fxpress.calibration import Calibration, as_calibration
 from fxpress.capture import capture
 from fxpress.errors import ConfigError
@@ -18,6 +19,8 @@ from fxpress.program import Program
 from fxpress.recipe import passes_from_recipe, recipe_dict, save_recipe
 from fxpress.report import Report
 from fxpress.runtime.ops import EXPORT_TARGETS
+
+FILE_TARGETS = {"onnx"}  # export targets that write one file; the others write a directory
 
 
 def _as_passes(passes: Sequence[Any]) -> list[Pass]:
@@ -56,21 +59,31 @@ class CompiledModel:
     def recipe(self) -> dict[str, Any]:
         return recipe_dict(self.passes)
 
-    def export(self, target: str, path: str | os.PathLike, **options: Any) -> Path:
-        """Lower to `target` ("onnx", "tvm", "hls"/"fpga") at `path`; the recipe is saved beside it."""
+    def export(self, target: str, path: str | os.PathLike, overwrite: bool = False, **options: Any) -> Path:
+        """Lower to `target` ("onnx", "tvm", "hls"/"fpga") at `path`; the recipe is saved beside it.
+
+        `path` is checked before any lowering work: a file or folder there that fxpress did not write is
+        refused unless `overwrite=True`; an fxpress artifact there is replaced atomically.
+        """
         if target not in EXPORT_TARGETS:
             raise ConfigError(f"unknown export target '{target}': choose one of {', '.join(EXPORT_TARGETS)}")
-        path = Path(path)
+        path = check_target(path, directory=target not in FILE_TARGETS, overwrite=overwrite)
+        recipe = check_target(path.with_name(path.stem + ".recipe.json"), directory=False, overwrite=overwrite)
         lower = EXPORT_TARGETS[target].export_function()
-        self.exports[target] = lower(self.program, path, **options)
-        save_recipe(self.passes, path.with_name(path.stem + ".recipe.json"))
+        self.exports[target] = lower(self.program, path, overwrite=overwrite, **options)
+        save_recipe(self.passes, recipe)
         return path
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Graph as torch.export JSON, weights as safetensors, the recipe and report beside them; no pickle."""
+    def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Graph as torch.export JSON, weights as safetensors, the recipe and report beside them; no pickle.
+
+        A directory there that fxpress did not write is refused (before any work) unless `overwrite=True`.
+        """
         from fxpress.serialize import save_program
 
-        return save_program(self.program, directory, extra={"recipe": self.recipe, "report": self.report.to_dict()})
+        check_target(directory, directory=True, overwrite=overwrite)
+        extra = {"recipe": self.recipe, "report": self.report.to_dict()}
+        return save_program(self.program, directory, extra=extra, overwrite=overwrite)
 
 
 def compile(

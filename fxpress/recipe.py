@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fxpress.atomic import write_atomic
 from fxpress.errors import RecipeError
 from fxpress.passes.base import Pass, pass_from_dict
 
@@ -68,13 +69,6 @@ def save_recipe(passes: Sequence[Pass], path: str | os.PathLike) -> Path:
         text = yaml.safe_dump(data, sort_keys=False)
     else:
         text = json.dumps(data, indent=2)
-    write_text_atomic(path, text)
-    return path
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder, then rename: never a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text)
+    return path

@@ -5,12 +5,12 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fxpress.atomic import check_target, staged_dir
 from fxpress.errors import ArtifactError, FxpressError
 from fxpress.integrity import record_digests, verify_digests
 from fxpress.program import ModelInfo, Program
@@ -47,12 +47,16 @@ def _unique_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
     return unique, aliases
 
 
-def save_program(program: Program, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-    """Write program.json + weights.safetensors + manifest.json into `directory`, atomically."""
+def save_program(program: Program, directory: str | os.PathLike, extra: dict[str, Any] | None = None,
+                 overwrite: bool = False) -> Path:
+    """Write program.json + weights.safetensors + manifest.json into `directory`, atomically (fxpress.atomic).
+
+    An existing directory fxpress did not write is refused unless `overwrite`; checked before any work.
+    """
     from safetensors.torch import save_file
     from torch._export.serde.serialize import serialize
 
-    directory = Path(directory)
+    directory = check_target(directory, directory=True, overwrite=overwrite)
     ep, examples = reexport(program)
     artifact = serialize(ep)
     tensors = {f"state.{k}": v for k, v in ep.state_dict.items()}
@@ -72,16 +76,11 @@ def save_program(program: Program, directory: str | os.PathLike, extra: dict[str
         "example_dtypes": [str(t.dtype) for t in program.example_inputs],
         **(extra or {}),
     }
-    tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / GRAPH_FILE).write_bytes(artifact.exported_program)
-    save_file(unique, str(tmp / WEIGHTS_FILE))
-    manifest["integrity"] = record_digests(tmp, (GRAPH_FILE, WEIGHTS_FILE))
-    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str))
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
+    with staged_dir(directory, overwrite=overwrite) as tmp:
+        (tmp / GRAPH_FILE).write_bytes(artifact.exported_program)
+        save_file(unique, str(tmp / WEIGHTS_FILE))
+        manifest["integrity"] = record_digests(tmp, (GRAPH_FILE, WEIGHTS_FILE))
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str))
     return directory
 
 

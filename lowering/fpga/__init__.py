@@ -21,10 +21,11 @@ from typing import Any
 
 import torch
 
+from fxpress.atomic import check_target, staged_dir, write_atomic
 from fxpress.errors import ConfigError, LoweringError
 from fxpress.lowering.fpga.flow import run_flow
 from fxpress.lowering.fpga.hls import csim, emit_hls, write_vectors
-from fxpress.lowering.fpga.netlist import Netlist, netlist_from_program, write_atomic
+from fxpress.lowering.fpga.netlist import Netlist, netlist_from_program
 from fxpress.lowering.fpga.verilog import emit_verilog, rtl_sim
 
 __all__ = ["Netlist", "build", "export_fpga", "netlist_from_program"]
@@ -52,8 +53,12 @@ def build(netlist: Netlist, directory: str | os.PathLike, codes: torch.Tensor | 
             report["rtl_mismatches"] = _mismatches(r_out, expected)
     if synthesize:
         report["fpga"] = run_flow(verilog, rtl_dir, device=device, bitstream=bitstream)
-    write_atomic(out / "report.json", json.dumps(report, indent=1, default=str))
+    _write_report(out, report)
     return report
+
+
+def _write_report(directory: Path, report: dict[str, Any]) -> None:
+    write_atomic(directory / "report.json", json.dumps(report, indent=1, default=str))
 
 
 def _mismatches(actual: torch.Tensor, expected: torch.Tensor) -> int:
@@ -64,10 +69,18 @@ def _mismatches(actual: torch.Tensor, expected: torch.Tensor) -> int:
 
 def export_fpga(program, path: str | os.PathLike, vectors: torch.Tensor | None = None, layers: int | None = None,
                 simulate: bool = True, synthesize: bool = True, bitstream: bool = True, device: str = "auto",
-                weight_bits: int = 8) -> Path:
-    """Lower a program whose first layers are threshold neurons; `vectors` are real-valued inputs."""
+                weight_bits: int = 8, overwrite: bool = False) -> Path:
+    """Lower a program whose first layers are threshold neurons; `vectors` are real-valued inputs.
+
+    The folder is built beside `path` and published whole (fxpress.atomic); a folder at `path` that fxpress
+    did not write is refused before any work unless `overwrite`.
+    """
     if not (isinstance(weight_bits, int) and 2 <= weight_bits <= 8):
         raise ConfigError(f"weight_bits={weight_bits!r}: conventional layers are lowered as int2..int8 MACs")
+    out = Path(path)
+    if out.suffix:
+        raise ConfigError(f"export_fpga writes a folder; {out} looks like a file name (drop '{out.suffix}')")
+    check_target(out, directory=True, overwrite=overwrite)
     netlist = netlist_from_program(program, weight_bits=weight_bits)
     if layers is not None:
         if not (isinstance(layers, int) and 1 <= layers <= len(netlist.layers)):
@@ -77,9 +90,10 @@ def export_fpga(program, path: str | os.PathLike, vectors: torch.Tensor | None =
         vectors = program.example_inputs[0]
     if not isinstance(vectors, torch.Tensor) or vectors.dim() != 2 or vectors.shape[1] != netlist.input["features"]:
         raise LoweringError(f"vectors must be a tensor (N, {netlist.input['features']}) of real inputs")
-    out = Path(path)
-    if out.suffix:
-        raise ConfigError(f"export_fpga writes a folder; {out} looks like a file name (drop '{out.suffix}')")
-    report = build(netlist, out, netlist.quantize(vectors), simulate, synthesize, bitstream, device)
+    with staged_dir(out, overwrite=overwrite) as stage:
+        report = build(netlist, stage, netlist.quantize(vectors), simulate, synthesize, bitstream, device)
+        if "bitstream" in report.get("fpga", {}):  # name the published file, not the staging one
+            report["fpga"]["bitstream"] = str(out / Path(report["fpga"]["bitstream"]).relative_to(stage))
+            _write_report(stage, report)
     program.metadata["fpga_report"] = report
     return out

@@ -37,13 +37,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.fx import Node
 
+from fxpress.atomic import write_atomic
 from fxpress.errors import ArtifactError, LoweringError
 from fxpress.graph import get_param, is_op
 
@@ -175,20 +175,6 @@ class Netlist:
                          "connections": int((m != 0).sum()), "output_bits": layer.output["bits"],
                          "multipliers": int((m != 0).sum()) if layer.kind == "mac" else 0})
         return {"input_bits": self.input["bits"], "layers": rows}
-
-
-def write_atomic(path: str | os.PathLike, text: str, mode: str = "w") -> None:
-    """Write to a temporary file in the same folder, then rename: never a partial artifact."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp_")
-    try:
-        with os.fdopen(fd, mode) as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 # ---- building layers -------------------------------------------------------------------------------

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
+from fxpress.atomic import write_atomic
 from fxpress.errors import LoweringError
-from fxpress.lowering.fpga.netlist import Layer, Netlist, write_atomic
+from fxpress.lowering.fpga.netlist import Layer, Netlist
 
 
 def _tree(terms: list[str], width: int) -> str:

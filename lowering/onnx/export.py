@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fxpress.atomic import check_target, companion_name, staged_file
 from fxpress.errors import ConfigError, LoweringError
 from fxpress.lowering.artifacts import METADATA_KEY, ONNX_DIGESTS_KEY, artifact_metadata, initializer_digests
 from fxpress.lowering.export import reexport
@@ -53,8 +52,6 @@ def _validate(program: Program, path: str | os.PathLike, weights: str, opset: in
     path = Path(path)
     if path.suffix != ".onnx":
         raise ConfigError(f"ONNX artifact path '{path}' should end in .onnx")
-    if path.exists() and path.is_dir():
-        raise ConfigError(f"ONNX artifact path '{path}' is a directory: give a file name ending in .onnx")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise ConfigError(f"accuracy_level = {accuracy_level!r}: MatMulNBits takes 0 (float), 1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8)")
     return path
@@ -91,45 +88,39 @@ def _initializer_bytes(model: Any) -> int:
 
 def export_onnx(program: Program, path: str | os.PathLike, weights: str = "matmulnbits", opset: int = 21,
                 accuracy_level: int = 0, external_data: bool | None = None, optimize: bool = True,
-                check: bool = True, additive_masks: bool = True) -> dict[str, Any]:
+                check: bool = True, additive_masks: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Write `program` as an ONNX model at `path` (atomically); returns statistics (sizes, kernels used).
 
     weights: "matmulnbits" (ONNX Runtime's int kernels) or "dequantizelinear" (standard ONNX, opset >= 21).
     accuracy_level: MatMulNBits compute type; 0 = the activations' float type (matches PyTorch), 4 = int8
     activations (faster, ~1e-2 relative error); runners apply the same level to fused DequantizeLinear.
-    external_data: None = only when the weights exceed 2 GB (then `<path>.data` is written beside the model).
+    external_data: None = only when the weights exceed 2 GB (then `<path>.<id>.data` is written beside the model).
     optimize: run onnxscript's graph optimizer (constant folding, fusions) on the exported graph.
     additive_masks: a causal LM's boolean attention mask becomes additive (no all-masked-row guard; see
     lowering/export.py); False keeps the exporter's guarded form.
+    overwrite: replace `path` even when it is not an fxpress ONNX file (checked before any work).
     """
     path = _validate(program, path, weights, opset, accuracy_level)
+    check_target(path, directory=False, overwrite=overwrite)
     model, stats = to_onnx_model(program, weights, opset, accuracy_level, optimize, additive_masks)
     if external_data is None:
         external_data = _initializer_bytes(model) > EXTERNAL_DATA_BYTES
-    _write(model, path, external_data, check)
-    files = [path] + ([path.parent / (path.name + ".data")] if external_data else [])
+    files = _write(model, path, external_data, check, overwrite)
     stats.update({"path": str(path), "bytes": sum(f.stat().st_size for f in files), "external_data": external_data,
                   "weights": weights, "opset": opset})
     return stats
 
 
-def _write(model: Any, path: Path, external_data: bool, check: bool) -> None:
-    """Save into a temporary directory beside `path`, check, then rename into place (data file first)."""
+def _write(model: Any, path: Path, external_data: bool, check: bool, overwrite: bool) -> list[Path]:
+    """Save into a staging folder beside `path`, check, then publish (fxpress.atomic); returns the files."""
     import onnx_ir as ir
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=".fxpress-onnx-", dir=path.parent))
-    try:
-        tmp = tmpdir / path.name
-        data_name = path.name + ".data"
-        ir.save(model, tmp, external_data=data_name if external_data else None)
+    data_name = companion_name(path, ".data") if external_data else None
+    with staged_file(path, overwrite=overwrite) as tmp:
+        ir.save(model, tmp, external_data=data_name)
         if check:
             _check(tmp)
-        if external_data:
-            os.replace(tmpdir / data_name, path.parent / data_name)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+    return [path] + ([path.parent / data_name] if data_name else [])
 
 
 def _check(path: Path) -> None:

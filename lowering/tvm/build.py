@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from fxpress.atomic import check_target, staged_dir
 from fxpress.errors import ConfigError, LoweringError
 from fxpress.integrity import record_digests
 from fxpress.lowering.artifacts import TVM_LIBRARY, TVM_MANIFEST, TVM_WEIGHTS, artifact_metadata
@@ -115,18 +114,18 @@ def _dedupe_names(arrays: list[np.ndarray]) -> list[str]:
     return names
 
 
-def export_tvm(program: Program, path: str | os.PathLike, target: Any = "llvm", schedule: bool = True) -> dict[str, Any]:
+def export_tvm(program: Program, path: str | os.PathLike, target: Any = "llvm", schedule: bool = True,
+               overwrite: bool = False) -> dict[str, Any]:
     """Build `program` for `target` and write the artifact directory at `path` (atomically); returns statistics.
 
     The directory holds `model-<id>.so` (the Relax VM executable), `weights.safetensors` and `fxpress.json`.
+    A directory at `path` that fxpress did not write is refused before the build unless `overwrite`.
     """
     import tvm
 
     if not isinstance(program, Program):
         raise ConfigError(f"export_tvm needs an fxpress Program (e.g. compiled.program), got {type(program).__name__}")
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"TVM artifact path '{path}' is a file: the TVM artifact is a directory, give a new path")
+    path = check_target(path, directory=True, overwrite=overwrite)
     tgt = _target(target)
     mod, arrays, names, sig = to_relax(program)
     try:
@@ -135,19 +134,14 @@ def export_tvm(program: Program, path: str | os.PathLike, target: Any = "llvm", 
     except Exception as err:  # build failures come as TVM errors
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise LoweringError(f"TVM could not build the program for {tgt}: {type(err).__name__}: {first}") from err
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".fxpress-tvm-", dir=path.parent))
     library = TVM_LIBRARY.format(uuid.uuid4().hex[:12])
-    try:
+    with staged_dir(path, overwrite=overwrite) as tmp:
         executable.export_library(str(tmp / library))
         files = _write_weights(tmp, library, names, arrays)
         manifest = artifact_metadata(program, sig, {"target": str(tgt), "library": library, "weights": TVM_WEIGHTS,
                                                     "params": names, "files": files,
                                                     "integrity": record_digests(tmp, files)})
         (tmp / TVM_MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _replace_dir(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {"path": str(path), "bytes": sum(files.values()), "weight_bytes": files[TVM_WEIGHTS],
             "library_bytes": files[library], "target": str(tgt)}
 
@@ -161,14 +155,3 @@ def _write_weights(directory: Path, library: str, names: list[str], arrays: list
         unique.setdefault(name, np.ascontiguousarray(array))
     save_file(unique, str(directory / TVM_WEIGHTS))
     return {f: (directory / f).stat().st_size for f in (library, TVM_WEIGHTS)}
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished directory into place; an old artifact is removed only after the new one is there."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
