@@ -120,10 +120,12 @@ def _check_model(args: argparse.Namespace, needs_tokenizer: bool) -> None:
 
 
 def _check_dtype(args: argparse.Namespace, targets: list, passes: list[Pass]) -> None:
-    if args.dtype == "bfloat16" and any(t.name == "onnx" for t in targets) and not any(p.name == "precision" for p in passes):
+    """bfloat16 programs export only through the precision pass (ONNX Runtime and TVM have no bf16)."""
+    bf16_targets = [t.name for t in targets if t.name in ("onnx", "tvm")]
+    if args.dtype == "bfloat16" and bf16_targets and not any(p.name == "precision" for p in passes):
         raise ConfigError(
-            "--dtype bfloat16 with --export onnx: ONNX Runtime's CPU kernels do not run bfloat16: use --dtype float16, "
-            "or add the precision pass last (--passes ...,precision --set precision.dtype=float32)"
+            f"--dtype bfloat16 with --export {bf16_targets[0]}: ONNX Runtime and TVM do not run bfloat16: use "
+            "--dtype float16, or add the precision pass last (--passes ...,precision --set precision.dtype=float32)"
         )
 
 

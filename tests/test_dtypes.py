@@ -113,18 +113,23 @@ def test_compile_dtype_casts_a_copy_and_rejects_non_float_types():
         fxpress.compile(model, passes=[], dtype=torch.int8)
 
 
-def test_fp16_runs_in_onnx_runtime_and_bf16_names_the_float32_export(tmp_path):
+def test_fp16_runs_in_onnx_runtime_and_tvm_and_bf16_names_the_float32_export(tmp_path):
     from fxpress.runtime.runners import load_runner
 
     model = tiny_causal_lm("llama")
     cm = fxpress.compile(model, passes=[Quantize(weights=WeightQuant(group_size=32))], dtype="float16", progress=False)
     runner = load_runner(cm.export("onnx", tmp_path / "fp16.onnx"))
     assert _rel(runner(IDS), cm(IDS)) < 8 * torch.finfo(torch.float16).eps  # another summation order
+    runner = load_runner(cm.export("tvm", tmp_path / "fp16_tvm"))
+    assert _rel(runner(IDS), cm(IDS)) < 8 * torch.finfo(torch.float16).eps
     bf16 = fxpress.compile(model, passes=[Quantize(weights=WeightQuant(group_size=32))], dtype=torch.bfloat16,
                            progress=False)
     with pytest.raises(LoweringError, match=r"bfloat16.*Precision\(dtype='float32'\)"):
         bf16.export("onnx", tmp_path / "bf16.onnx")
     assert not (tmp_path / "bf16.onnx").exists()
+    with pytest.raises(LoweringError, match="bfloat16, which TVM"):
+        bf16.export("tvm", tmp_path / "bf16_tvm")
+    assert not (tmp_path / "bf16_tvm").exists()
     run_passes(bf16.program, [Precision(dtype="float32")], progress=False)  # the fix the error names
     runner = load_runner(bf16.export("onnx", tmp_path / "bf16_as_fp32.onnx"))
     assert _rel(runner(IDS), bf16(IDS)) < 1e-5

@@ -14,7 +14,7 @@ import torch
 
 from fxpress.errors import ConfigError, LoweringError
 from fxpress.lowering.artifacts import METADATA_KEY, artifact_metadata
-from fxpress.lowering.export import reexport
+from fxpress.lowering.export import reexport, refuse_bfloat16
 from fxpress.lowering.onnx.builder import Materializer
 from fxpress.lowering.onnx.registry import ONNX_OPS, translation_table
 from fxpress.program import Program
@@ -55,12 +55,7 @@ def _validate(program: Program, path: str | os.PathLike, weights: str, opset: in
         raise ConfigError(f"ONNX artifact path '{path}' should end in .onnx")
     if path.exists() and path.is_dir():
         raise ConfigError(f"ONNX artifact path '{path}' is a directory: give a file name ending in .onnx")
-    if program.info.activation_dtype == "bfloat16":
-        raise LoweringError(
-            "this program computes in bfloat16, which ONNX Runtime's CPU kernels do not run (Mul, MatMulNBits): "
-            "add Precision(dtype='float32') as the last pass to export it in float32, or compile with "
-            "dtype=torch.float16 (float16 runs in ONNX Runtime)"
-        )
+    refuse_bfloat16(program, "ONNX Runtime's CPU kernels (Mul, MatMulNBits)")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise ConfigError(f"accuracy_level = {accuracy_level!r}: MatMulNBits takes 0 (float), 1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8)")
     return path

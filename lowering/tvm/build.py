@@ -15,7 +15,7 @@ import numpy as np
 
 from fxpress.errors import ConfigError, LoweringError
 from fxpress.lowering.artifacts import TVM_LIBRARY, TVM_MANIFEST, TVM_WEIGHTS, artifact_metadata
-from fxpress.lowering.export import reexport
+from fxpress.lowering.export import reexport, refuse_bfloat16
 from fxpress.lowering.tvm.registry import convert_map
 from fxpress.lowering.tvm.relax_helpers import dtype_of
 from fxpress.program import Program
@@ -126,6 +126,7 @@ def export_tvm(program: Program, path: str | os.PathLike, target: Any = "llvm", 
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"TVM artifact path '{path}' is a file: the TVM artifact is a directory, give a new path")
+    refuse_bfloat16(program, "TVM's PyTorch frontend")
     tgt = _target(target)
     mod, arrays, names, sig = to_relax(program)
     try:
