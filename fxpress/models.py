@@ -98,7 +98,7 @@ def check_model_name(name: str, allow_download: bool = False) -> None:
         raise ModelNotFoundError(
             f"model '{name}' is not a local directory, not the embedded default ('{DEFAULT_MODEL}') and not in the "
             f"local Hugging Face cache: give a checkpoint directory, or opt in to fetching it from the Hugging Face "
-            "Hub with --allow-download (allow_download=True)"
+            "Hub with --allow-download (in Python: fxpress.models.load_causal_lm(name, allow_download=True))"
         )
 
 
