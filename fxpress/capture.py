@@ -9,7 +9,7 @@ import torch.nn as nn
 from torch.export import Dim
 
 from fxpress.errors import CaptureError
-from fxpress.program import ModelInfo, Program
+from fxpress.program import MODEL_DTYPES, ModelInfo, Program
 
 MAX_BATCH = 1024
 MAX_SEQ = 8192
@@ -87,9 +87,21 @@ def _lm_info(model: nn.Module, source: str | None) -> ModelInfo:
         value_shape=(layer0.values.shape[1], layer0.values.shape[3]),
         model_type=getattr(cfg, "model_type", None),
         source=source,
+        activation_dtype=_dtype_name(layer0.keys.dtype),
         input_names=("input_ids", "past_keys", "past_values"),
         output_names=("logits", "present_keys", "present_values"),
     )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    """The name ModelInfo records for the model's float type (its KV cache's dtype), checked against what we support."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in MODEL_DTYPES:
+        raise CaptureError(
+            f"the model computes in {name}, which fxpress does not capture: cast it with "
+            f"model.to(torch.float32) (or one of {', '.join(MODEL_DTYPES)}) before compiling"
+        )
+    return name
 
 
 def _export(module: nn.Module, args: tuple, dynamic_shapes: Any, what: str) -> torch.fx.GraphModule:
@@ -115,8 +127,9 @@ def capture_causal_lm(model: nn.Module, example_ids: torch.Tensor | None = None,
     ids = torch.randint(0, vocab, (EXPORT_BATCH, EXPORT_SEQ), generator=generator)
     kh, kd = info.key_shape
     vh, vd = info.value_shape
-    past_k = torch.zeros(info.num_layers, EXPORT_BATCH, kh, EXPORT_PAST, kd)
-    past_v = torch.zeros(info.num_layers, EXPORT_BATCH, vh, EXPORT_PAST, vd)
+    dtype = info.torch_activation_dtype  # the KV cache is in the model's own float type (bf16 for bf16 checkpoints)
+    past_k = torch.zeros(info.num_layers, EXPORT_BATCH, kh, EXPORT_PAST, kd, dtype=dtype)
+    past_v = torch.zeros(info.num_layers, EXPORT_BATCH, vh, EXPORT_PAST, vd, dtype=dtype)
     batch, seq, past = Dim("batch", min=1, max=MAX_BATCH), Dim("seq", min=1, max=MAX_SEQ), Dim("past", min=0, max=MAX_SEQ)
     shapes = {"input_ids": {0: batch, 1: seq}, "past_keys": {1: batch, 3: past}, "past_values": {1: batch, 3: past}}
     gm = _export(CausalLMWithCache(model, info.num_layers), (ids, past_k, past_v), shapes, type(model).__name__)

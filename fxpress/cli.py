@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fxpress.errors import FxpressError, RecipeError
+from fxpress.errors import ArtifactError, ConfigError, FxpressError, ModelNotFoundError, RecipeError
 
 if TYPE_CHECKING:
     import torch
@@ -101,7 +101,6 @@ def cmd_passes(args: argparse.Namespace) -> int:
 
 def _export_targets(text: str | None) -> list:
     """The --export list as export targets, every name checked before any work is done."""
-    from fxpress.errors import ConfigError
     from fxpress.runtime.ops import EXPORT_TARGETS
 
     names = [t.strip() for t in (text or "").split(",") if t.strip()]
@@ -124,25 +123,60 @@ def _check_out(out: Path, targets: list, overwrite: bool) -> None:
         check_target(out / target.artifact, directory=target.name not in FILE_TARGETS, overwrite=overwrite)
 
 
-def cmd_compile(args: argparse.Namespace) -> int:
-    """Load a model, run the passes, save the program, export the artifacts, optionally evaluate."""
-    import fxpress
-    from fxpress.data import token_windows
-    from fxpress.models import load_causal_lm
+def _check_model(args: argparse.Namespace, needs_tokenizer: bool) -> None:
+    """--model resolves to a checkpoint (no network unless --allow-download) with a tokenizer when text is needed."""
+    from fxpress.models import check_model_name, check_tokenizer
+
+    try:
+        check_model_name(args.model, args.allow_download)
+        if needs_tokenizer:
+            check_tokenizer(args.model)
+    except ModelNotFoundError as err:
+        raise ModelNotFoundError(f"--model: {err}") from err
+
+
+def _check_dtype(args: argparse.Namespace, targets: list, passes: list[Pass]) -> None:
+    """bfloat16 programs export only through the precision pass (ONNX Runtime and TVM have no bf16)."""
+    bf16_targets = [t.name for t in targets if t.name in ("onnx", "tvm")]
+    if args.dtype == "bfloat16" and bf16_targets and not any(p.name == "precision" for p in passes):
+        raise ConfigError(
+            f"--dtype bfloat16 with --export {bf16_targets[0]}: ONNX Runtime and TVM do not run bfloat16: use "
+            "--dtype float16, or add the precision pass last (--passes ...,precision --set precision.dtype=float32)"
+        )
+
+
+def _check_compile_args(args: argparse.Namespace) -> tuple[list, list[Pass], bool]:
+    """Every argument of `fxpress compile` checked before anything is loaded: (targets, passes, needs text)."""
     from fxpress.passes.manager import validate_pipeline
 
     targets = _export_targets(args.export)
     passes = _build_passes(args)
-    needs_calibration = any(p.needs_calibration for p in passes)
     validate_pipeline(passes, (), True)
+    _check_dtype(args, targets, passes)
+    _check_out(Path(args.out), targets, args.overwrite)
+    needs_text = any(p.needs_calibration for p in passes) or args.eval_windows > 0
+    _check_model(args, needs_text)
+    return targets, passes, needs_text
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    """Load a model, run the passes, save the program, export the artifacts, optionally evaluate."""
+    import torch
+
+    import fxpress
+    from fxpress.data import token_windows
+    from fxpress.models import load_causal_lm
+
+    targets, passes, needs_text = _check_compile_args(args)
     out = Path(args.out)
-    _check_out(out, targets, args.overwrite)
     console = _console()
     with console.status(f"loading {args.model}"):
-        model, tokenizer = load_causal_lm(args.model)
+        model, tokenizer = load_causal_lm(args.model, getattr(torch, args.dtype), args.allow_download, needs_text)
+    needs_calibration = any(p.needs_calibration for p in passes)
     calibration = token_windows(tokenizer, "calib", args.seq_len, args.calib_samples) if needs_calibration else None
     start = time.perf_counter()
     cm = fxpress.compile(model, passes=passes, calibration=calibration)
+    cm.program.info.source = args.model  # `fxpress eval --program` names it when given another model
     rows = [("compile seconds", f"{time.perf_counter() - start:.1f}")]
     console.print(cm.report.table())
     saved = cm.save(out / "program", overwrite=args.overwrite)
@@ -183,27 +217,92 @@ def _eval_rows(
     ]
 
 
+MATCHED_FIELDS = (("model_type", "model_type"), ("vocab_size", "vocab_size"), ("hidden_size", "hidden_size"),
+                  ("num_layers", "num_hidden_layers"))
+
+
+def _check_program_matches(args: argparse.Namespace) -> None:
+    """--program must have been compiled from --model: compare the recorded sizes with the model's config."""
+    from transformers import AutoConfig
+
+    from fxpress.models import resolve_model_path
+    from fxpress.serialize import read_manifest
+
+    try:
+        info = read_manifest(args.program).get("info", {})
+    except ArtifactError as err:
+        raise ArtifactError(f"--program: {err} (give the program/ folder that `fxpress compile --out DIR` wrote)") from err
+    config = AutoConfig.from_pretrained(resolve_model_path(args.model, args.allow_download),
+                                        local_files_only=not args.allow_download)
+    for recorded, attribute in MATCHED_FIELDS:
+        ours, theirs = info.get(recorded), getattr(config, attribute, None)
+        if ours is not None and theirs is not None and ours != theirs:
+            source = f" ('{info['source']}')" if info.get("source") else ""
+            raise ConfigError(
+                f"--program '{args.program}' was compiled from another model than --model '{args.model}' "
+                f"({recorded}: {ours} in the program, {theirs} in the model): pass the --model it was compiled from{source}"
+            )
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Perplexity of a model, or of a saved compiled program against its original model."""
     import fxpress
     from fxpress.models import load_causal_lm
 
-    model, tokenizer = load_causal_lm(args.model)
+    _check_model(args, needs_tokenizer=True)
+    if args.program:
+        _check_program_matches(args)
+    model, tokenizer = load_causal_lm(args.model, allow_download=args.allow_download)
     cm = fxpress.load(args.program) if args.program else fxpress.compile(model, passes=[], progress=False)
     args.eval_windows = args.windows
     _console().print(_results_table(f"fxpress eval {args.program or args.model}", _eval_rows(model, cm, tokenizer, args)))
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but misuse raises a ConfigError: main prints it as one line (no usage block) and exits 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise ConfigError(f"{message}: see `{self.prog} --help`")
+
+
+def _at_least(minimum: int):
+    """An argparse type: an integer >= minimum, named in the error when it is not."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is too small: give an integer >= {minimum}")
+        return value
+
+    return parse
+
+
+def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
+    p.add_argument("--debug", action="store_true", help="show the full traceback when something fails")
+    if model:
+        p.add_argument("--model", default="smollm2", help="'smollm2' (embedded default), a local checkpoint "
+                       "directory, or a Hugging Face id already in the local cache")
+        p.add_argument("--allow-download", action="store_true",
+                       help="fetch a --model that is not local from the Hugging Face Hub (off: no network)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fxpress", description="Compile, evaluate and export compressed models.")
+    parser = _Parser(prog="fxpress", description="Compile, evaluate and export compressed models.")
+    _common(parser, model=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("passes", help="list the registered passes and their fields")
+    _common(p, model=False)
     p.set_defaults(func=cmd_passes)
 
     p = sub.add_parser("compile", help="run passes on a model and export artifacts")
-    p.add_argument("--model", default="smollm2", help="'smollm2' (embedded default), a local path, or a cached HF id")
+    _common(p)
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="load the model in this float type and compute in it (weights stay in it)")
     p.add_argument("--recipe", help="a recipe file (.json/.yaml)")
     p.add_argument("--passes", help="comma-separated pass names, e.g. rotate,fold_hadamard,quantize")
     p.add_argument("--set", action="append", metavar="PASS.FIELD=VALUE", help="override a pass field")
@@ -211,26 +310,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace files under --out that fxpress did not write (they are refused otherwise)")
     p.add_argument("--export", help="comma-separated export targets, e.g. onnx,tvm")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--calib-samples", type=int, default=32)
-    p.add_argument("--eval-windows", type=int, default=0, help="evaluate on this many windows of real text")
+    p.add_argument("--seq-len", type=_at_least(1), default=256)
+    p.add_argument("--calib-samples", type=_at_least(1), default=32)
+    p.add_argument("--eval-windows", type=_at_least(0), default=0, help="evaluate on this many windows of real text")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("eval", help="perplexity, KL and top-1 agreement on real text")
-    p.add_argument("--model", default="smollm2")
+    _common(p)
     p.add_argument("--program", help="a directory written by `fxpress compile` (its program/ folder)")
-    p.add_argument("--windows", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--windows", type=_at_least(1), default=16)
+    p.add_argument("--seq-len", type=_at_least(1), default=256)
     p.set_defaults(func=cmd_eval)
     return parser
 
 
+def _one_line(err: Exception) -> str:
+    """The error as one line: fxpress's own messages name the problem and the fix; anything else is a bug."""
+    text = " ".join(str(err).split())
+    if isinstance(err, FxpressError):
+        return text
+    return f"unexpected {type(err).__name__}: {text[:300]}: rerun with --debug for the traceback, and report it"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command; every failure is exit code 2 and one line on stderr (--debug: the traceback)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
-    except FxpressError as err:
-        print(f"fxpress: error: {err}", file=sys.stderr)
+    except Exception as err:
+        if "--debug" in argv:
+            raise
+        print(f"fxpress: error: {_one_line(err)}", file=sys.stderr)
         return 2
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +16,7 @@ from fxpress.capture import capture
 from fxpress.errors import ConfigError
 from fxpress.passes.base import Pass, pass_from_dict
 from fxpress.passes.manager import run_passes, validate_pipeline
-from fxpress.program import Program
+from fxpress.program import MODEL_DTYPES, Program
 from fxpress.recipe import passes_from_recipe, recipe_dict, save_recipe
 from fxpress.report import Report
 from fxpress.runtime.ops import EXPORT_TARGETS
@@ -86,6 +87,24 @@ class CompiledModel:
         return save_program(self.program, directory, extra=extra, overwrite=overwrite)
 
 
+def _model_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """compile's `dtype` argument as a torch float type, checked before any work."""
+    if dtype is None:
+        return None
+    name = dtype.removeprefix("torch.") if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+    if name not in MODEL_DTYPES:
+        raise ConfigError(f"compile(dtype={dtype!r}) is not a float type fxpress computes in: use one of {', '.join(MODEL_DTYPES)}")
+    return MODEL_DTYPES[name]
+
+
+def _cast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`model` in `dtype`: a cast copy when any float tensor differs (nn.Module.to would change the caller's)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(t.dtype == dtype for t in tensors if t.is_floating_point()):
+        return model
+    return copy.deepcopy(model).to(dtype)
+
+
 def compile(
     model: torch.nn.Module | str,
     passes: Sequence[Any] = (),
@@ -93,20 +112,26 @@ def compile(
     calibration: Calibration | torch.Tensor | Sequence[torch.Tensor] | None = None,
     verify: bool = True,
     progress: bool = True,
+    dtype: torch.dtype | str | None = None,
 ) -> CompiledModel:
     """Capture `model` (a module, or a model name such as "smollm2"), then run `passes` in order.
 
     Every pass is validated (fields, order, calibration present) before the model is even captured.
+    `dtype` (e.g. torch.bfloat16): compute in that float type; None keeps the model's own (a copy is cast,
+    the caller's model is left as it is). Weights stay in that dtype; the KV cache follows it.
     """
     pass_list = _as_passes(passes)
     calib = as_calibration(calibration)
     validate_pipeline(pass_list, (), calib is not None)
+    cast = _model_dtype(dtype)
     source = None
     if isinstance(model, str):
         from fxpress.models import load_causal_lm
 
         source = model
-        model = load_causal_lm(model)[0]
+        model = load_causal_lm(model, dtype=cast or torch.float32)[0]
+    elif cast is not None:
+        model = _cast(model, cast)
     program = capture(model, example_inputs, source=source)
     program.calibration = calib
     run_passes(program, pass_list, verify=verify, progress=progress)

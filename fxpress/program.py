@@ -12,7 +12,9 @@ import torch.fx
 from fxpress.calibration import Calibration
 from fxpress.report import PassResult
 
-ACTIVATION_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+ACTIVATION_DTYPES = {"float32": torch.float32, "float64": torch.float64}  # what the Precision pass can set
+# A captured model computes in its own float type: half-precision checkpoints keep theirs (KV cache included).
+MODEL_DTYPES = {**ACTIVATION_DTYPES, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -30,7 +32,7 @@ class ModelInfo:
     value_shape: tuple[int, ...] | None = None
     model_type: str | None = None
     source: str | None = None
-    activation_dtype: str = "float32"  # set by the Precision pass; lowerings and runners follow it
+    activation_dtype: str = "float32"  # the model's float type at capture, or the Precision pass's; lowerings follow it
     input_names: tuple[str, ...] = ()
     output_names: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
@@ -38,7 +40,7 @@ class ModelInfo:
     @property
     def torch_activation_dtype(self) -> torch.dtype:
         """The float type the program's (or artifact's) activations and KV cache use."""
-        return ACTIVATION_DTYPES[self.activation_dtype]
+        return MODEL_DTYPES[self.activation_dtype]
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
@@ -77,9 +79,10 @@ class Program:
     def is_causal_lm(self) -> bool:
         return self.info.kind == "causal_lm"
 
-    def empty_cache(self, batch: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zero-length past keys/values for a prefill call: (layers, batch, *head, 0, dim)."""
+    def empty_cache(self, batch: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero-length past keys/values for a prefill call: (layers, batch, *head, 0, dim), in the model's dtype."""
         info = self.info
+        dtype = dtype or info.torch_activation_dtype
         assert info.key_shape is not None and info.value_shape is not None and info.num_layers is not None
         kh, kd = info.key_shape
         vh, vd = info.value_shape

@@ -17,6 +17,15 @@ from fxpress.program import Program
 from fxpress.signature import Signature, signature
 
 
+def refuse_bfloat16(program: Program, runtime: str) -> None:
+    """ONNX Runtime (CPU) and TVM's PyTorch frontend have no bfloat16: say so, and how to export, before any work."""
+    if program.info.activation_dtype == "bfloat16":
+        raise LoweringError(
+            f"this program computes in bfloat16, which {runtime} does not run: add Precision(dtype='float32') as "
+            "the last pass to export it in float32, or compile with dtype=torch.float16 (float16 exports run)"
+        )
+
+
 def _is_empty_vector(node: object) -> bool:
     val = getattr(node, "meta", {}).get("val")
     return isinstance(val, torch.Tensor) and val.ndim == 1 and val.shape[0] == 0

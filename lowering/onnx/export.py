@@ -13,7 +13,7 @@ import torch
 from fxpress.atomic import check_target, companion_name, staged_file
 from fxpress.errors import ConfigError, LoweringError
 from fxpress.lowering.artifacts import METADATA_KEY, ONNX_DIGESTS_KEY, artifact_metadata, initializer_digests
-from fxpress.lowering.export import reexport
+from fxpress.lowering.export import reexport, refuse_bfloat16
 from fxpress.lowering.onnx.builder import Materializer
 from fxpress.lowering.onnx.registry import ONNX_OPS, translation_table
 from fxpress.program import Program
@@ -52,6 +52,7 @@ def _validate(program: Program, path: str | os.PathLike, weights: str, opset: in
     path = Path(path)
     if path.suffix != ".onnx":
         raise ConfigError(f"ONNX artifact path '{path}' should end in .onnx")
+    refuse_bfloat16(program, "ONNX Runtime's CPU kernels (Mul, MatMulNBits)")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise ConfigError(f"accuracy_level = {accuracy_level!r}: MatMulNBits takes 0 (float), 1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8)")
     return path

@@ -15,7 +15,7 @@ from fxpress.atomic import check_target, staged_dir
 from fxpress.errors import ConfigError, LoweringError
 from fxpress.integrity import record_digests
 from fxpress.lowering.artifacts import TVM_LIBRARY, TVM_MANIFEST, TVM_WEIGHTS, artifact_metadata
-from fxpress.lowering.export import reexport
+from fxpress.lowering.export import reexport, refuse_bfloat16
 from fxpress.lowering.tvm.registry import convert_map
 from fxpress.lowering.tvm.relax_helpers import dtype_of
 from fxpress.program import Program
@@ -126,6 +126,7 @@ def export_tvm(program: Program, path: str | os.PathLike, target: Any = "llvm", 
     if not isinstance(program, Program):
         raise ConfigError(f"export_tvm needs an fxpress Program (e.g. compiled.program), got {type(program).__name__}")
     path = check_target(path, directory=True, overwrite=overwrite)
+    refuse_bfloat16(program, "TVM's PyTorch frontend")
     tgt = _target(target)
     mod, arrays, names, sig = to_relax(program)
     try:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fxpress.errors import ConfigError, FxpressError
 from fxpress.runtime.quant import pack_codes, pack_weight, round_clamped
 
 CLIP_GRID = tuple(1.0 - 0.05 * i for i in range(10))  # shrink factors 1.0 .. 0.55 for the clipping search
@@ -151,6 +152,34 @@ def layer_loss(weight: torch.Tensor, quantized: torch.Tensor, h: torch.Tensor) -
     return float(((d @ h.double()) * d).sum())
 
 
+def _check_finite(name: str, weight: torch.Tensor, h: torch.Tensor) -> None:
+    """NaN/inf in the weight or the Hessian make Cholesky fail: name the layer and which one is bad."""
+    bad = ~torch.isfinite(weight)
+    if bad.any():
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise FxpressError(
+            f"GPTQ on {name}: its weight has {int(bad.sum())} NaN/inf values (first at row {row}, column {col}): "
+            "the checkpoint is corrupt or an earlier pass broke it; reload the model (or check it with torch.isfinite)"
+        )
+    if not torch.isfinite(h).all():
+        raise FxpressError(
+            f"GPTQ on {name}: the Hessian of its calibration inputs has NaN/inf values: the activations reaching it "
+            "overflow or are NaN; check the calibration data, or compile in float32 (dtype=torch.float32)"
+        )
+
+
+def _inverse_cholesky(h: torch.Tensor, name: str, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1 (float32, as the reference GPTQ); a failure suggests a larger damp."""
+    try:
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    except RuntimeError as err:  # torch.linalg.LinAlgError: not positive definite
+        larger = min(1.0, damp * 10) if damp > 0 else 0.01
+        raise ConfigError(
+            f"GPTQ on {name}: the dampened Hessian is not positive definite ({type(err).__name__}), so Cholesky "
+            f"failed: raise quantize.weights.damp (now {damp}, e.g. {larger}) or calibrate on more samples"
+        ) from err
+
+
 @torch.no_grad()
 def gptq(
     weight: torch.Tensor,
@@ -159,6 +188,7 @@ def gptq(
     act_order: bool = False,
     damp: float = 0.01,
     block: int = 128,
+    name: str = "a linear",
 ) -> QuantizedWeight:
     """GPTQ (Frantar et al.): quantize columns one by one and push each error onto the columns left.
 
@@ -166,7 +196,9 @@ def gptq(
     original weights up front ("static groups") so the stored layout stays contiguous along K.
     Without act_order a group's scale is found from the already-updated weights when the sweep
     reaches its first column. Columns whose input is always zero (dead) are quantized as zero.
+    `name` (the layer's weights) is named in the errors.
     """
+    _check_finite(name, weight, h)
     w = weight.detach().float().clone()
     n, k = w.shape
     h = h.detach().to(torch.float64).clone()
@@ -186,7 +218,7 @@ def gptq(
     h = h[perm][:, perm]
     h += damp * torch.diagonal(h).mean() * torch.eye(k, dtype=h.dtype)
     h = h.float()  # float32 factorisations, as the reference GPTQ: dampening keeps them well conditioned
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    hinv = _inverse_cholesky(h, name, damp)
     order = perm.tolist()
     codes = torch.zeros(n, k)
     for i1 in range(0, k, block):

@@ -89,7 +89,8 @@ class _GPTQRunner(torch.fx.Interpreter):
             self.warnings.append(f"{', '.join(names)}: no calibration tokens reached these linears; used RTN")
             quantized = [rtn(w, spec) for w in weights]
         else:
-            stacked = gptq(torch.cat(weights), h, spec, act_order=self.config.act_order, damp=self.config.damp)
+            stacked = gptq(torch.cat(weights), h, spec, act_order=self.config.act_order, damp=self.config.damp,
+                           name=", ".join(names))
             quantized = _split_rows(stacked, [w.shape[0] for w in weights])
         for name, qw in zip(names, quantized):
             self.results[name] = qw
