@@ -90,7 +90,7 @@ def validate_calibration(calibration: Calibration, info: ModelInfo) -> None:
         row = batches[i]
         value = int(row.min()) if int(row.min()) < 0 else int(row.max())
         raise ConfigError(
-            f"calibration[{i}] holds token id {value}, outside the model's vocabulary [0, {vocab}): tokenize the "
+            f"calibration[{i}]: token id {value} is outside the model's vocabulary [0, {vocab}): tokenize the "
             "calibration text with the model's own tokenizer"
         )
     check_length(info, batches.shape[1], name="calibration", fix="use shorter calibration windows")

@@ -40,7 +40,7 @@ def check_token_ids(ids: Any, vocab_size: int | None, name: str = "input_ids") -
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         raise ConfigError(
-            f"{name} holds token id {bad}, outside the model's vocabulary [0, {vocab_size}): use the tokenizer the "
+            f"{name}: token id {bad} is outside the model's vocabulary [0, {vocab_size}): use the tokenizer the "
             "model was compiled with"
         )
 

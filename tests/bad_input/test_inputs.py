@@ -46,8 +46,8 @@ def test_good_ids_run_everywhere(run_ids):
 
 
 @pytest.mark.parametrize("bad,pattern", [
-    (VOCAB, rf"input_ids holds token id {VOCAB}, outside the model's vocabulary \[0, {VOCAB}\)"),
-    (-3, rf"input_ids holds token id -3, outside the model's vocabulary \[0, {VOCAB}\)"),
+    (VOCAB, rf"input_ids: token id {VOCAB} is outside the model's vocabulary \[0, {VOCAB}\)"),
+    (-3, rf"input_ids: token id -3 is outside the model's vocabulary \[0, {VOCAB}\)"),
 ])
 def test_ids_outside_the_vocabulary_are_refused(run_ids, bad, pattern):
     ids = _ids()

@@ -136,6 +136,22 @@ def test_quantize_on_a_conv_net_warns_in_the_report_and_on_the_console():
     assert "warning [quantize]: no linear layer" in str(cm.report)
 
 
+@dataclass
+class DoNothing(Pass):
+    """Test pass: reports that it modified nothing, without saying why."""
+
+    name: ClassVar[str] = "test_do_nothing"
+
+    def run(self, program):
+        return {"modified": False}
+
+
+def test_any_pass_that_modifies_nothing_warns_even_without_a_reason():
+    with pytest.warns(UserWarning, match=r"pass 'test_do_nothing' changed nothing: it found nothing to do"):
+        cm = fxpress.compile(_mlp(), passes=[DoNothing()], example_inputs=(torch.randn(2, 8),), progress=False)
+    assert cm.report["test_do_nothing"].warnings == ["it found nothing to do: the program is unchanged"]
+
+
 def test_quantize_on_an_mlp_does_not_warn(recwarn):
     cm = fxpress.compile(_mlp(), passes=[Quantize()], example_inputs=(torch.randn(2, 8),), progress=False)
     assert cm.report["quantize"].modified is True
@@ -150,10 +166,10 @@ def _compile_with(calibration):
 def test_calibration_ids_outside_the_vocabulary_name_the_sample():
     ids = torch.randint(0, 256, (4, 12))
     ids[2, 5] = 300
-    with pytest.raises(ConfigError, match=r"calibration\[2\] holds token id 300, outside the model's vocabulary \[0, 256\)"):
+    with pytest.raises(ConfigError, match=r"calibration\[2\]: token id 300 is outside the model's vocabulary \[0, 256\)"):
         _compile_with(ids)
     ids[2, 5] = -1
-    with pytest.raises(ConfigError, match=r"calibration\[2\] holds token id -1"):
+    with pytest.raises(ConfigError, match=r"calibration\[2\]: token id -1 is outside"):
         _compile_with(ids)
 
 
@@ -204,5 +220,5 @@ def test_non_finite_calibration_activations_name_the_node_and_batch():
 def test_run_passes_validates_calibration_too():
     program = capture(tiny_causal_lm("llama"))
     program.calibration = Calibration(torch.full((2, 8), 999))
-    with pytest.raises(ConfigError, match=r"calibration\[0\] holds token id 999"):
+    with pytest.raises(ConfigError, match=r"calibration\[0\]: token id 999 is outside"):
         run_passes(program, [], progress=False)
