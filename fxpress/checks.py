@@ -7,6 +7,7 @@ common case costs one reduction; the exact count runs only for the tensor that f
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -33,11 +34,26 @@ def non_finite(tensor: torch.Tensor) -> str | None:
 def check_finite(
     named: Iterable[tuple[str, torch.Tensor]], kind: str, error: type[FxpressError] = FxpressError, fix: str = ""
 ) -> None:
-    """Raise `error` naming the first tensor of `named` that holds NaN or inf."""
-    for name, tensor in named:
-        problem = non_finite(tensor)
-        if problem is not None:
-            raise error(f"{kind} '{name}' holds {problem} (shape {tuple(tensor.shape)}){': ' + fix if fix else ''}")
+    """Raise `error` naming the first tensor of `named` that holds NaN or inf.
+
+    One thread: a sum is memory-bound, and on a busy machine threads that wait on each other made the scan of
+    a 135M-parameter model 50x slower (2.4 s against 0.05 s).
+    """
+    with _one_thread():
+        for name, tensor in named:
+            problem = non_finite(tensor)
+            if problem is not None:
+                raise error(f"{kind} '{name}' holds {problem} (shape {tuple(tensor.shape)}){': ' + fix if fix else ''}")
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def module_tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
