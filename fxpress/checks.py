@@ -20,7 +20,8 @@ def non_finite(tensor: torch.Tensor) -> str | None:
     """None when every element is finite, else what is wrong ("3 NaN and 1 inf among 4096 values")."""
     if not tensor.is_floating_point() or tensor.numel() == 0 or tensor.is_meta:
         return None
-    if bool(torch.isfinite(tensor.detach().sum())):
+    wide = torch.float32 if tensor.element_size() < 4 else None  # a float16 sum overflows at 65504
+    if bool(torch.isfinite(tensor.detach().sum(dtype=wide))):
         return None
     values = tensor.detach()
     nans = int(torch.isnan(values).sum())

@@ -11,6 +11,7 @@ import torch
 import fxpress
 from fxpress.calibration import Calibration, collect_activations
 from fxpress.capture import capture
+from fxpress.checks import non_finite
 from fxpress.errors import CaptureError, ConfigError, PassError
 from fxpress.passes import Quantize
 from fxpress.passes.base import Pass
@@ -44,6 +45,15 @@ def test_uninitialised_lazy_module_is_refused():
     model = torch.nn.Sequential(torch.nn.LazyLinear(4))
     with pytest.raises(CaptureError, match=r"weight '0.weight' is not initialised \(a lazy module\)"):
         capture(model, (torch.randn(2, 8),))
+
+
+def test_the_finite_scan_counts_exactly_and_is_not_fooled_by_an_overflowing_sum():
+    halves = torch.full((1000,), 1000.0, dtype=torch.float16)  # the float16 sum would be inf
+    big = torch.full((10,), 3e38)  # so would the float32 sum
+    assert non_finite(halves) is None and non_finite(big) is None and non_finite(torch.ones(3, dtype=torch.long)) is None
+    halves[3], big[0], big[1] = float("nan"), float("inf"), float("-inf")
+    assert non_finite(halves) == "1 NaN among 1000 values"
+    assert non_finite(big) == "2 inf among 10 values"
 
 
 # -- outputs at capture ------------------------------------------------------------------------------
