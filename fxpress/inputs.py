@@ -73,14 +73,21 @@ def check_length(info: ModelInfo, seq: int, past: int = 0, name: str = "input_id
         )
 
 
-def check_cache(info: ModelInfo, keys: Any, values: Any, batch: int) -> int:
-    """past_keys/past_values of the captured layout (layers, batch, heads, past, dim); returns the past length."""
+def check_cache(info: ModelInfo, keys: Any, values: Any, batch: int, dtype: torch.dtype | None = None) -> int:
+    """past_keys/past_values of the captured layout (layers, batch, heads, past, dim); returns the past length.
+
+    `dtype`: the one float type the runtime accepts (artifacts do not convert), None for any float.
+    """
     pasts = []
     for name, cache, per_row in zip(CACHE_NAMES, (keys, values), (info.key_shape, info.value_shape)):
         if not isinstance(cache, torch.Tensor):
             raise ConfigError(f"{name} must be a tensor (layers, batch, heads, past, dim), got {type(cache).__name__}")
-        if not cache.is_floating_point():
-            raise ConfigError(f"{name} must be a float tensor, got {cache.dtype}: pass the cache the previous call returned")
+        if not cache.is_floating_point() or (dtype is not None and cache.dtype != dtype):
+            want = dtype or "a float type"
+            raise ConfigError(
+                f"{name} is {cache.dtype}, this model's cache is {want}: start from empty_cache(batch) and pass on the "
+                "cache each call returns"
+            )
         expected = (info.num_layers, batch, *(per_row or (None, None)))
         got = tuple(cache.shape)
         if cache.dim() != 5 or any(e is not None and g != e for g, e in zip(got[:3] + got[4:], expected)):
@@ -98,18 +105,19 @@ def check_cache(info: ModelInfo, keys: Any, values: Any, batch: int) -> int:
     return pasts[0]
 
 
-def check_inputs(info: ModelInfo, inputs: Sequence[Any], examples: Sequence[Any] | None = None) -> None:
+def check_inputs(info: ModelInfo, inputs: Sequence[Any], examples: Sequence[Any] | None = None,
+                 cache_dtype: torch.dtype | None = None) -> None:
     """Check `inputs` against what the model was captured with, before anything runs.
 
-    Causal LMs take `input_ids` alone or with the KV cache; other models take as many tensors as they were
-    captured with, of the examples' rank and dtype kind when `examples` are known.
+    Causal LMs take `input_ids` alone or with the KV cache (of `cache_dtype` when given); other models take as
+    many tensors as they were captured with, of the examples' rank and dtype kind when `examples` are known.
     """
     if info.kind == "causal_lm":
         if len(inputs) not in (1, 3):
             raise ConfigError(f"a causal LM takes input_ids or (input_ids, past_keys, past_values), got {len(inputs)} inputs")
         check_lm_ids(info, inputs[0])
         if len(inputs) == 3:
-            check_length(info, inputs[0].shape[1], check_cache(info, inputs[1], inputs[2], inputs[0].shape[0]))
+            check_length(info, inputs[0].shape[1], check_cache(info, inputs[1], inputs[2], inputs[0].shape[0], cache_dtype))
         return
     names = info.input_names or tuple(f"input_{i}" for i in range(len(examples or inputs)))
     if len(inputs) != len(names):

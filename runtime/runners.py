@@ -54,7 +54,7 @@ class Runner:
     def prepare(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """Check the inputs (runtimes disagree on bad ids: TVM clamps, ONNX Runtime returns zeros) and give float
         inputs the artifact's float type, before anything runs."""
-        check_inputs(self.info, inputs)
+        check_inputs(self.info, inputs, cache_dtype=self.dtype)
         if not (self.info.extra or {}).get("dtype"):  # no Precision pass: inputs go through as given
             return tuple(inputs)
         return tuple(t.to(self.dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs)

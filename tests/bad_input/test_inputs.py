@@ -109,8 +109,13 @@ def test_a_cache_for_another_batch_is_refused(run_with_cache):
 
 
 def test_an_integer_cache_is_refused(run_with_cache):
-    with pytest.raises(ConfigError, match=r"past_keys must be a float tensor, got torch.int64"):
+    with pytest.raises(ConfigError, match=r"past_keys is torch.int64, this model's cache is (a float type|torch.float32)"):
         run_with_cache(_ids(), *_cache(dtype=torch.long))
+
+
+def test_an_artifact_refuses_a_cache_of_another_float_type(onnx_runner):
+    with pytest.raises(ConfigError, match=r"past_keys is torch.float64, this model's cache is torch.float32"):
+        onnx_runner.step(_ids(), *_cache(dtype=torch.float64))
 
 
 def test_keys_and_values_of_different_lengths_are_refused(run_with_cache):
