@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.fx
 
+from fxpress.checks import check_finite
 from fxpress.errors import ConfigError
 
 if TYPE_CHECKING:
-    from fxpress.program import Program
+    from fxpress.program import ModelInfo, Program
 
 
 @dataclass
@@ -39,14 +40,60 @@ class Calibration:
 
 
 def as_calibration(data: object) -> Calibration | None:
-    """Accept a Calibration, a tensor, or a list of equally shaped tensors."""
+    """Accept a Calibration, a tensor, or a non-empty list of equally shaped tensors (one per sample)."""
     if data is None or isinstance(data, Calibration):
         return data
     if isinstance(data, torch.Tensor):
         return Calibration(data)
-    if isinstance(data, (list, tuple)) and data and all(isinstance(t, torch.Tensor) for t in data):
-        return Calibration(torch.stack(list(data)))
+    if isinstance(data, (list, tuple)):
+        return Calibration(torch.stack(_checked_samples(data)))
     raise ConfigError(f"calibration must be a tensor or fxpress.calibration.Calibration, got {type(data).__name__}")
+
+
+def _checked_samples(data: list | tuple) -> list[torch.Tensor]:
+    """The samples of a calibration list, each a tensor of the first one's shape and dtype (errors name the index)."""
+    if not data:
+        raise ConfigError("calibration is an empty list: give at least one sample (token ids [seq_len] each)")
+    for i, sample in enumerate(data):
+        if not isinstance(sample, torch.Tensor):
+            raise ConfigError(f"calibration[{i}] is a {type(sample).__name__}, not a tensor: give tensors of token ids")
+        first = data[0]
+        if sample.shape != first.shape or sample.dtype != first.dtype:
+            raise ConfigError(
+                f"calibration[{i}] has shape {tuple(sample.shape)} ({sample.dtype}), calibration[0] has "
+                f"{tuple(first.shape)} ({first.dtype}): samples must have equal lengths; cut them into equal windows "
+                "(fxpress.data.token_windows) or pad them"
+            )
+    return list(data)
+
+
+def validate_calibration(calibration: Calibration, info: ModelInfo) -> None:
+    """Check calibration data against the captured model once, before any pass uses it.
+
+    Causal LMs need integer token ids [samples, seq_len] inside the vocabulary and the sequence limit;
+    other models need finite float samples when they are float.
+    """
+    from fxpress.inputs import check_length, check_token_ids
+
+    batches = calibration.batches
+    if info.kind != "causal_lm":
+        check_finite(((f"calibration[{i}]", s) for i, s in enumerate(batches)), "calibration sample", ConfigError,
+                     "remove or fix the sample")
+        return
+    if batches.dim() != 2:
+        raise ConfigError(f"calibration has shape {tuple(batches.shape)}: a causal LM needs token ids [samples, seq_len]")
+    check_token_ids(batches, None, "calibration")
+    vocab = info.vocab_size
+    bad = ((batches < 0) | (batches >= vocab)).any(dim=1).nonzero() if vocab else batches.new_zeros(0, 1)
+    if len(bad):
+        i = int(bad[0, 0])
+        row = batches[i]
+        value = int(row.min()) if int(row.min()) < 0 else int(row.max())
+        raise ConfigError(
+            f"calibration[{i}]: token id {value} is outside the model's vocabulary [0, {vocab}): tokenize the "
+            "calibration text with the model's own tokenizer"
+        )
+    check_length(info, batches.shape[1], name="calibration", fix="use shorter calibration windows")
 
 
 def program_inputs(program: Program, samples: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -64,10 +111,13 @@ class _Recorder(torch.fx.Interpreter):
         super().__init__(module)
         self.wanted = wanted
         self.callback = callback
+        self.batch = 0  # which calibration batch runs, for error messages
 
     def run_node(self, n: torch.fx.Node):
         result = super().run_node(n)
         if n.name in self.wanted and isinstance(result, torch.Tensor):
+            check_finite([(n.name, result)], f"on calibration batch {self.batch} the activation", ConfigError,
+                         "the weights or the calibration data overflow; check both (fxpress refuses to calibrate on NaN)")
             self.callback(n.name, result.detach())
         return result
 
@@ -91,7 +141,8 @@ def for_each_activation(
         samples = program.calibration.chunks()
     recorder = _Recorder(program.module, wanted, callback)
     with torch.no_grad():
-        for batch in samples:
+        for index, batch in enumerate(samples):
+            recorder.batch = index
             recorder.run(*program_inputs(program, batch))
 
 

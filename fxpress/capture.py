@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from torch.export import Dim
 
+from fxpress.checks import check_finite, module_tensors
 from fxpress.errors import CaptureError
 from fxpress.program import MODEL_DTYPES, ModelInfo, Program
 
@@ -183,9 +184,49 @@ def capture(model: nn.Module, example_inputs: Any = None, source: str | None = N
     """Capture `model` into a Program: causal LMs get the KV-cache signature, others a dynamic batch."""
     if not isinstance(model, nn.Module):
         raise CaptureError(f"capture needs a torch.nn.Module, got {type(model).__name__}")
+    check_weights(model)
     if is_causal_lm(model):
         ids = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
-        return capture_causal_lm(model, ids, source)
+        program = capture_causal_lm(model, ids, source)
+        program.info.max_positions = getattr(model.config, "max_position_embeddings", None)
+        return program
     if example_inputs is None:
         raise CaptureError(f"{type(model).__name__} is not a causal LM: pass example_inputs=(tensor, ...) to capture it")
-    return capture_module(model, example_inputs)
+    program = capture_module(model, example_inputs)
+    check_outputs(program.module, type(model).__name__)
+    return program
+
+
+def check_weights(model: nn.Module) -> None:
+    """Refuse weights without data (meta device, lazy modules) or with NaN/inf: the graph would compute garbage."""
+    for name, tensor in module_tensors(model):
+        if tensor.is_meta or isinstance(tensor, (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer)):
+            where = "on the meta device" if tensor.is_meta else "not initialised (a lazy module)"
+            raise CaptureError(
+                f"{type(model).__name__} weight '{name}' is {where}: it holds no values. Load the weights before "
+                "capturing (e.g. from_pretrained, or model.to_empty(device='cpu') then load_state_dict)"
+            )
+    check_finite(module_tensors(model), f"{type(model).__name__} weight", CaptureError,
+                 "the checkpoint is corrupt or training diverged; fix or reload the weights before compiling")
+
+
+def check_outputs(gm: torch.fx.GraphModule, what: str) -> None:
+    """A captured module must return a tensor or a tuple/list of tensors: other outputs cannot be saved or lowered."""
+    spec = getattr(gm, "_out_spec", None)
+    if spec is not None and not spec.is_leaf() and spec.type not in (tuple, list):
+        keys = f" with keys {', '.join(map(repr, spec.context))}" if spec.type is dict else ""
+        raise CaptureError(
+            f"{what} returns a {spec.type.__name__}{keys}; fxpress needs a tensor or a tuple of tensors: wrap the "
+            "model in a module whose forward returns the tensors (e.g. a tuple of the values)"
+        )
+    for i, child in enumerate(spec.children() if spec is not None and not spec.is_leaf() else []):
+        if not child.is_leaf():
+            raise CaptureError(f"{what} output[{i}] is a {child.type.__name__}: fxpress needs a flat tuple of tensors")
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    flat = output.args[0] if isinstance(output.args[0], (tuple, list)) else (output.args[0],)
+    for i, value in enumerate(flat):
+        if not isinstance(value, torch.fx.Node):
+            raise CaptureError(
+                f"{what} output[{i}] is {value!r}, not a tensor: fxpress needs a tensor or a tuple of tensors; "
+                "return only tensors from forward"
+            )

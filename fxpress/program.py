@@ -10,6 +10,7 @@ import torch
 import torch.fx
 
 from fxpress.calibration import Calibration
+from fxpress.inputs import check_inputs
 from fxpress.report import PassResult
 
 ACTIVATION_DTYPES = {"float32": torch.float32, "float64": torch.float64}  # what the Precision pass can set
@@ -32,6 +33,7 @@ class ModelInfo:
     value_shape: tuple[int, ...] | None = None
     model_type: str | None = None
     source: str | None = None
+    max_positions: int | None = None  # the model's position limit (config.max_position_embeddings), if it has one
     activation_dtype: str = "float32"  # the model's float type at capture, or the Precision pass's; lowerings follow it
     input_names: tuple[str, ...] = ()
     output_names: tuple[str, ...] = ()
@@ -100,7 +102,8 @@ class Program:
             return self.module(*inputs)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        """Logits for token ids (causal LMs, no cache) or the model's output (other models)."""
+        """Logits for token ids (causal LMs, no cache) or the model's output (other models); inputs checked first."""
+        check_inputs(self.info, inputs, self.example_inputs)
         if self.is_causal_lm and len(inputs) == 1:
             keys, values = self.empty_cache(inputs[0].shape[0])
             return self.run(inputs[0], keys, values)[0]

@@ -11,14 +11,11 @@ from typing import Any
 import torch
 
 from fxpress.errors import ConfigError
+from fxpress.inputs import check_length, check_lm_ids
 from fxpress.runtime.runners import Runner, load_runner
 
 
-def _validate(input_ids: Any, max_new_tokens: Any, temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.long or input_ids.ndim != 2:
-        raise ConfigError("input_ids must be a LongTensor of shape [batch, seq] (e.g. tokenizer(..., return_tensors='pt'))")
-    if input_ids.shape[1] < 1:
-        raise ConfigError("input_ids is empty: give at least one prompt token")
+def _validate(max_new_tokens: Any, temperature: float, top_k: int | None, top_p: float | None) -> None:
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens = {max_new_tokens!r} must be a non-negative integer")
     if not temperature > 0:
@@ -72,10 +69,14 @@ def generate(
     gives the same tokens. Rows that produced `eos_token_id` keep emitting it; generation stops early
     when every row has.
     """
-    _validate(input_ids, max_new_tokens, temperature, top_k, top_p)
+    _validate(max_new_tokens, temperature, top_k, top_p)
     runner = runner if isinstance(runner, Runner) else load_runner(runner)
     if not runner.is_causal_lm:
         raise ConfigError(f"generate needs a causal language model; this {runner.kind} artifact is not one")
+    check_lm_ids(runner.info, input_ids)  # the same check every step makes, but before the first one
+    if max_new_tokens > 0:
+        check_length(runner.info, input_ids.shape[1] + max_new_tokens - 1, name="input_ids with max_new_tokens",
+                     fix="shorten the prompt or lower max_new_tokens")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     tokens = input_ids
     keys, values = runner.empty_cache(input_ids.shape[0])

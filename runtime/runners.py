@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fxpress.errors import ArtifactError, ConfigError
+from fxpress.errors import ArtifactError
+from fxpress.inputs import check_inputs
 from fxpress.integrity import verify_digests
 from fxpress.lowering.artifacts import ARTIFACT_VERSION, METADATA_KEY, TVM_MANIFEST, verify_onnx_initializers
 from fxpress.program import ModelInfo, Program
@@ -52,10 +53,9 @@ class Runner:
         return self.info.torch_activation_dtype
 
     def prepare(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """Check token ids against the vocabulary (runtimes disagree on bad ids: TVM clamps, ONNX Runtime returns
-        zeros) and give float inputs the artifact's float type, before anything runs."""
-        if self.is_causal_lm and inputs:
-            check_token_ids(inputs[0], self.info.vocab_size)
+        """Check the inputs (runtimes disagree on bad ids: TVM clamps, ONNX Runtime returns zeros) and give float
+        inputs the artifact's float type, before anything runs."""
+        check_inputs(self.info, inputs, cache_dtype=self.dtype)
         if not (self.info.extra or {}).get("dtype"):  # no Precision pass: inputs go through as given
             return tuple(inputs)
         return tuple(t.to(self.dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs)
@@ -67,6 +67,7 @@ class Runner:
         return logits, keys, values
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        check_inputs(self.info, inputs)  # before empty_cache reads the batch from inputs[0]
         if self.is_causal_lm and len(inputs) == 1:
             return self.run(inputs[0], *self.empty_cache(inputs[0].shape[0]))[0]
         return self.run(*inputs)[0]
@@ -84,21 +85,6 @@ class TorchRunner(Runner):
     def run(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.program.run(*self.prepare(inputs))
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
-
-
-def check_token_ids(ids: torch.Tensor, vocab_size: int | None) -> None:
-    """Raise ConfigError when a token id is outside [0, vocab_size) (a tokenizer/model mismatch)."""
-    if ids.is_floating_point() or ids.is_complex():
-        raise ConfigError(f"token ids must be an integer tensor, got {ids.dtype}: pass tokenizer output (torch.long)")
-    if not vocab_size or ids.numel() == 0:
-        return
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or high >= vocab_size:
-        bad = low if low < 0 else high
-        raise ConfigError(
-            f"token id {bad} is outside the model's vocabulary [0, {vocab_size}): use the tokenizer the model was "
-            "compiled with"
-        )
 
 
 def _require(path: Path, what: str) -> None:

@@ -141,6 +141,9 @@ class FoldHadamard(Pass):
         program.metadata["fold_hadamard"] = {"r3": self.r3, "r4": self.r4, "sizes": sizes,
                                              "r3_nodes": r3_nodes, "r4_nodes": r4_nodes}
         stats["online_hadamards"] = len(r3_nodes) + len(r4_nodes)
+        if not stats["online_hadamards"]:
+            stats["modified"] = False
+            stats.setdefault("warnings", []).append("no down projection or attention block to rotate")
         return stats
 
     def _r4(self, gm: GraphModule, by_target: dict[str, list[G.LinearUse]], bases: _Bases) -> dict[str, Any]:

@@ -63,7 +63,11 @@ class Precision(Pass):
             t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _FLOATS else t for t in program.example_inputs
         )
         program.info.activation_dtype = self.dtype
-        return {"dtype": self.dtype, "tensors_converted": tensors, "dtype_args_rewritten": args, "inputs_cast": inputs}
+        stats: dict[str, Any] = {"dtype": self.dtype, "tensors_converted": tensors, "dtype_args_rewritten": args,
+                                 "inputs_cast": inputs}
+        if not (tensors or args or inputs):
+            stats.update(modified=False, warnings=[f"the program already computes in {self.dtype}"])
+        return stats
 
 
 def _convert_tensors(gm: torch.fx.GraphModule, dtype: torch.dtype) -> int:

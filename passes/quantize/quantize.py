@@ -115,6 +115,9 @@ class Quantize(Pass):
             table_stats = rewrite_tables(gm, lookups, heads, self.tables, self.weights)
             warnings += table_stats.pop("warnings")
             stats.update(table_stats)
+        if not targets and not sites and not (lookups or heads):  # e.g. a conv net: nothing here is a linear
+            stats["modified"] = False
+            warnings.append(f"no linear layer, KV cache or embedding table to quantize ({len(skipped)} linears skipped)")
         stats["warnings"] = warnings
         return stats
 
