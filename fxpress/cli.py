@@ -117,7 +117,7 @@ def _check_out(out: Path, targets: list, overwrite: bool) -> None:
     from fxpress.errors import ConfigError
 
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out '{out}' is a file: give a directory (it will hold program/ and the exports)")
+        raise ConfigError(f"--out '{out}' is a file: give a directory (it is created if missing), or move the file away")
     check_target(out / "program", directory=True, overwrite=overwrite)
     for target in targets:
         check_target(out / target.artifact, directory=target.name not in FILE_TARGETS, overwrite=overwrite)
