@@ -63,6 +63,8 @@ def test_out_that_is_a_file(tmp_path, capsys, checkpoint):
     (["--export", "onnx,tflite"], ("--export", "tflite", "onnx, tvm")),
     (["--dtype", "int8"], ("--dtype", "int8")),
     (["--dtype", "bfloat16", "--export", "onnx"], ("--dtype bfloat16", "precision.dtype=float32")),
+    (["--passes", "quantize", "--set", "quantize.weights.skip={a: 1}"], ("quantize.weights.skip", "wrong type")),
+    (["--passes", "quantize", "--set", "quantize.weights.bits=four"], ("quantize.weights.bits", "expected int")),
 ])
 def test_bad_compile_arguments_are_named_before_any_work(argv, named, tmp_path, capsys, checkpoint):
     out = tmp_path / "out"
