@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import time
 import types
 import typing
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -41,7 +43,7 @@ UNCOMPRESSED = frozenset({FLOAT_LINEARS, FLOAT_EXPERTS, HADAMARD_FREE, PLAIN_NEU
 
 
 @dataclass
-class Pass:
+class Pass(ABC):
     """Base of every pass. Subclasses set `name`, fill in `run`, and may override `validate`.
 
     `preserves_function` passes are checked against the graph before them on the example inputs.
@@ -58,12 +60,12 @@ class Pass:
     invalidates: ClassVar[frozenset[str]] = frozenset()
     tolerance: ClassVar[float] = 1e-4
 
-    def validate(self) -> None:
+    def validate(self) -> None:  # noqa: B027  (an optional hook: a pass without field rules keeps it)
         """Raise ConfigError for a bad field value. Called before any pass runs."""
 
+    @abstractmethod
     def run(self, program: Program) -> dict[str, Any]:
         """Rewrite `program.module` in place; return the stats for the report."""
-        raise NotImplementedError
 
     def __call__(self, program: Program) -> PassResult:
         bytes_before = program.weight_bytes()
@@ -117,6 +119,8 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
     unknown = sorted((cls.requires | cls.establishes | cls.invalidates) - FACTS.keys())
     if unknown:
         raise TypeError(f"{cls.__name__} declares unknown facts {unknown}: the known facts are {sorted(FACTS)}")
+    if inspect.isabstract(cls):
+        raise TypeError(f"{cls.__name__} cannot be registered: it does not define run(program)")
     PASS_REGISTRY[cls.name] = cls
     return cls
 

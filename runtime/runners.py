@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from fxpress.lowering.artifacts import ARTIFACT_VERSION, METADATA_KEY, TVM_MANIF
 from fxpress.program import ModelInfo, Program
 
 
-class Runner:
+class Runner(ABC):
     """Base: subclasses implement `run`; the LM helpers come from `info`."""
 
     kind = "runner"
@@ -34,8 +35,9 @@ class Runner:
     def is_causal_lm(self) -> bool:
         return self.info.kind == "causal_lm"
 
+    @abstractmethod
     def run(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        raise NotImplementedError
+        """Every output of the artifact for its full input signature."""
 
     def empty_cache(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         info = self.info

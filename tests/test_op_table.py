@@ -58,3 +58,15 @@ def test_export_targets_name_their_exporters():
     assert {"onnx", "tvm", "hls", "fpga"} <= set(EXPORT_TARGETS)
     for target in EXPORT_TARGETS.values():
         assert callable(target.export_function()), target.name
+
+
+def test_an_onnx_lowering_without_materialize_is_refused():
+    from fxpress.lowering.onnx.registry import ONNX_OPS, OnnxOp, onnx_lowering
+
+    class Unfinished(OnnxOp):
+        op = "linear_nbit"
+        inputs = 5
+
+    with pytest.raises(TypeError, match="Unfinished lowers 'linear_nbit' but does not define materialize"):
+        onnx_lowering(Unfinished)
+    assert "Unfinished" not in ONNX_OPS

@@ -164,6 +164,9 @@ class NeedsRotation(Pass):
     name: ClassVar[str] = "test_needs_rotation"
     requires: ClassVar[frozenset[str]] = frozenset({ROTATED})
 
+    def run(self, program):
+        return {"modified": False}
+
 
 def test_a_fact_no_earlier_pass_established_names_the_passes_that_do():
     with pytest.raises(PassOrderError, match="'test_needs_rotation' requires rotated .*run 'rotate' before it"):
@@ -278,3 +281,13 @@ def test_pass_that_bumps_its_version_without_an_upgrade_rejects_old_recipes():
             passes_from_recipe([{"type": "test_freeze_v2", "version": 1, "fields": {}}])
     finally:
         PASS_REGISTRY.pop(FreezeV2.name, None)
+
+
+def test_registering_a_pass_without_run_fails_naming_it():
+    @dataclass
+    class NoRun(Pass):
+        name: ClassVar[str] = "test_no_run"
+
+    with pytest.raises(TypeError, match="NoRun cannot be registered: it does not define run"):
+        register_pass(NoRun)
+    assert "test_no_run" not in PASS_REGISTRY

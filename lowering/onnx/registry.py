@@ -7,6 +7,8 @@ The class holds everything about the op in ONNX: the placeholder node its transl
 
 from __future__ import annotations
 
+import inspect
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -21,7 +23,7 @@ _SCHEMA_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor
                  "tensor(int8)", "tensor(int32)", "tensor(int64)"]
 
 
-class OnnxOp:
+class OnnxOp(ABC):
     """One fxpress op's ONNX lowering: placeholder schema, translation and materialisation."""
 
     op: ClassVar[str]  # the fxpress op this lowers
@@ -34,9 +36,9 @@ class OnnxOp:
     translate: ClassVar[Callable[..., Any]]
 
     @classmethod
+    @abstractmethod
     def materialize(cls, b: Materializer, node: Any) -> None:
         """Replace the placeholder `node` by runnable nodes."""
-        raise NotImplementedError
 
 
 ONNX_OPS: dict[str, type[OnnxOp]] = {}  # placeholder op type -> lowering
@@ -44,6 +46,8 @@ ONNX_OPS: dict[str, type[OnnxOp]] = {}  # placeholder op type -> lowering
 
 def onnx_lowering(cls: type[OnnxOp]) -> type[OnnxOp]:
     """Class decorator: the ONNX lowering of `cls.op`."""
+    if inspect.isabstract(cls):
+        raise TypeError(f"{cls.__name__} lowers '{cls.op}' but does not define materialize(b, node)")
     ONNX_OPS[cls.__name__] = cls
     _register(cls)
     return cls
