@@ -28,7 +28,8 @@ def sequence_limit(info: ModelInfo) -> int:
     return min(limit, MAX_SEQ) if limit else MAX_SEQ
 
 
-def check_token_ids(ids: Any, vocab_size: int | None, name: str = "input_ids") -> None:
+def check_token_ids(ids: Any, vocab_size: int | None, name: str = "input_ids",
+                    fix: str = "use the tokenizer the model was compiled with") -> None:
     """Raise ConfigError unless `ids` is an integer tensor with every id in [0, vocab_size)."""
     if not isinstance(ids, torch.Tensor):
         raise ConfigError(f"{name} must be a torch tensor of token ids, got {type(ids).__name__}")
@@ -40,8 +41,7 @@ def check_token_ids(ids: Any, vocab_size: int | None, name: str = "input_ids") -
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         raise ConfigError(
-            f"{name}: token id {bad} is outside the model's vocabulary [0, {vocab_size}): use the tokenizer the "
-            "model was compiled with"
+            f"{name}: token id {bad} is outside the model's vocabulary [0, {vocab_size}): {fix}"
         )
 
 
