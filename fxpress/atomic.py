@@ -33,12 +33,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from fxpress.artifact_names import DIR_MARKERS, METADATA_KEY, RECIPE_KEY
 from fxpress.errors import ArtifactError, ConfigError
 
-# marker file of each fxpress artifact directory -> its "format" value (program, TVM, FPGA netlist)
-DIR_MARKERS = {"manifest.json": "fxpress-program", "fxpress.json": "fxpress", "netlist.json": "fxpress-fpga-netlist"}
-RECIPE_KEY = "fxpress_recipe"  # the key that marks a recipe file (fxpress.recipe.recipe_dict)
-ONNX_METADATA_KEY = "fxpress.info"  # fxpress.lowering.artifacts.METADATA_KEY (a test keeps them equal)
 STAGE_TAG, ASIDE_TAG = ".fxpress-new-", ".fxpress-old"
 STEP_HOOKS: list[Callable[[str], None]] = []
 
@@ -80,7 +77,7 @@ def _is_fxpress_onnx(path: Path) -> bool:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:  # not a protobuf at all: not ours
         return False
-    return any(p.key == ONNX_METADATA_KEY for p in model.metadata_props)
+    return any(p.key == METADATA_KEY for p in model.metadata_props)
 
 
 def _onnx_companions(path: Path) -> set[str]:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fxpress.artifact_names import RECIPE_KEY
 from fxpress.atomic import write_atomic
 from fxpress.errors import RecipeError
 from fxpress.passes.base import Pass, pass_from_dict
@@ -16,13 +17,13 @@ RECIPE_FORMAT = 1
 
 
 def recipe_dict(passes: Sequence[Pass]) -> dict[str, Any]:
-    return {"fxpress_recipe": RECIPE_FORMAT, "passes": [p.to_dict() for p in passes]}
+    return {RECIPE_KEY: RECIPE_FORMAT, "passes": [p.to_dict() for p in passes]}
 
 
 def passes_from_recipe(data: Any) -> list[Pass]:
     """Build passes from a recipe mapping (or a bare list of entries); every name and field is checked."""
     if isinstance(data, dict):
-        version = data.get("fxpress_recipe", RECIPE_FORMAT)
+        version = data.get(RECIPE_KEY, RECIPE_FORMAT)
         if version != RECIPE_FORMAT:
             raise RecipeError(f"recipe format {version} is not supported: this fxpress reads format {RECIPE_FORMAT}")
         entries = data.get("passes")

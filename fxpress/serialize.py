@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from fxpress.artifact_names import PROGRAM_FORMAT, PROGRAM_MANIFEST
 from fxpress.atomic import check_target, staged_dir
 from fxpress.errors import ArtifactError, FxpressError
 from fxpress.integrity import record_digests, verify_digests
@@ -17,9 +18,9 @@ from fxpress.program import ModelInfo, Program
 from fxpress.safe_load import safe_program_json
 from fxpress.signature import signature
 
-FORMAT = "fxpress-program"
+FORMAT = PROGRAM_FORMAT
 FORMAT_VERSION = 1
-GRAPH_FILE, WEIGHTS_FILE, MANIFEST_FILE = "program.json", "weights.safetensors", "manifest.json"
+GRAPH_FILE, WEIGHTS_FILE, MANIFEST_FILE = "program.json", "weights.safetensors", PROGRAM_MANIFEST
 
 
 def reexport(program: Program) -> tuple[torch.export.ExportedProgram, tuple[torch.Tensor, ...]]:

@@ -1,4 +1,4 @@
-"""Artifact names and the metadata every fxpress artifact carries, defined once for lowerings and runners."""
+"""The metadata and digests every fxpress ONNX/TVM artifact carries; the file names and markers are in fxpress.artifact_names."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fxpress.artifact_names import ARTIFACT_FORMAT, METADATA_KEY
+
 if TYPE_CHECKING:
     from fxpress.program import Program
     from fxpress.signature import Signature
 
 ARTIFACT_VERSION = 1  # runners refuse other versions
-METADATA_KEY = "fxpress.info"  # ONNX metadata_props key holding `artifact_metadata` as JSON
 ONNX_DIGESTS_KEY = "fxpress.sha256"  # ONNX metadata_props key holding `initializer_digests` as JSON
-TVM_MANIFEST = "fxpress.json"  # a TVM artifact directory's manifest
 TVM_LIBRARY = "model-{}.so"  # unique per export: dlopen caches libraries by path, so a re-export needs a new name
 TVM_WEIGHTS = "weights.safetensors"
 
@@ -22,7 +22,7 @@ TVM_WEIGHTS = "weights.safetensors"
 def artifact_metadata(program: Program, sig: Signature, extra: dict[str, Any]) -> dict[str, Any]:
     """What a runner needs to drive the artifact, stored inside it."""
     return {
-        "format": "fxpress",
+        "format": ARTIFACT_FORMAT,
         "version": ARTIFACT_VERSION,
         "info": program.info.to_dict(),
         "inputs": list(sig.input_names),

@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from fxpress.artifact_names import ARTIFACT_FORMAT, METADATA_KEY, TVM_MANIFEST
 from fxpress.errors import ArtifactError
 from fxpress.inputs import check_inputs
 from fxpress.integrity import verify_digests
-from fxpress.lowering.artifacts import ARTIFACT_VERSION, METADATA_KEY, TVM_MANIFEST, verify_onnx_initializers
+from fxpress.lowering.artifacts import ARTIFACT_VERSION, verify_onnx_initializers
 from fxpress.program import ModelInfo, Program
 
 
@@ -95,7 +96,7 @@ def _require(path: Path, what: str) -> None:
 
 
 def _check_meta(meta: Any, path: Path) -> dict[str, Any]:
-    if not isinstance(meta, dict) or meta.get("format") != "fxpress":
+    if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT:
         raise ArtifactError(f"'{path}' is not an fxpress artifact (no fxpress metadata): export it with fxpress")
     if meta.get("version") != ARTIFACT_VERSION:
         raise ArtifactError(

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from fxpress.artifact_names import NETLIST_FILE
 from fxpress.atomic import check_target, staged_dir, write_atomic
 from fxpress.errors import ConfigError, LoweringError
 from fxpress.lowering.fpga.flow import run_flow
@@ -38,7 +39,7 @@ def build(netlist: Netlist, directory: str | os.PathLike, codes: torch.Tensor | 
     hls_dir, rtl_dir = out / "hls", out / "rtl"
     hls_dir.mkdir(parents=True, exist_ok=True)
     rtl_dir.mkdir(parents=True, exist_ok=True)
-    netlist.save(out / "netlist.json")
+    netlist.save(out / NETLIST_FILE)
     emit_hls(netlist, hls_dir)
     verilog = emit_verilog(netlist, rtl_dir / "fxnet.v")
     report: dict[str, Any] = {"netlist": netlist.summary()}

@@ -43,12 +43,13 @@ from typing import Any
 import torch
 from torch.fx import Node
 
+from fxpress.artifact_names import NETLIST_FORMAT
 from fxpress.atomic import write_atomic
 from fxpress.errors import ArtifactError, LoweringError
 from fxpress.graph import get_param, is_op
 
 aten = torch.ops.aten
-FORMAT = "fxpress-fpga-netlist"
+FORMAT = NETLIST_FORMAT
 VERSION = 1
 
 

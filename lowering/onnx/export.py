@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 
+from fxpress.artifact_names import METADATA_KEY
 from fxpress.atomic import check_target, companion_name, staged_file
 from fxpress.errors import ConfigError, LoweringError
-from fxpress.lowering.artifacts import METADATA_KEY, ONNX_DIGESTS_KEY, artifact_metadata, initializer_digests
+from fxpress.lowering.artifacts import ONNX_DIGESTS_KEY, artifact_metadata, initializer_digests
 from fxpress.lowering.export import reexport, refuse_bfloat16
 from fxpress.lowering.onnx.builder import Materializer
 from fxpress.lowering.onnx.registry import ONNX_OPS, translation_table

@@ -11,10 +11,11 @@ from typing import Any
 
 import numpy as np
 
+from fxpress.artifact_names import TVM_MANIFEST
 from fxpress.atomic import check_target, staged_dir
 from fxpress.errors import ConfigError, LoweringError
 from fxpress.integrity import record_digests
-from fxpress.lowering.artifacts import TVM_LIBRARY, TVM_MANIFEST, TVM_WEIGHTS, artifact_metadata
+from fxpress.lowering.artifacts import TVM_LIBRARY, TVM_WEIGHTS, artifact_metadata
 from fxpress.lowering.export import reexport, refuse_bfloat16
 from fxpress.lowering.tvm.registry import convert_map
 from fxpress.lowering.tvm.relax_helpers import dtype_of

@@ -301,11 +301,11 @@ def test_cli_out_that_is_a_file_fails_before_loading_the_model(tmp_path, capsys,
 
 
 def test_the_markers_match_what_the_writers_write():
-    from fxpress.lowering.artifacts import METADATA_KEY, TVM_MANIFEST
+    from fxpress.artifact_names import METADATA_KEY, TVM_MANIFEST
     from fxpress.lowering.fpga.netlist import FORMAT as NETLIST_FORMAT
     from fxpress.recipe import recipe_dict
     from fxpress.serialize import FORMAT, MANIFEST_FILE
 
     assert atomic.DIR_MARKERS == {MANIFEST_FILE: FORMAT, TVM_MANIFEST: "fxpress", "netlist.json": NETLIST_FORMAT}
-    assert atomic.ONNX_METADATA_KEY == METADATA_KEY
+    assert atomic.METADATA_KEY == METADATA_KEY
     assert atomic.RECIPE_KEY in recipe_dict([])
