@@ -113,14 +113,13 @@ def _export_targets(text: str | None) -> list:
 def _check_out(out: Path, targets: list, overwrite: bool) -> None:
     """--out and every artifact under it, checked before the model is even loaded."""
     from fxpress.atomic import check_target
-    from fxpress.compiled import FILE_TARGETS
     from fxpress.errors import ConfigError
 
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out '{out}' is a file: give a directory (it is created if missing), or move the file away")
     check_target(out / "program", directory=True, overwrite=overwrite)
     for target in targets:
-        check_target(out / target.artifact, directory=target.name not in FILE_TARGETS, overwrite=overwrite)
+        check_target(out / target.artifact, directory=not target.writes_file, overwrite=overwrite)
 
 
 def _check_model(args: argparse.Namespace, needs_tokenizer: bool) -> None:

@@ -21,8 +21,6 @@ from fxpress.recipe import passes_from_recipe, recipe_dict, save_recipe
 from fxpress.report import Report
 from fxpress.runtime.ops import EXPORT_TARGETS
 
-FILE_TARGETS = {"onnx"}  # export targets that write one file; the others write a directory
-
 
 def _as_passes(passes: Sequence[Any]) -> list[Pass]:
     """Accept Pass objects, registered names, or recipe entries ({"type": ..., "fields": ...})."""
@@ -68,7 +66,7 @@ class CompiledModel:
         """
         if target not in EXPORT_TARGETS:
             raise ConfigError(f"unknown export target '{target}': choose one of {', '.join(EXPORT_TARGETS)}")
-        path = check_target(path, directory=target not in FILE_TARGETS, overwrite=overwrite)
+        path = check_target(path, directory=not EXPORT_TARGETS[target].writes_file, overwrite=overwrite)
         recipe = check_target(path.with_name(path.stem + ".recipe.json"), directory=False, overwrite=overwrite)
         lower = EXPORT_TARGETS[target].export_function()
         self.exports[target] = lower(self.program, path, overwrite=overwrite, **options)

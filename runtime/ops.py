@@ -26,6 +26,7 @@ class ExportTarget:
     exporter: str  # "module:function"
     artifact: str  # default artifact name in an output directory
     per_op: bool
+    writes_file: bool = False  # one file (ONNX); the others write a directory
 
     def export_function(self) -> Callable:
         module, function = self.exporter.split(":")
@@ -33,7 +34,7 @@ class ExportTarget:
 
 
 EXPORT_TARGETS: dict[str, ExportTarget] = {t.name: t for t in (
-    ExportTarget("onnx", "fxpress.lowering.onnx:export_onnx", "model.onnx", per_op=True),
+    ExportTarget("onnx", "fxpress.lowering.onnx:export_onnx", "model.onnx", per_op=True, writes_file=True),
     ExportTarget("tvm", "fxpress.lowering.tvm:export_tvm", "model.tvm", per_op=True),
     ExportTarget("hls", "fxpress.lowering.fpga:export_fpga", "hls", per_op=False),
     ExportTarget("fpga", "fxpress.lowering.fpga:export_fpga", "fpga", per_op=False),
