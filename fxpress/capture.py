@@ -84,6 +84,7 @@ def _lm_info(model: nn.Module, source: str | None) -> ModelInfo:
         num_kv_heads=getattr(cfg, "num_key_value_heads", heads),
         head_dim=getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else None),
         vocab_size=getattr(cfg, "vocab_size", None),
+        max_positions=getattr(cfg, "max_position_embeddings", None),
         key_shape=(layer0.keys.shape[1], layer0.keys.shape[3]),
         value_shape=(layer0.values.shape[1], layer0.values.shape[3]),
         model_type=getattr(cfg, "model_type", None),
@@ -187,9 +188,7 @@ def capture(model: nn.Module, example_inputs: Any = None, source: str | None = N
     check_weights(model)
     if is_causal_lm(model):
         ids = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
-        program = capture_causal_lm(model, ids, source)
-        program.info.max_positions = getattr(model.config, "max_position_embeddings", None)
-        return program
+        return capture_causal_lm(model, ids, source)
     if example_inputs is None:
         raise CaptureError(f"{type(model).__name__} is not a causal LM: pass example_inputs=(tensor, ...) to capture it")
     program = capture_module(model, example_inputs)
