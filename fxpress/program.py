@@ -12,6 +12,7 @@ import torch.fx
 from fxpress.calibration import Calibration
 from fxpress.inputs import check_inputs
 from fxpress.report import PassResult
+from fxpress.weights import WeightStore, is_placeholder, weight_store
 
 ACTIVATION_DTYPES = {"float32": torch.float32, "float64": torch.float64}  # what the Precision pass can set
 # A captured model computes in its own float type: half-precision checkpoints keep theirs (KV cache included).
@@ -78,6 +79,11 @@ class Program:
         return self.module.graph
 
     @property
+    def weights(self) -> WeightStore | None:
+        """The store serving this program's weights, or None when the module holds them (in-memory compile)."""
+        return weight_store(self.module)
+
+    @property
     def is_causal_lm(self) -> bool:
         return self.info.kind == "causal_lm"
 
@@ -97,7 +103,11 @@ class Program:
         return copy.deepcopy(self)
 
     def run(self, *inputs: torch.Tensor) -> Any:
-        """Call the graph with its full signature."""
+        """Call the graph with its full signature (store-backed: weights read as their nodes run)."""
+        if self.weights is not None:
+            from fxpress.execute import run_graph
+
+            return run_graph(self.module, inputs)
         with torch.no_grad():
             return self.module(*inputs)
 
@@ -125,7 +135,12 @@ class Program:
             value = self.module
             for part in str(node.target).split("."):
                 value = getattr(value, part, None)
-            if isinstance(value, torch.Tensor):
+            if is_placeholder(value):
+                key = (id(value), str(node.target))
+                if key not in seen:
+                    seen.add(key)
+                    total += value.numel() * value.element_size()
+            elif isinstance(value, torch.Tensor):
                 key = (value.untyped_storage().data_ptr(), value.storage_offset())
                 if key not in seen:
                     seen.add(key)
