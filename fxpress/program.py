@@ -73,6 +73,8 @@ class Program:
     facts: set[str] | None = None  # what holds of the graph (fxpress.passes.base.FACTS); None: derive from history
     report: list[PassResult] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"  # where calibration work runs (weights and activations moved there block by block)
+    activation_budget: int | None = None  # bytes of calibration activations held in memory before spilling
 
     @property
     def graph(self) -> torch.fx.Graph:
