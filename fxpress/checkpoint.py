@@ -113,19 +113,78 @@ def store_from_checkpoint(gm: torch.fx.GraphModule, model: nn.Module, directory:
     model names (the capture wrapper's `model.`). A missing tensor is an error naming it, before any work."""
     keys = checkpoint_keys(directory)
     aliases = parameter_aliases(model)
+    renamed = renamed_keys(model, keys)
+    by_name = {new: key for key, new in renamed.items()}
+    stacked = stacked_sources(model, renamed)
     store = WeightStore(budget)
     missing = []
     for target, value in _placeholders(gm):
         name = target.removeprefix(prefix)
-        key = next((k for k in aliases.get(name, [name]) if k in keys), None)
-        if key is None:
+        key = next((by_name[k] for k in aliases.get(name, [name]) if k in by_name), None)
+        if key is not None:
+            store.add_file(target, keys[key], key, value.dtype)
+        elif name in stacked:
+            groups, cat_dim = stacked[name]
+            store.add_stacked(target, [[(keys[k], k) for k in group] for group in groups], cat_dim, value.dtype)
+        else:
             missing.append(name)
-            continue
-        store.add_file(target, keys[key], key, value.dtype)
     if missing:
         raise CaptureError(f"{directory} lacks {len(missing)} weights the model needs, e.g. {', '.join(missing[:3])}: "
                            "the checkpoint does not match its config.json (or is incomplete)")
     return store
+
+
+def _conversions(model: nn.Module) -> list:
+    """transformers' own table of how this model's checkpoint keys become its parameter names."""
+    from transformers.conversion_mapping import extract_weight_conversions_for_model
+
+    return extract_weight_conversions_for_model(model) or []
+
+
+def renamed_keys(model: nn.Module, keys: dict[str, Path]) -> dict[str, str]:
+    """Each checkpoint key -> the name the model gives it (transformers' renamings, e.g. Mixtral's
+    block_sparse_moe -> mlp)."""
+    import re
+
+    from transformers.core_model_loading import WeightRenaming
+
+    renamed = {key: key for key in keys}
+    for rename in (t for t in _conversions(model) if isinstance(t, WeightRenaming)):
+        for src, dst in zip(rename.source_patterns, rename.target_patterns):
+            renamed = {key: re.sub(src, dst, new) for key, new in renamed.items()}
+    return renamed
+
+
+def stacked_sources(model: nn.Module, renamed: dict[str, str]) -> dict[str, tuple[list[list[str]], int]]:
+    """Fused expert tensors the checkpoint stores one expert at a time, found with transformers' conversion
+    table for the model (per-expert stacks, concatenated): name -> (checkpoint key groups, cat dim).
+
+    Only the stack-then-concatenate conversions are read (what Mixtral, Qwen2-MoE, OLMoE and their kin use);
+    a model needing other conversions reports its missing weights by name.
+    """
+    import re
+
+    from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
+
+    transforms = _conversions(model)
+    found: dict[str, tuple[list[list[str]], int]] = {}
+    for conv in (t for t in transforms if isinstance(t, WeightConverter)):
+        ops = conv.operations
+        plain = ops and isinstance(ops[0], MergeModulelist) and ops[0].dim == 0 and len(conv.target_patterns) == 1
+        if not plain or not all(isinstance(op, Concatenate) for op in ops[1:]):
+            continue
+        cat_dim = ops[1].dim if len(ops) > 1 else 0
+        groups: dict[str, list[dict[int, str]]] = {}
+        for i, pattern in enumerate(conv.source_patterns):
+            regex = re.compile(re.escape(pattern).replace(r"\*", r"(\d+)"))
+            for key, new in renamed.items():
+                match = regex.search(new)
+                if match and match.end() == len(new):
+                    target = new[:match.start()] + conv.target_patterns[0]
+                    groups.setdefault(target, [{} for _ in conv.source_patterns])[i][int(match.group(1))] = key
+        for target, parts in groups.items():
+            found[target] = ([[part[e] for e in sorted(part)] for part in parts], cat_dim)
+    return found
 
 
 def store_from_module(gm: torch.fx.GraphModule, model: nn.Module, prefix: str, budget: int | None = None) -> WeightStore:

@@ -80,6 +80,17 @@ class FileEntry:
     shape: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class StackedEntry:
+    """A tensor the checkpoint stores in pieces: per-expert matrices stacked along dim 0 (one stack per source
+    pattern), then the stacks concatenated along `cat_dim` (gate and up into gate_up), as transformers loads it."""
+
+    groups: tuple[tuple[FileEntry, ...], ...]
+    cat_dim: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
 class _SpillFolder:
     """A temporary folder for spilled tensors, removed when the last store using it is gone."""
 
@@ -103,7 +114,7 @@ class WeightStore:
     def __init__(self, budget: int | None = None, spill_dir: str | os.PathLike | None = None) -> None:
         self.budget = budget
         self.spill_dir = str(spill_dir) if spill_dir is not None else None
-        self._files: dict[str, FileEntry] = {}
+        self._files: dict[str, FileEntry | StackedEntry] = {}
         self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._pinned: dict[str, torch.dtype] = {}  # the caller's own tensors (an in-memory model): never spilled or
         # counted; read in the dtype given here
@@ -120,6 +131,26 @@ class WeightStore:
             shape, stored = tuple(sliced.get_shape()), _safetensors_dtype(sliced.get_dtype())
         self._memory.pop(name, None)
         self._files[name] = FileEntry(str(path), key, dtype or stored, shape)
+
+    def add_stacked(self, name: str, groups: list[list[tuple[str, str]]], cat_dim: int, dtype: torch.dtype) -> None:
+        """Serve `name` as cat([stack(group) for group in groups], cat_dim), each group's (path, key) pieces
+        read when `name` is asked for (a checkpoint that stores fused experts one expert at a time)."""
+        entries = tuple(tuple(FileEntry(str(p), k, dtype, ()) for p, k in group) for group in groups)
+        self._memory.pop(name, None)
+        shape = self._stacked_shape(entries, cat_dim)
+        self._files[name] = StackedEntry(entries, cat_dim, dtype, shape)  # type: ignore[assignment]
+
+    @staticmethod
+    def _stacked_shape(groups: tuple[tuple[FileEntry, ...], ...], cat_dim: int) -> tuple[int, ...]:
+        from safetensors import safe_open
+
+        shapes = []
+        for group in groups:
+            with safe_open(group[0].path, framework="pt") as f:
+                shapes.append([len(group), *f.get_slice(group[0].key).get_shape()])
+        shape = list(shapes[0])
+        shape[cat_dim] = sum(s[cat_dim] for s in shapes)
+        return tuple(shape)
 
     def add_tensor(self, name: str, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> None:
         """Serve the caller's tensor (an in-memory model): not copied, not counted, never spilled; read as `dtype`."""
@@ -138,6 +169,9 @@ class WeightStore:
         entry = self._files.get(name)
         if entry is None:
             raise FxpressError(f"the weight store has no tensor '{name}' (it holds {len(self)} tensors)")
+        if isinstance(entry, StackedEntry):
+            stacks = [torch.stack([self._read(e, name) for e in group]) for group in entry.groups]
+            return stacks[0] if len(stacks) == 1 else torch.cat(stacks, dim=entry.cat_dim)
         return self._read(entry, name)
 
     def set(self, name: str, tensor: torch.Tensor) -> None:

@@ -105,3 +105,23 @@ def test_checkpoint_errors_name_the_problem(checkpoint, tmp_path):
         capture_module.capture_stored(str(tmp_path))
     with pytest.raises(CaptureError, match="not a Hugging Face checkpoint"):
         capture_module.capture_stored(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_moe_checkpoint_with_experts_saved_one_by_one(family, tmp_path):
+    """transformers saves fused experts one expert at a time; the store stacks them back when they are read."""
+    from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 num_experts_per_tok=2)
+    if family == "mixtral":
+        model = MixtralForCausalLM(MixtralConfig(intermediate_size=96, num_local_experts=4, **sizes))
+    else:
+        model = Qwen2MoeForCausalLM(Qwen2MoeConfig(intermediate_size=96, moe_intermediate_size=48, num_experts=4,
+                                                   shared_expert_intermediate_size=64, **sizes))
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    ids = torch.randint(0, 300, (2, 7))
+    reference = capture_module.capture(type(model).from_pretrained(tmp_path, dtype=torch.float32).eval())(ids)
+    program = capture_module.capture_stored(str(tmp_path), dtype=torch.float32, budget=10_000)
+    torch.testing.assert_close(program(ids), reference, rtol=0, atol=0)
