@@ -275,9 +275,9 @@ def base_matrix(p: HadamardPlan, seed: int = 0) -> torch.Tensor:
 def hadamard_transform(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """y = x @ (base ⊗ H_M / sqrt(M)) over the last dim, with K = base.shape[0] and M = n / K.
 
-    float32/float64 on CPU run the generated kernel (`hadamard_kernel.run_kernel`: one call, each row in
-    cache); other dtypes, devices, or no TVM run `factored` (one small GEMM per index digit). Half
-    precision computes in float32. Never an n x n matrix.
+    float32 on CPU runs the generated kernel (`hadamard_kernel.run_kernel`: one call, each row in cache);
+    float64 (offline weight rotation), other devices, or no TVM run `factored` (one small GEMM per index
+    digit). Half precision computes in float32. Never an n x n matrix.
     """
     n = x.shape[-1]
     k = base.shape[0]
@@ -285,7 +285,8 @@ def hadamard_transform(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"hadamard: last dim {n} is not {k} * 2^m")
     compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     x2 = x.to(compute).reshape(-1, n)
-    y = run_kernel(x2.contiguous(), base, n // k)
+    # float64 is the offline (pass-time) dtype: the GEMM path, not one kernel build per size per process
+    y = run_kernel(x2, base, n // k) if compute == torch.float32 else None
     if y is None:
         y = factored(x2, base.to(device=x.device), n // k)
     return y.reshape(x.shape).to(x.dtype)

@@ -26,6 +26,7 @@ import torch
 
 REGISTER_BYTES = 64  # one AVX-512 register, one cache line
 RADIX_BITS = 2  # radix-4 butterfly passes above the vector: measured fastest on AVX-512 (2, 3 and 4 tried)
+TREE_ORDER = 36  # K x K bases up to this order (12, 20, 28, 36) are one sum expression per output vector
 TORCH_RADIX_BITS = 4  # the PyTorch fallback's GEMM digits: 16 x 16 factors
 KERNEL_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 
@@ -102,15 +103,27 @@ def _passes(k: int, m: int, v: int, dtype: str) -> list[str]:
         lines += [f"for b in range({n // span}):", f"    for l in range({low // v}):", f"        for o in T.vectorized({v}):"]
         lines += [f"            {_ref(dest[i], a)} = {e}" for a, e in zip(at, outs)]
         low = span
-    if k > 1:  # y[k2 segment] = sum_k1 base[k1, k2] * row[k1 segment], vectorised along the segment
-        p = src[-1]
-        lines += [f"for k2 in range({k}):", f"    for j in range({m // v}):",
-                  f"        for o in T.vectorized({v}):",
-                  f"            y[r, k2 * {m} + j * {v} + o] = {_ref(p, f'j * {v} + o')} * base[0, k2]",
-                  f"        for k1 in range(1, {k}):", f"            for o in T.vectorized({v}):",
-                  f"                y[r, k2 * {m} + j * {v} + o] = y[r, k2 * {m} + j * {v} + o]"
-                  f" + {_ref(p, f'k1 * {m} + j * {v} + o')} * base[k1, k2]"]
+    if k > 1:
+        lines += _base_pass(k, m, v, src[-1])
     return lines
+
+
+def _base_pass(k: int, m: int, v: int, p: str) -> list[str]:
+    """y[k2 segment] = sum_k1 base[k1, k2] * p[k1 segment], vectorised along the segment.
+
+    Up to TREE_ORDER terms the sum is one balanced expression (kept in registers); a larger K
+    accumulates into y term by term.
+    """
+    head = [f"for k2 in range({k}):", f"    for j in range({m // v}):"]
+    if k <= TREE_ORDER:
+        terms = [f"{_ref(p, f'{k1 * m} + j * {v} + o')} * base[{k1}, k2]" for k1 in range(k)]
+        return head + [f"        for o in T.vectorized({v}):",
+                       f"            y[r, k2 * {m} + j * {v} + o] = {_sum_tree(terms)}"]
+    return head + [f"        for o in T.vectorized({v}):",
+                   f"            y[r, k2 * {m} + j * {v} + o] = {_ref(p, f'j * {v} + o')} * base[0, k2]",
+                   f"        for k1 in range(1, {k}):", f"            for o in T.vectorized({v}):",
+                   f"                y[r, k2 * {m} + j * {v} + o] = y[r, k2 * {m} + j * {v} + o]"
+                   f" + {_ref(p, f'k1 * {m} + j * {v} + o')} * base[k1, k2]"]
 
 
 def tir_source(k: int, m: int, dtype: str = "float32") -> str:
@@ -153,8 +166,11 @@ def _host_kernel(k: int, m: int, dtype: str) -> Any:
     name = kernel_name(k, m, dtype)
     try:
         target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
-        lib = tvm.compile(tvm.IRModule({name: prim_func(k, m, dtype).with_attr("global_symbol", name)}), target=target)
-        return lib[name]
+        module = tvm.IRModule({name: prim_func(k, m, dtype).with_attr("global_symbol", name)})
+        # TIR's CSE is superlinear in the sum trees (17 s for K = 40, M = 64) and gains nothing: LLVM's GVN
+        # merges the shared butterfly halves on its own (same speed measured with and without)
+        with tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
+            return tvm.compile(module, target=target)[name]
     except Exception:  # any TVM build failure: the op stays correct on the PyTorch path
         return None
 
