@@ -2,8 +2,9 @@
 
 The transform is y = x @ (B ⊗ H_M / sqrt(M)) with M = 2^m and B a K x K orthogonal "base" (a
 normalised Hadamard matrix of order K, or a documented fallback when no construction covers K).
-The M part runs as a radix-r butterfly (log_r M stages of r-point Hadamards, O(n log n)); the K part
-is one small K x K contraction (O(n K)). Nothing on the hot path is a dense n x n matmul.
+The M part runs as a butterfly (O(n log n)) and the K part as one small K x K contraction (O(n K)), in
+one generated kernel or one GEMM per index digit (`fxpress.runtime.hadamard_kernel`). Nothing on the hot
+path is a dense n x n matmul.
 
 Hadamard matrices of order K are built here, never copied from tables:
 - Sylvester doubling H_2K = [[H, H], [H, -H]];
@@ -23,19 +24,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cache, lru_cache
+from functools import cache
 
 import numpy as np
 import torch
 
 from fxpress.errors import ConfigError
 from fxpress.runtime.hadamard_data import CIRCULANT_ROWS
+from fxpress.runtime.hadamard_kernel import factored, run_kernel
 from fxpress.runtime.ops import define_op
 
 FALLBACKS = ("orthogonal", "block", "error")
 KNOWN_ORDERS = (1, 2, 12, 20, 28, 36, 40, 44, 52, 60, 108, 140, 148, 152, 156, 172)  # the usual set
 MAX_ORDER = 1024  # largest base order tried (the base costs n*K per row)
-RADIX_BITS = 6  # butterfly stages are Hadamards of up to 2^6 = 64 points (4096 = 64*64: two stages)
 
 # ----------------------------------------------------------------------------------------------
 # finite fields and Paley constructions
@@ -271,89 +272,23 @@ def base_matrix(p: HadamardPlan, seed: int = 0) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=32)
-def _small_hadamard(r: int, dtype: torch.dtype, device: str) -> torch.Tensor:
-    """The normalised Sylvester H_r / sqrt(r) (symmetric), cached per dtype and device."""
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < r:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h / math.sqrt(r)).to(dtype=dtype, device=device)
-
-
-def _radices(m: int, max_bits: int = RADIX_BITS) -> list[int]:
-    """Split M = 2^b into as few stages as possible, each a 2^(<= max_bits)-point Hadamard, bits spread evenly."""
-    bits = m.bit_length() - 1
-    if bits == 0:
-        return []
-    stages = -(-bits // max_bits)
-    split = [bits // stages + (1 if i < bits % stages else 0) for i in range(stages)]
-    return [1 << b for b in split]
-
-
-def _kron_apply(y: torch.Tensor, mats: list[torch.Tensor]) -> torch.Tensor:
-    """y [rows, n] @ (mats[0] ⊗ mats[1] ⊗ ...): one GEMM per factor on the last axis, then a cyclic axis shift.
-
-    Each factor is one butterfly stage (an r-point transform applied to every index digit in turn);
-    after len(mats) shifts the digits are back in order.
-    """
-    rows = y.shape[0]
-    sizes = [m.shape[0] for m in mats]
-    for j in range(len(mats) - 1, -1, -1):
-        y = y.reshape(-1, sizes[j]) @ mats[j]
-        if len(mats) > 1:
-            cur = [sizes[(j + 1 + i) % len(sizes)] for i in range(len(sizes))]  # digit order before this stage
-            y = y.reshape(rows, *cur).movedim(-1, 1).reshape(rows, -1)
-    return y.reshape(rows, -1)
-
-
-def fwht(x: torch.Tensor) -> torch.Tensor:
-    """Unnormalised Walsh-Hadamard transform of the last dim (a power of two) as a radix-r butterfly.
-
-    H_M = H_r1 ⊗ H_r2 ⊗ ... (Sylvester order), so each stage is one r-point Hadamard on one index
-    digit: log_r(M) stages of r multiply-adds per element, O(M log M) per row.
-    """
-    m = x.shape[-1]
-    if m & (m - 1):
-        raise ValueError(f"fwht needs a power-of-two last dim, got {m}")
-    radices = _radices(m)
-    if not radices:
-        return x.clone()
-    mats = [_small_hadamard(r, x.dtype, str(x.device)) * math.sqrt(r) for r in radices]
-    return _kron_apply(x.reshape(-1, m), mats).reshape(x.shape)
-
-
-def fwht_radix2(x: torch.Tensor) -> torch.Tensor:
-    """The textbook radix-2 butterfly (a + b, a - b per stage); kept as the reference the tests compare to."""
-    m = x.shape[-1]
-    lead = x.shape[:-1]
-    y = x.reshape(-1, m)
-    h = 1
-    while h < m:
-        y = y.reshape(-1, m // (2 * h), 2, h)
-        a, b = y[:, :, 0, :], y[:, :, 1, :]
-        y = torch.stack((a + b, a - b), dim=2)
-        h *= 2
-    return y.reshape(*lead, m)
-
-
 def hadamard_transform(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """y = x @ (base ⊗ H_M / sqrt(M)) over the last dim, with K = base.shape[0] and M = n / K.
 
-    Stages: the K x K base on the leading digit, then the radix-r butterfly stages of H_M, each a
-    small GEMM over one index digit of every row (never an n x n matrix).
+    float32 on CPU runs the generated kernel (`hadamard_kernel.run_kernel`: one call, each row in cache);
+    float64 (offline weight rotation), other devices, or no TVM run `factored` (one small GEMM per index
+    digit). Half precision computes in float32. Never an n x n matrix.
     """
     n = x.shape[-1]
     k = base.shape[0]
     if n % k or _pow2_part(n // k) != n // k:
         raise ValueError(f"hadamard: last dim {n} is not {k} * 2^m")
-    m = n // k
     compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    mats = [_small_hadamard(r, compute, str(x.device)) for r in _radices(m)]
-    if k > 1:
-        mats.insert(0, base.to(dtype=compute, device=x.device))
-    if not mats:
-        return x.clone()
-    y = _kron_apply(x.to(compute).reshape(-1, n), mats)
+    x2 = x.to(compute).reshape(-1, n)
+    # float64 is the offline (pass-time) dtype: the GEMM path, not one kernel build per size per process
+    y = run_kernel(x2, base, n // k) if compute == torch.float32 else None
+    if y is None:
+        y = factored(x2, base.to(device=x.device), n // k)
     return y.reshape(x.shape).to(x.dtype)
 
 

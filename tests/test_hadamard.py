@@ -9,6 +9,7 @@ import torch
 
 from fxpress.errors import ConfigError
 from fxpress.runtime import hadamard as H
+from fxpress.runtime import hadamard_kernel as HK
 
 BUILT = list(H.KNOWN_ORDERS)
 
@@ -70,8 +71,8 @@ def _sylvester(m: int) -> torch.Tensor:
 
 def test_radix16_butterfly_matches_radix2():
     x = torch.randn(4, 2048, dtype=torch.float64)
-    assert torch.allclose(H.fwht(x), H.fwht_radix2(x), atol=1e-9)
-    assert torch.allclose(H.fwht(x), x @ _sylvester(2048), atol=1e-9)
+    assert torch.allclose(HK.fwht(x), HK.fwht_radix2(x), atol=1e-9)
+    assert torch.allclose(HK.fwht(x), x @ _sylvester(2048), atol=1e-9)
 
 
 def test_op_runs_in_half_precision_and_rejects_bad_sizes():
@@ -141,3 +142,80 @@ def test_op_at_searched_orders_equals_the_dense_hadamard(n, k):
     assert torch.equal(dense.abs(), torch.full_like(dense, 1 / math.sqrt(n)))
     x = torch.randn(3, n, dtype=torch.float64)
     assert torch.allclose(torch.ops.fxpress.hadamard(x, base), x @ dense, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------
+# the fast paths: generated kernel (PyTorch and TVM), PyTorch fallback, ONNX function
+# ----------------------------------------------------------------------------------------------
+
+FAST_SIZES = [576, 1536, 4096, 14336, 96, 12]  # 36*16, 12*128, 2^12, 28*512, 12*8 (V > M), 12*1
+
+
+def _reference(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """The radix-2 butterfly per segment, then the base: independent of every fast path."""
+    rows, n = x.shape
+    k = base.shape[0]
+    seg = HK.fwht_radix2(x.double().reshape(rows, k, n // k)) / math.sqrt(n // k)
+    return torch.einsum("rkm,kl->rlm", seg, base.double()).reshape(rows, n)
+
+
+@pytest.mark.parametrize("n", FAST_SIZES)
+def test_generated_kernel_equals_the_butterfly_in_float32_and_float64(n):
+    pytest.importorskip("tvm")
+    p = H.plan(n)
+    base = H.base_matrix(p)
+    x = torch.randn(3, n, dtype=torch.float64)
+    want = _reference(x, base)
+    y64 = HK.run_kernel(x, base, p.m)
+    y32 = HK.run_kernel(x.float(), base.float(), p.m)
+    assert y64 is not None and y32 is not None  # the kernel ran, not the fallback
+    assert (y64 - want).abs().max() < 1e-12
+    assert (y32.double() - want).abs().max() < 1e-5
+    assert (H.hadamard_transform(x.float(), base.float()) - y32).abs().max() == 0  # the float32 op runs the kernel
+    assert (H.hadamard_transform(x, base) - want).abs().max() < 1e-12  # float64 (offline) runs the GEMM path
+
+
+@pytest.mark.parametrize("n", FAST_SIZES)
+def test_pytorch_fallback_equals_the_butterfly(n):
+    p = H.plan(n)
+    base = H.base_matrix(p)
+    x = torch.randn(4, n, dtype=torch.float64)
+    assert (HK.factored(x, base, p.m) - _reference(x, base)).abs().max() < 1e-12
+
+
+def test_kernel_takes_unaligned_strided_and_empty_inputs():
+    pytest.importorskip("tvm")
+    base = H.base_matrix(H.plan(1536)).float()
+    big = torch.randn(5 * 1536 + 3)
+    x = big[3:].view(5, 1536)  # 12 bytes past an aligned address
+    assert x.data_ptr() % 64
+    assert torch.allclose(torch.ops.fxpress.hadamard(x, base), _reference(x, base).float(), atol=1e-5)
+    strided = torch.randn(1536, 4).t()  # not contiguous
+    assert torch.allclose(torch.ops.fxpress.hadamard(strided, base), _reference(strided, base).float(), atol=1e-5)
+    assert torch.ops.fxpress.hadamard(torch.empty(0, 1536), base).shape == (0, 1536)
+
+
+@pytest.mark.parametrize("n", [576, 4096, 14336])
+def test_onnx_function_matches_the_op_in_onnx_runtime(n):
+    ort = pytest.importorskip("onnxruntime")
+    import onnx
+    import onnx.helper as oh
+    from onnx import numpy_helper
+
+    from fxpress.lowering.onnx.builder import DOMAIN
+    from fxpress.lowering.onnx.ops.hadamard import _hadamard_function
+
+    p = H.plan(n)
+    base = H.base_matrix(p).float()
+    fn = _hadamard_function(p.k, p.m, onnx.TensorProto.FLOAT, 18)
+    graph = oh.make_graph([oh.make_node(fn.name, ["x", "base"], ["y"], domain=DOMAIN)], "g",
+                          [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
+                          [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(base.numpy(), "base")])
+    model = oh.make_model(graph, functions=[fn], opset_imports=[oh.make_opsetid("", 18), oh.make_opsetid(DOMAIN, 1)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 3, n)
+    (y,) = session.run(None, {"x": x.numpy()})
+    assert y.shape == (2, 3, n)
+    assert abs(y - _reference(x.reshape(6, n), base).reshape(2, 3, n).numpy()).max() < 1e-5
+    assert {node.op_type for node in fn.node} <= {"Shape", "Constant", "Reshape", "MatMul", "Mul", "Cast", "Transpose"}

@@ -1,4 +1,4 @@
-"""fxpress::hadamard in ONNX: an fxpress function of small ±1 Sylvester MatMuls and one K x K base MatMul."""
+"""fxpress::hadamard in ONNX: an fxpress function of ±1 Sylvester MatMuls (<= 16 x 16) and one K x K base MatMul."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 from fxpress.errors import LoweringError
 from fxpress.lowering.onnx.builder import Materializer, constant, function_proto, numpy_dtype
 from fxpress.lowering.onnx.registry import OnnxOp, like, onnx_lowering, placeholders
+from fxpress.runtime.hadamard_kernel import radices, sylvester
 
 
 @onnx_lowering
@@ -35,50 +36,38 @@ class Hadamard(OnnxOp):
         b.call_function(node, f"Hadamard_{k}x{m}_t{dtype}", lambda: _hadamard_function(k, m, dtype, b.opset), [x, base])
 
 
-def _sylvester(r: int) -> np.ndarray:
-    h = np.ones((1, 1))
-    while h.shape[0] < r:
-        h = np.block([[h, h], [h, -h]])
-    return h
-
-
 def _hadamard_function(k: int, m: int, dtype: int, opset: int) -> Any:
-    """y = x @ (base ⊗ H_m / sqrt(m)): ±1 Sylvester factors of order <= 16 on the 2^m part, then the K x K base.
+    """y = x @ (base ⊗ H_m / sqrt(m)) as one right-hand MatMul per index digit of the row, rotating digits.
 
-    Each factor is one small ±1 MatMul on its axis of the row viewed as [K, r_1, ..., r_s]; cost n·(Σ r_i + K)
-    per row instead of the n² of a dense rotation.
+    The row's index is read as digits [K, r_1, ..., r_s] (r_i <= 16, ±1 Sylvester factors). Each stage
+    multiplies the trailing digit ([-1, r] @ factor, ONNX Runtime's plain GEMM) and a Transpose moves
+    it to the front; after s (+1 for the K x K base) stages the order is back. This is ~15x faster in
+    ONNX Runtime than a left MatMul broadcast over [-1, r, inner] views, which it runs as many tiny GEMMs.
+    The 1/sqrt(m) scale rides on the base (K > 1) or is one Mul (K = 1).
     """
     import onnx.helper as oh
 
     np_t = numpy_dtype(dtype)
-    nodes = [oh.make_node("Shape", ["x"], ["shape"])]
-    factors, rest = [], m
-    while rest > 1:
-        factors.append(min(16, rest))
-        rest //= factors[-1]
-    current, inner = "x", m
-    for i, r in enumerate(factors):
-        inner //= r
-        nodes += [
-            constant(f"view{i}", np.array([-1, r, inner], dtype=np.int64)),
-            constant(f"h{i}", _sylvester(r).astype(np_t)),
-            oh.make_node("Reshape", [current, f"view{i}"], [f"v{i}"]),
-            oh.make_node("MatMul", [f"h{i}", f"v{i}"], [f"y{i}"]),
-        ]
-        current = f"y{i}"
-    nodes += [
-        constant("scale", np.array(1.0 / math.sqrt(m), dtype=np_t)),
-        constant("rows", np.array([-1, k, m], dtype=np.int64)),
-        oh.make_node("Reshape", [current, "rows"], ["grid"]),
-        oh.make_node("Mul", ["grid", "scale"], ["scaled"]),
-    ]
+    n = k * m
+    nodes = [oh.make_node("Shape", ["x"], ["shape"]), constant("scale", np.array(1.0 / math.sqrt(m), dtype=np_t))]
+    factors = [(f"h{i}", r) for i, r in enumerate(reversed(radices(m)))]  # trailing digit first
+    nodes += [constant(name, sylvester(r).astype(np_t)) for name, r in factors]
     if k > 1:
+        nodes += [oh.make_node("Cast", ["base"], ["base_c"], to=dtype), oh.make_node("Mul", ["base_c", "scale"], ["base_s"])]
+        factors.append(("base_s", k))
+    current = "x"
+    for i, (mat, r) in enumerate(factors):
         nodes += [
-            oh.make_node("Cast", ["base"], ["base_c"], to=dtype),
-            oh.make_node("Transpose", ["base_c"], ["base_t"], perm=[1, 0]),
-            oh.make_node("MatMul", ["base_t", "scaled"], ["mixed"]),
+            constant(f"digit{i}", np.array([-1, r], dtype=np.int64)),
+            constant(f"rows{i}", np.array([-1, n // r, r], dtype=np.int64)),
+            oh.make_node("Reshape", [current, f"digit{i}"], [f"d{i}"]),
+            oh.make_node("MatMul", [f"d{i}", mat], [f"p{i}"]),
+            oh.make_node("Reshape", [f"p{i}", f"rows{i}"], [f"g{i}"]),
+            oh.make_node("Transpose", [f"g{i}"], [f"t{i}"], perm=[0, 2, 1]),
         ]
-    else:
-        nodes.append(oh.make_node("Identity", ["scaled"], ["mixed"]))
-    nodes.append(oh.make_node("Reshape", ["mixed", "shape"], ["y"]))
+        current = f"t{i}"
+    if k == 1:
+        nodes.append(oh.make_node("Mul", [current, "scale"], ["scaled"]))
+        current = "scaled"
+    nodes.append(oh.make_node("Reshape", [current, "shape"], ["y"]))
     return function_proto(f"Hadamard_{k}x{m}_t{dtype}", ["x", "base"], ["y"], nodes, opset)
