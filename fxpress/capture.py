@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.nn as nn
@@ -127,7 +128,10 @@ def capture_causal_lm(model: nn.Module, example_ids: torch.Tensor | None = None,
     """Capture a Hugging Face causal LM with a KV-cache signature and dynamic batch/sequence/past."""
     model = model.eval()
     if has_placeholders(model):
-        with FAKE_MODE:  # the placeholders compute shapes only; the real inputs are converted
+        # The placeholders compute shapes only; the real inputs are converted. Transformers' MoE experts run
+        # torch._grouped_mm eagerly on the CPU, whose fake kernel takes bf16 only; while compiling (as when the
+        # graph is exported below) they take transformers' grouped_mm_fallback, so this forward says it compiles.
+        with FAKE_MODE, mock.patch.object(torch.compiler, "is_compiling", return_value=True):
             info = _lm_info(model, source)
     else:
         info = _lm_info(model, source)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from fxpress.calibration import for_each_activation, program_inputs
 from fxpress.errors import ConfigError
-from fxpress.graph import ExpertLayer
+from fxpress.graph import ExpertLayer, get_param
 
 if TYPE_CHECKING:
     from fxpress.program import Program
@@ -50,6 +50,9 @@ class _GradRecorder(torch.fx.Interpreter):
         super().__init__(module)
         self.wanted = wanted
         self.leaves: dict[str, torch.Tensor] = {}
+
+    def get_attr(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        return get_param(self.module, str(target))  # a store-backed weight is read from its store
 
     def run_node(self, n: torch.fx.Node):
         result = super().run_node(n)
