@@ -165,12 +165,21 @@ class QuantizeExperts(Pass):
         if self._fisher and program.is_causal_lm:
             check_streams(program, self.analysis.sensitivity)
         samples, select = self._split_calibration(program)
-        data = record_routing(program, layers, samples, fisher=self._fisher,
-                              fisher_samples=self.analysis.fisher_samples,
-                              text_gradient=self.analysis.sensitivity == "loss")
+        keep = self._keeps_quantized(program)
+
+        def analyse(i: int, d: LayerData) -> tuple[LayerAnalysis, LayerData | None]:  # once the run passed layer i
+            a = analyse_layer(expert_functions(gm, layers[i]), d, layers[i].index, tuple(self.budget.bit_choices),
+                              self.weights.group_size, self.analysis.min_rows, prior_rows=self.analysis.prior_rows,
+                              method=self.weights.method, keep_quantized=keep)
+            return a, self._kept_data(program, d)
+
+        recorded = record_routing(program, layers, samples, fisher=self._fisher,
+                                  fisher_samples=self.analysis.fisher_samples,
+                                  text_gradient=self.analysis.sensitivity == "loss", on_layer=analyse)
+        data = [d for _, d in recorded]
         calib = samples if samples is not None else program.calibration.batches
         with torch.no_grad():
-            analysis = self._analyse(program, layers, data, calib)
+            analysis = self._measure(program, layers, [a for a, _ in recorded], calib)
             items = allocation_items(analysis, self.budget.allocation, self.budget.granularity)
             plan, candidates = self._allocate(program, layers, analysis, items, calib if select is None else select)
             bits = bits_per_projection(plan)
@@ -216,17 +225,16 @@ class QuantizeExperts(Pass):
         measured = budget.allocation == "moqa" and (self.analysis.sensitivity == "kl" or len(set(budget.trust_region)) > 1)
         return measured or program.weights is None
 
-    def _analyse(self, program: Program, layers: list[ExpertLayer], data: list[LayerData], calib: torch.Tensor
+    def _kept_data(self, program: Program, data: LayerData) -> LayerData | None:
+        """What the rewrite needs of a layer's calibration rows: GPTQ's Hessians; RTN on a store-backed program
+        nothing, so those rows are released as soon as the layer is analysed."""
+        return data if self.weights.method == "gptq" or program.weights is None else None
+
+    def _measure(self, program: Program, layers: list[ExpertLayer], analyses: list[LayerAnalysis], calib: torch.Tensor
                  ) -> MoEAnalysis:
-        """Stages 1-3 per layer, then (per `analysis.sensitivity`) the model-output KL or the layer calibration."""
+        """The layers' analyses, then (per `analysis.sensitivity`) the model-output KL or the layer calibration."""
         choices, group_size = tuple(self.budget.bit_choices), self.weights.group_size
-        keep = self._keeps_quantized(program)
-        analysis = MoEAnalysis([
-            analyse_layer(expert_functions(program.module, layer), d, layer.index, choices, group_size,
-                          self.analysis.min_rows, prior_rows=self.analysis.prior_rows, method=self.weights.method,
-                          keep_quantized=keep)
-            for layer, d in zip(layers, data)
-        ], choices, group_size)
+        analysis = MoEAnalysis(analyses, choices, group_size)
         if self.budget.allocation == "moqa" and self.analysis.sensitivity == "kl":
             model_sensitivity(program, layers, analysis.layers, calib)
         elif self.analysis.layer_calibration and self.budget.allocation == "moqa":
@@ -249,7 +257,7 @@ class QuantizeExperts(Pass):
         h = weighted_hessian(x, w) if gptq else None
         return quantize_matrix(weight, bits, self.weights.group_size, self.weights.method, h)
 
-    def _rewrite_layer(self, gm: torch.fx.GraphModule, layer: ExpertLayer, fns: list[ExpertFn], data: LayerData,
+    def _rewrite_layer(self, gm: torch.fx.GraphModule, layer: ExpertLayer, fns: list[ExpertFn], data: LayerData | None,
                        analysis: LayerAnalysis, bits: dict[tuple[int, int, str], int]) -> None:
         """Replace the layer's expert matmuls, reusing the matrices the analysis already quantized."""
         def quantized(e: int, use: LinearUse, weight: torch.Tensor) -> QuantizedWeight:
