@@ -164,6 +164,12 @@ class PruneTokens(Pass):
             raise ConfigError("prune_tokens works on causal language models (captured with a KV-cache signature)")
         if program.calibration is None:
             raise ConfigError("prune_tokens needs calibration text: pass calibration=token windows to fxpress.compile")
+        if program.weights is not None:
+            raise ConfigError(
+                "prune_tokens trains its token router by back-propagating through the whole model, which a "
+                "store-backed program (compiled with max_memory) cannot do within its budget: compile it without "
+                "max_memory, or score blocks with the streamed ShortGPT baseline "
+                "(fxpress.passes.prune_tokens.baselines.influence / drop)")
 
     def _cost_table(self, program: Program, blocks: list) -> dict[str, Any]:
         """Per-block multiply-adds and the router's own cost: what `prune_flops` prices a schedule with."""

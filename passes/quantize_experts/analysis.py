@@ -45,9 +45,10 @@ def proj_name(use: LinearUse) -> str:
     return parts[-2] if parts[-1] in ("weight",) and len(parts) > 1 else parts[-1]
 
 
-def weight_matrix(gm: torch.nn.Module, use: LinearUse, expert: int | None = None) -> torch.Tensor:
-    """The weight as [out, in] (one expert's slice of a fused 3-D parameter)."""
-    param = get_param(gm, use.weight).detach()
+def weight_matrix(gm: torch.nn.Module, use: LinearUse, expert: int | None = None,
+                  param: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight as [out, in] (one expert's slice of a fused 3-D parameter); `param`: the tensor, already read."""
+    param = get_param(gm, use.weight).detach() if param is None else param
     if param.dim() == 3:
         param = param[use.expert if use.expert is not None else expert]
     return param if use.in_axis == -1 else param.T
@@ -79,28 +80,33 @@ class ExpertFn:
 
 
 def expert_functions(gm: torch.fx.GraphModule, layer: ExpertLayer) -> list[ExpertFn]:
-    """Each routed expert of a layer as an ExpertFn (fused experts share one activation subgraph)."""
+    """Each routed expert of a layer as an ExpertFn (fused experts share one activation subgraph).
+
+    Each parameter is read once (a store-backed fused [E, out, in] tensor is one read, not one per expert).
+    """
+    read: dict[str, torch.Tensor] = {}
+
+    def param(node: torch.fx.Node) -> torch.Tensor:
+        if str(node.target) not in read:
+            read[str(node.target)] = get_param(gm, node).detach()
+        return read[str(node.target)]
+
     def bias(use: LinearUse, e: int | None) -> torch.Tensor | None:
         if use.bias is None:
             return None
-        b = get_param(gm, use.bias).detach()
+        b = param(use.bias)
         return b[e] if b.dim() == 2 and e is not None else b
 
-    fns = []
+    def fn(up: list[LinearUse], down: LinearUse, middle: torch.nn.Module, e: int | None) -> ExpertFn:
+        uses = [*up, down]
+        return ExpertFn(up, down, middle, {proj_name(u): weight_matrix(gm, u, e, param(u.weight)) for u in uses},
+                        {proj_name(u): bias(u, e) for u in uses})
+
     if layer.fused:
         middle = subgraph_function(gm, [u.node for u in layer.up], layer.down.input)
-        for e in range(layer.num_experts):
-            uses = [*layer.up, layer.down]
-            fns.append(ExpertFn(layer.up, layer.down, middle,
-                                {proj_name(u): weight_matrix(gm, u, e) for u in uses},
-                                {proj_name(u): bias(u, e) for u in uses}))
-        return fns
-    for ex in layer.experts:
-        middle = subgraph_function(gm, [u.node for u in ex.up], ex.down.input)
-        uses = [*ex.up, ex.down]
-        fns.append(ExpertFn(ex.up, ex.down, middle, {proj_name(u): weight_matrix(gm, u) for u in uses},
-                            {proj_name(u): bias(u, None) for u in uses}))
-    return fns
+        return [fn(layer.up, layer.down, middle, e) for e in range(layer.num_experts)]
+    return [fn(ex.up, ex.down, subgraph_function(gm, [u.node for u in ex.up], ex.down.input), None)
+            for ex in layer.experts]
 
 
 # --- the three stages ------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ table and saved in `program.metadata["quantize_experts"]`. The configuration gro
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -55,6 +56,7 @@ from fxpress.passes.quantize_experts.solver import (
     solve_allocation,
     trust_region_items,
 )
+from fxpress.passes.quantize_experts.stored import check_streams
 
 if TYPE_CHECKING:
     from fxpress.program import Program
@@ -98,21 +100,26 @@ def replace_linear(gm: torch.fx.GraphModule, use: LinearUse, quantized: Quantize
 
 
 def replace_grouped(gm: torch.fx.GraphModule, use: LinearUse, offsets: torch.fx.Node,
-                    quantized: list[QuantizedWeight]) -> None:
-    """A fused grouped_mm over 3-D experts -> fxpress::grouped_linear_nbit (bits per expert)."""
+                    quantized: Iterable[QuantizedWeight]) -> None:
+    """A fused grouped_mm over 3-D experts -> fxpress::grouped_linear_nbit (bits per expert).
+
+    `quantized` may be a generator: each expert's packed codes go to the module (or its weight store) before
+    the next expert is quantized.
+    """
     node = use.node
     base = use.name.replace(".", "_")
-    qs, zs, scales = [], [], []
+    qs, zs, scales, bits = [], [], [], []
     for e, qw in enumerate(quantized):
         qweight, scale, zeros = qw.packed()
         qs.append(add_param(gm, f"{base}_e{e}_qweight", qweight, node, buffer=True))
         zs.append(add_param(gm, f"{base}_e{e}_zeros", zeros, node, buffer=True))
         scales.append(scale)
+        bits.append(qw.spec.bits)
+        block_size, columns = qw.block_size, qw.codes.shape[1]
     s = add_param(gm, f"{base}_scales", torch.stack(scales), node, buffer=True)
-    bits = [qw.spec.bits for qw in quantized]
     src = _weight_source(node, use.weight)
     replace_with_call(gm, node, torch.ops.fxpress.grouped_linear_nbit.default, (
-        use.input, offsets, qs, s, zs, bits, quantized[0].block_size, quantized[0].codes.shape[1]))
+        use.input, offsets, qs, s, zs, bits, block_size, columns))
     _erase_weight_chain(gm, src)
 
 
@@ -155,18 +162,29 @@ class QuantizeExperts(Pass):
         if not layers:
             raise ConfigError("quantize_experts found no mixture-of-experts layer (a router whose topk feeds fused "
                               "grouped_mm experts or per-expert linears): use the 'quantize' pass for dense models")
+        if self._fisher and program.is_causal_lm:
+            check_streams(program, self.analysis.sensitivity)
         samples, select = self._split_calibration(program)
-        data = record_routing(program, layers, samples, fisher=self._fisher,
-                              fisher_samples=self.analysis.fisher_samples,
-                              text_gradient=self.analysis.sensitivity == "loss")
+        keep = self._keeps_quantized(program)
+
+        def analyse(i: int, d: LayerData) -> tuple[LayerAnalysis, LayerData | None]:  # once the run passed layer i
+            a = analyse_layer(expert_functions(gm, layers[i]), d, layers[i].index, tuple(self.budget.bit_choices),
+                              self.weights.group_size, self.analysis.min_rows, prior_rows=self.analysis.prior_rows,
+                              method=self.weights.method, keep_quantized=keep)
+            return a, self._kept_data(program, d)
+
+        recorded = record_routing(program, layers, samples, fisher=self._fisher,
+                                  fisher_samples=self.analysis.fisher_samples,
+                                  text_gradient=self.analysis.sensitivity == "loss", on_layer=analyse)
+        data = [d for _, d in recorded]
         calib = samples if samples is not None else program.calibration.batches
         with torch.no_grad():
-            fns, analysis = self._analyse(program, layers, data, calib)
+            analysis = self._measure(program, layers, [a for a, _ in recorded], calib)
             items = allocation_items(analysis, self.budget.allocation, self.budget.granularity)
             plan, candidates = self._allocate(program, layers, analysis, items, calib if select is None else select)
             bits = bits_per_projection(plan)
-            for layer, f, d, a in zip(layers, fns, data, analysis.layers):
-                self._rewrite_layer(gm, layer, f, d, a, bits)
+            for layer, d, a in zip(layers, data, analysis.layers):  # one layer's expert weights read at a time
+                self._rewrite_layer(gm, layer, expert_functions(gm, layer), d, a, bits)
                 a.quantized.clear()
             warnings = self._shared_and_gates(gm, layers)
         if self._fisher and not program.is_causal_lm:
@@ -199,21 +217,29 @@ class QuantizeExperts(Pass):
             return batches[: self.analysis.calib_samples], select
         return (batches if select is not None else None), select
 
-    def _analyse(self, program: Program, layers: list[ExpertLayer], data: list[LayerData], calib: torch.Tensor
-                 ) -> tuple[list[list[ExpertFn]], MoEAnalysis]:
-        """Stages 1-3 per layer, then (per `analysis.sensitivity`) the model-output KL or the layer calibration."""
+    def _keeps_quantized(self, program: Program) -> bool:
+        """Whether the analysis keeps every quantized matrix: the measured sensitivities and plans swap them in;
+        an in-memory program also reuses them in the rewrite. A store-backed one quantizes again there, so that
+        only one layer's matrices are in memory at a time."""
+        budget = self.budget
+        measured = budget.allocation == "moqa" and (self.analysis.sensitivity == "kl" or len(set(budget.trust_region)) > 1)
+        return measured or program.weights is None
+
+    def _kept_data(self, program: Program, data: LayerData) -> LayerData | None:
+        """What the rewrite needs of a layer's calibration rows: GPTQ's Hessians; RTN on a store-backed program
+        nothing, so those rows are released as soon as the layer is analysed."""
+        return data if self.weights.method == "gptq" or program.weights is None else None
+
+    def _measure(self, program: Program, layers: list[ExpertLayer], analyses: list[LayerAnalysis], calib: torch.Tensor
+                 ) -> MoEAnalysis:
+        """The layers' analyses, then (per `analysis.sensitivity`) the model-output KL or the layer calibration."""
         choices, group_size = tuple(self.budget.bit_choices), self.weights.group_size
-        fns = [expert_functions(program.module, layer) for layer in layers]
-        analysis = MoEAnalysis([
-            analyse_layer(f, d, layer.index, choices, group_size, self.analysis.min_rows,
-                          prior_rows=self.analysis.prior_rows, method=self.weights.method, keep_quantized=True)
-            for layer, f, d in zip(layers, fns, data)
-        ], choices, group_size)
+        analysis = MoEAnalysis(analyses, choices, group_size)
         if self.budget.allocation == "moqa" and self.analysis.sensitivity == "kl":
             model_sensitivity(program, layers, analysis.layers, calib)
         elif self.analysis.layer_calibration and self.budget.allocation == "moqa":
-            layer_significance(program, layers, fns, analysis.layers, calib, min(choices), group_size)
-        return fns, analysis
+            layer_significance(program, layers, analysis.layers, calib, min(choices), group_size)
+        return analysis
 
     def _allocate(self, program: Program, layers: list[ExpertLayer], analysis: MoEAnalysis, items: list[Item],
                   select: torch.Tensor) -> tuple[dict[tuple, int], list[dict[str, Any]]]:
@@ -231,7 +257,7 @@ class QuantizeExperts(Pass):
         h = weighted_hessian(x, w) if gptq else None
         return quantize_matrix(weight, bits, self.weights.group_size, self.weights.method, h)
 
-    def _rewrite_layer(self, gm: torch.fx.GraphModule, layer: ExpertLayer, fns: list[ExpertFn], data: LayerData,
+    def _rewrite_layer(self, gm: torch.fx.GraphModule, layer: ExpertLayer, fns: list[ExpertFn], data: LayerData | None,
                        analysis: LayerAnalysis, bits: dict[tuple[int, int, str], int]) -> None:
         """Replace the layer's expert matmuls, reusing the matrices the analysis already quantized."""
         def quantized(e: int, use: LinearUse, weight: torch.Tensor) -> QuantizedWeight:
@@ -248,8 +274,8 @@ class QuantizeExperts(Pass):
         if layer.fused:
             for use in [*layer.up, layer.down]:
                 p = proj_name(use)
-                replace_grouped(gm, use, layer.offsets, [quantized(e, use, fns[e].weights[p])
-                                                         for e in range(layer.num_experts)])
+                replace_grouped(gm, use, layer.offsets, (quantized(e, use, fns[e].weights[p])
+                                                         for e in range(layer.num_experts)))
             return
         for e, ex in enumerate(layer.experts):
             for use in [*ex.up, ex.down]:

@@ -4,6 +4,7 @@ LMs) the sampled-Fisher gradients of each routed row, all read from one run over
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 from fxpress.calibration import for_each_activation, program_inputs
 from fxpress.errors import ConfigError
-from fxpress.graph import ExpertLayer
+from fxpress.graph import ExpertLayer, get_param
 
 if TYPE_CHECKING:
     from fxpress.program import Program
@@ -50,6 +51,9 @@ class _GradRecorder(torch.fx.Interpreter):
         super().__init__(module)
         self.wanted = wanted
         self.leaves: dict[str, torch.Tensor] = {}
+
+    def get_attr(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        return get_param(self.module, str(target))  # a store-backed weight is read from its store
 
     def run_node(self, n: torch.fx.Node):
         result = super().run_node(n)
@@ -105,40 +109,75 @@ def record_fisher(program: Program, layers: list[ExpertLayer], batches: list[tor
 
 
 def record_routing(program: Program, layers: list[ExpertLayer], samples: torch.Tensor | None = None,
-                   fisher: bool = False, fisher_samples: int = 8, text_gradient: bool = False) -> list[LayerData]:
+                   fisher: bool = False, fisher_samples: int = 8, text_gradient: bool = False,
+                   on_layer: Callable[[int, LayerData], Any] | None = None) -> list[Any]:
     """Run the calibration data once and split each layer's routed rows by expert.
 
     With `fisher` (causal LMs), also record each routed row's sampled Fisher gradients (see `record_fisher`).
+    Without it, `on_layer(i, data)` (when given) receives layer i's data as soon as the run has passed the
+    layer, and its result takes the data's place: a node-major run (`fxpress.execute`) then holds one
+    layer's raw activations at a time, not the model's.
     """
     wanted = [_wanted(layer) for layer in layers]
-    store: dict[str, list[torch.Tensor]] = {}
-    names = set()
-    for w in wanted:
-        for v in w.values():
-            names.update(v if isinstance(v, list) else [v])
-    for name in names:
-        store[name] = []
-    if samples is None:
-        if program.calibration is None:
-            raise ConfigError("the MoE analysis needs calibration data: pass calibration=... to fxpress.compile")
-        batches = list(program.calibration.chunks())
-    else:
-        batches = list(samples.split(4))
-    for_each_activation(program, names, lambda n, t: store[n].append(t), batches)
-    grads = None
+    batches = _batches(program, samples)
     if fisher and program.is_causal_lm:
+        store = _gather(program, wanted, batches, None)
         grads = record_fisher(program, layers, batches, fisher_samples, text_gradient=text_gradient)
-    data = []
-    for layer, w in zip(layers, wanted):
-        d = _layer_data(layer, w, store)
-        if grads is not None:
-            slots = fisher_samples + int(text_gradient)
+        data = [_layer_data(layer, w, store) for layer, w in zip(layers, wanted)]
+        slots = fisher_samples + int(text_gradient)
+        for layer, w, d in zip(layers, wanted, data):
             split = [f.reshape(f.shape[0], slots, f.shape[1] // slots) for f in _split_fisher(layer, w, store, grads)]
             d.row_fisher = [f[:, :fisher_samples] for f in split]
             d.row_text_grad = [f[:, fisher_samples] for f in split] if text_gradient else None
             d.positions = sum(int(b.numel()) for b in batches)
-        data.append(d)
-    return data
+        return [d if on_layer is None else on_layer(i, d) for i, d in enumerate(data)]
+    done: dict[int, Any] = {}
+
+    def finish(i: int, store: dict[str, list[torch.Tensor]]) -> None:
+        d = _layer_data(layers[i], wanted[i], store)
+        with torch.no_grad():
+            done[i] = d if on_layer is None else on_layer(i, d)
+
+    _gather(program, wanted, batches, finish)
+    return [done[i] for i in range(len(layers))]
+
+
+def _batches(program: Program, samples: torch.Tensor | None) -> list[torch.Tensor]:
+    if samples is not None:
+        return list(samples.split(4))
+    if program.calibration is None:
+        raise ConfigError("the MoE analysis needs calibration data: pass calibration=... to fxpress.compile")
+    return list(program.calibration.chunks())
+
+
+def _names(w: dict[str, Any]) -> set[str]:
+    return {n for v in w.values() for n in (v if isinstance(v, list) else [v])}
+
+
+def _gather(program: Program, wanted: list[dict[str, Any]], batches: list[torch.Tensor],
+            finish: Callable[[int, dict], None] | None) -> dict[str, list[torch.Tensor]]:
+    """Every wanted node's value on every batch; `finish(i, store)` runs once layer i's values are all in, and
+    a value no unfinished layer reads is dropped after it."""
+    per_layer = [_names(w) for w in wanted]
+    readers = {n: sum(n in names for names in per_layer) for names in per_layer for n in names}
+    store: dict[str, list[torch.Tensor]] = {n: [] for n in readers}
+    open_layers = set(range(len(wanted)))
+
+    def record(name: str, value: torch.Tensor) -> None:
+        store[name].append(value)
+        if finish is None or len(store[name]) < len(batches):
+            return
+        for i in sorted(open_layers):
+            if all(len(store[n]) == len(batches) for n in per_layer[i]):
+                open_layers.discard(i)
+                finish(i, store)
+                for n in per_layer[i]:
+                    readers[n] -= 1
+                    if readers[n] == 0:
+                        store[n] = []
+
+    for_each_activation(program, readers, record, batches)
+    return store
 
 
 def _split_fisher(layer: ExpertLayer, w: dict[str, Any], store, grads) -> list[torch.Tensor]:

@@ -3,7 +3,8 @@ whole plan costs at the model output, measured by running the program with the q
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -11,14 +12,15 @@ import torch.nn.functional as F
 
 from fxpress.calibration import program_inputs
 from fxpress.errors import ConfigError
-from fxpress.graph import ExpertLayer, get_param, set_param
+from fxpress.graph import ExpertLayer
 from fxpress.passes.quantize_experts.analysis import (
-    ExpertFn,
     LayerAnalysis,
+    expert_functions,
     proj_name,
     quantize_matrix,
     with_prior,
 )
+from fxpress.passes.quantize_experts.stored import expert_uses, replaced_experts, swapped_params
 
 if TYPE_CHECKING:
     from fxpress.program import Program
@@ -26,7 +28,7 @@ if TYPE_CHECKING:
 
 # --- from layer output error to model output error --------------------------------------------------
 def _logits(program: Program, batch: torch.Tensor) -> torch.Tensor:
-    out = program.module(*program_inputs(program, batch))
+    out = program.run(*program_inputs(program, batch))
     return (out[0] if isinstance(out, (tuple, list)) else out).float()
 
 
@@ -36,28 +38,16 @@ def _kl(ref: torch.Tensor, test: torch.Tensor) -> float:
     return float((p.exp() * (p - q)).sum(-1).mean())
 
 
-def _fake_quantize_layer(gm, layer: ExpertLayer, fns: list[ExpertFn], bits: int, group_size: int) -> dict[str, torch.Tensor]:
-    """Overwrite every routed expert weight of `layer` with its RTN version; returns the originals."""
-    saved: dict[str, torch.Tensor] = {}
-    pairs = [(u, e) for u in [*layer.up, layer.down] for e in range(layer.num_experts)] if layer.fused else \
-        [(u, e) for e, ex in enumerate(layer.experts) for u in (*ex.up, ex.down)]
-    for use, e in pairs:
-        target = str(use.weight.target)
-        if target not in saved:
-            saved[target] = get_param(gm, use.weight).detach().clone()
-        param = get_param(gm, use.weight).detach().clone()
-        q = quantize_matrix(fns[e].weights[proj_name(use)], bits, group_size).dequantize().to(param.dtype)
-        q = q if use.in_axis == -1 else q.T
-        index = use.expert if use.expert is not None else (e if param.dim() == 3 else None)
-        if index is None:
-            param = q
-        else:
-            param[index] = q
-        set_param(gm, use.weight, param)
-    return saved
+def _quantized_layer(gm: torch.fx.GraphModule, layer: ExpertLayer, bits: int, group_size: int
+                     ) -> dict[str, torch.Tensor]:
+    """Every routed expert weight of `layer` replaced by its RTN version (new tensors by attribute target)."""
+    fns = expert_functions(gm, layer)
+    changes = {(e, proj_name(use)): quantize_matrix(fns[e].weights[proj_name(use)], bits, group_size).dequantize()
+               for e, use in expert_uses(layer)}
+    return replaced_experts(gm, layer, changes, proj_name)
 
 
-def layer_significance(program: Program, layers: list[ExpertLayer], fns: list[list[ExpertFn]], analyses: list[LayerAnalysis],
+def layer_significance(program: Program, layers: list[ExpertLayer], analyses: list[LayerAnalysis],
                        samples: torch.Tensor, bits: int, group_size: int) -> list[float]:
     """Per layer: the model's output KL when all its experts drop to `bits`, per unit of predicted error.
 
@@ -69,13 +59,9 @@ def layer_significance(program: Program, layers: list[ExpertLayer], fns: list[li
     with torch.no_grad():
         ref = [_logits(program, b) for b in samples.split(4)]
         factors = []
-        for layer, f, a in zip(layers, fns, analyses):
-            saved = _fake_quantize_layer(gm, layer, f, bits, group_size)
-            try:
+        for layer, a in zip(layers, analyses):
+            with swapped_params(gm, _quantized_layer(gm, layer, bits, group_size)):
                 kl = sum(_kl(r, _logits(program, b)) for r, b in zip(ref, samples.split(4))) / len(ref)
-            finally:
-                for target, value in saved.items():
-                    set_param(gm, target, value)
             predicted = sum(v[bits] for v in a.sensitivity.values())
             a.significance = kl / predicted if predicted > 0 else 1.0
             factors.append(a.significance)
@@ -83,26 +69,10 @@ def layer_significance(program: Program, layers: list[ExpertLayer], fns: list[li
 
 
 # --- stage 2, end to end: what quantizing one expert projection costs at the model output -----------
-@contextmanager
-def swapped_weight(gm: torch.fx.GraphModule, layer: ExpertLayer, e: int, proj: str, weight: torch.Tensor):
+def swapped_weight(gm: torch.fx.GraphModule, layer: ExpertLayer, e: int, proj: str, weight: torch.Tensor
+                   ) -> AbstractContextManager[None]:
     """Expert `e`'s projection `proj` holds `weight` ([out, in]) in the graph while the block runs."""
-    uses = [*layer.up, layer.down] if layer.fused else [*layer.experts[e].up, layer.experts[e].down]
-    saved = []
-    with torch.no_grad():
-        for use in uses:
-            if proj_name(use) != proj:
-                continue
-            param = get_param(gm, use.weight)
-            index = use.expert if use.expert is not None else (e if param.dim() == 3 else None)
-            view = param.data if index is None else param.data[index]
-            saved.append((view, view.clone()))
-            view.copy_((weight if use.in_axis == -1 else weight.T).to(view.dtype))
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for view, old in saved:
-                view.copy_(old)
+    return swapped_params(gm, replaced_experts(gm, layer, {(e, proj): weight}, proj_name))
 
 
 def _divergence(causal_lm: bool, ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -157,13 +127,18 @@ def planned_weights(gm: torch.fx.GraphModule, layers: list[ExpertLayer], analyse
     Uses the matrices `analyse_layer(keep_quantized=True)` kept (RTN or GPTQ), so a whole plan is measured
     with all its errors together, without rewriting the graph.
     """
-    with ExitStack() as stack:
+    def values() -> Iterator[tuple[str, torch.Tensor]]:  # one layer's tensors at a time
         for layer, a in zip(layers, analyses):
+            changes = {}
             for e, proj in a.sensitivity:
                 qw = a.quantized.get((e, proj, bits[(a.layer, e, proj)]))
                 if qw is None:
-                    raise ConfigError("planned_weights needs the quantized matrices: run analyse_layer with keep_quantized=True")
-                stack.enter_context(swapped_weight(gm, layer, e, proj, qw.dequantize()))
+                    raise ConfigError("planned_weights needs the quantized matrices: run analyse_layer with "
+                                      "keep_quantized=True")
+                changes[(e, proj)] = qw.dequantize()
+            yield from replaced_experts(gm, layer, changes, proj_name).items()
+
+    with swapped_params(gm, values()):
         yield
 
 

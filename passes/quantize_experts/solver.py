@@ -129,7 +129,7 @@ def select_plan(program: Program, layers: list[ExpertLayer], analysis: MoEAnalys
     """
     reference = None
     if not program.is_causal_lm:
-        reference = [program.module(*program_inputs(program, b)) for b in samples.split(16)]
+        reference = [program.run(*program_inputs(program, b)) for b in samples.split(16)]
         reference = [(r[0] if isinstance(r, (tuple, list)) else r).detach() for r in reference]
     seen: dict[tuple, dict[str, Any]] = {}
     best = None

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fxpress.calibration import collect_activations
+from fxpress.calibration import collect_activations, program_inputs
 from fxpress.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ def training_data(program: Program) -> tuple[torch.Tensor | None, torch.Tensor |
     if data is None:
         return None, None
     if isinstance(data, torch.Tensor):
-        return data.float(), None
+        return (data if program.is_causal_lm else data.float()), None  # a causal LM reads token ids
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         x, y = data
         if x.shape[0] != y.shape[0]:
@@ -44,7 +44,7 @@ def activations(program: Program, names: list[str], inputs: torch.Tensor) -> dic
 def model_outputs(program: Program, inputs: torch.Tensor) -> torch.Tensor:
     outs = []
     for chunk in inputs.split(CHUNK):
-        out = program.run(chunk)
+        out = program.run(*program_inputs(program, chunk))  # through the weight store when the program has one
         outs.append((out[0] if isinstance(out, (tuple, list)) else out).detach())
     return torch.cat(outs)
 
