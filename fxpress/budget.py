@@ -39,11 +39,10 @@ class MemoryPlan:
     activations: int  # the calibration engine's activation budget
     overlay: int  # the weight store's in-memory budget
 
-    def rows(self) -> list[tuple[str, str]]:
-        """The plan as (what, size) rows for reports and the CLI table."""
-        return [("max memory", format_bytes(self.max_memory)), ("resident before compiling", format_bytes(self.resident)),
-                ("one block's weights and Hessians", format_bytes(self.block)),
-                ("activation budget", format_bytes(self.activations)), ("weight overlay budget", format_bytes(self.overlay))]
+
+def plan_rows(plan: dict[str, int]) -> list[tuple[str, str]]:
+    """A memory plan (MemoryPlan's fields, as a program's metadata keeps them) as (what, size) table rows."""
+    return [(key.replace("_", " "), format_bytes(value)) for key, value in plan.items()]
 
 
 def requested_budget(value: str | int | float | None, what: str = "max_memory") -> int | None:
@@ -149,7 +148,7 @@ def plan_memory(program: Program, max_memory: int, calibration_tokens: int, hess
     activations = block_activations(program, calibration_tokens)
     need = resident + block + activations
     if max_memory < need:
-        smallest = math.ceil(need * 1.02 / ROUND) * ROUND
+        smallest = math.ceil(need * 1.1 / ROUND) * ROUND  # room for what the next capture adds
         raise ConfigError(
             f"max_memory={format_bytes(max_memory)} is below what one decoder block needs ({format_bytes(need)} with "
             f"torch loaded: {format_bytes(resident)} resident, {format_bytes(block)} for the block's weights"

@@ -217,7 +217,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     Under torchrun every rank compiles (calibration split across them); rank 0 alone writes and prints.
     """
     import fxpress
-    from fxpress.compiled import is_main_rank
+    from fxpress.compiled import is_main_rank, leave_process_group
     from fxpress.data import token_windows
 
     targets, passes, needs_text = _check_compile_args(args)
@@ -244,7 +244,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         rows += _eval_rows(reference, cm, tokenizer, args)
     if main:
         console.print(_results_table(f"fxpress compile {args.model}", rows))
-    _leave_process_group()
+    leave_process_group()
     return 0
 
 
@@ -252,22 +252,12 @@ def _memory_rows(cm: CompiledModel) -> list[tuple[str, str]]:
     """Weight bytes, the memory plan under --max-memory, and this process's peak resident memory so far."""
     import resource
 
+    from fxpress.budget import plan_rows
     from fxpress.weights import format_bytes
 
-    rows = [("weight bytes", f"{cm.program.weight_bytes():,}")]
-    plan = cm.program.metadata.get("memory_plan")
-    if plan:
-        rows += [(key.replace("_", " "), format_bytes(value)) for key, value in plan.items()]
-    rows.append(("peak resident memory", format_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)))
-    return rows
-
-
-def _leave_process_group() -> None:
-    """End the process group torchrun's environment started (a clean exit, no NCCL/gloo warnings)."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return [("weight bytes", f"{cm.program.weight_bytes():,}"), *plan_rows(cm.program.metadata.get("memory_plan", {})),
+            ("peak resident memory", format_bytes(peak))]
 
 
 def _eval_rows(

@@ -41,10 +41,11 @@ def _as_passes(passes: Sequence[Any]) -> list[Pass]:
 
 
 def is_main_rank() -> bool:
-    """Whether this process writes artifacts: always without a process group, rank 0 with one."""
+    """Whether this process writes artifacts and prints: rank 0 of the process group (or of torchrun's
+    environment, before compile starts the group); always when there is neither."""
     import torch.distributed as dist
 
-    return not dist.is_initialized() or dist.get_rank() == 0
+    return (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))) == 0
 
 
 def _on_main_rank(write: Callable[[], Any]) -> None:
@@ -159,6 +160,14 @@ def join_process_group(device: torch.device) -> torch.device:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return device
+
+
+def leave_process_group() -> None:
+    """End the process group torchrun's environment started (a clean exit, no gloo/NCCL warnings)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _capture(model: torch.nn.Module | str | os.PathLike, example_inputs: Any, cast: torch.dtype | None,
