@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -144,6 +145,15 @@ def _check_dtype(args: argparse.Namespace, targets: list, passes: list[Pass]) ->
         )
 
 
+def _check_budget(args: argparse.Namespace) -> None:
+    """--max-memory is a size and --device one PyTorch has, checked before anything is loaded."""
+    from fxpress.budget import requested_budget
+    from fxpress.compiled import check_device
+
+    args.max_memory = requested_budget(args.max_memory, "--max-memory")
+    check_device(args.device)
+
+
 def _check_compile_args(args: argparse.Namespace) -> tuple[list, list[Pass], bool]:
     """Every argument of `fxpress compile` checked before anything is loaded: (targets, passes, needs text)."""
     from fxpress.passes.manager import validate_pipeline
@@ -152,59 +162,111 @@ def _check_compile_args(args: argparse.Namespace) -> tuple[list, list[Pass], boo
     passes = _build_passes(args)
     validate_pipeline(passes, (), True)
     _check_dtype(args, targets, passes)
+    _check_budget(args)
     _check_out(Path(args.out), targets, args.overwrite)
     needs_text = any(p.needs_calibration for p in passes) or args.eval_windows > 0
     _check_model(args, needs_text)
     return targets, passes, needs_text
 
 
-def cmd_compile(args: argparse.Namespace) -> int:
-    """Load a model, run the passes, save the program, export the artifacts, optionally evaluate."""
+def _load(args: argparse.Namespace, needs_text: bool) -> tuple[Any, Any, Callable[[Any], Any] | None]:
+    """(what to compile, tokenizer, the reference for evaluation). Under --max-memory a checkpoint directory is
+    compiled as it is (its weights read on demand) and the reference is its uncompressed store-backed program."""
     import torch
 
     import fxpress
-    from fxpress.data import token_windows
-    from fxpress.models import load_causal_lm
+    from fxpress.checkpoint import is_checkpoint_dir
+    from fxpress.models import load_causal_lm, resolve_model_path
 
-    targets, passes, needs_text = _check_compile_args(args)
-    out = Path(args.out)
-    console = _console()
-    with console.status(f"loading {args.model}"):
-        model, tokenizer = load_causal_lm(args.model, getattr(torch, args.dtype), args.allow_download, needs_text)
-    needs_calibration = any(p.needs_calibration for p in passes)
-    calibration = token_windows(tokenizer, "calib", args.seq_len, args.calib_samples) if needs_calibration else None
-    start = time.perf_counter()
-    cm = fxpress.compile(model, passes=passes, calibration=calibration)
-    cm.program.info.source = args.model  # `fxpress eval --program` names it when given another model
-    rows = [("compile seconds", f"{time.perf_counter() - start:.1f}")]
-    console.print(cm.report.table())
-    saved = cm.save(out / "program", overwrite=args.overwrite)
-    rows.append(("program", str(saved)))
-    for target in targets:
-        with console.status(f"exporting {target.name}"):
-            path = cm.export(target.name, out / target.artifact, overwrite=args.overwrite)
-        rows.append((f"{target.name} artifact", str(path)))
-    rows.append(("weight bytes", f"{cm.program.weight_bytes():,}"))
-    if args.eval_windows:
-        rows += _eval_rows(model, cm, tokenizer, args)
-    console.print(_results_table(f"fxpress compile {args.model}", rows))
-    return 0
+    dtype = getattr(torch, args.dtype)
+    path = resolve_model_path(args.model, args.allow_download)
+    if args.max_memory is None or not is_checkpoint_dir(path):
+        model, tokenizer = load_causal_lm(args.model, dtype, args.allow_download, needs_text)
+        return model, tokenizer, _logits_of(model)
+    tokenizer = _tokenizer(path) if needs_text else None
+    original = None
+
+    def stored_reference(ids: torch.Tensor) -> torch.Tensor:
+        nonlocal original
+        original = original or fxpress.compile(path, dtype=dtype, max_memory=args.max_memory, progress=False)
+        return original(ids)
+
+    return path, tokenizer, stored_reference
 
 
-def _eval_rows(
-    model: torch.nn.Module, cm: CompiledModel, tokenizer: Any, args: argparse.Namespace
-) -> list[tuple[str, str]]:
+def _logits_of(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The evaluation reference of an in-memory Hugging Face model: its logits."""
     import torch
-
-    from fxpress.data import token_windows
-    from fxpress.evaluate import evaluate
-
-    windows = token_windows(tokenizer, "eval", args.seq_len, args.eval_windows)
 
     def reference(ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return model(ids).logits
 
+    return reference
+
+
+def _tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    """Load a model, run the passes, save the program, export the artifacts, optionally evaluate.
+
+    Under torchrun every rank compiles (calibration split across them); rank 0 alone writes and prints.
+    """
+    import fxpress
+    from fxpress.compiled import is_main_rank, leave_process_group
+    from fxpress.data import token_windows
+
+    targets, passes, needs_text = _check_compile_args(args)
+    out = Path(args.out)
+    console = _console()
+    with console.status(f"loading {args.model}"):
+        model, tokenizer, reference = _load(args, needs_text)
+    needs_calibration = any(p.needs_calibration for p in passes)
+    calibration = token_windows(tokenizer, "calib", args.seq_len, args.calib_samples) if needs_calibration else None
+    start = time.perf_counter()
+    cm = fxpress.compile(model, passes=passes, calibration=calibration, dtype=args.dtype,
+                         max_memory=args.max_memory, device=args.device, progress=is_main_rank())
+    cm.program.info.source = args.model  # `fxpress eval --program` names it when given another model
+    rows = [("compile seconds", f"{time.perf_counter() - start:.1f}")]
+    main = is_main_rank()
+    if main:
+        console.print(cm.report.table())
+    rows.append(("program", str(cm.save(out / "program", overwrite=args.overwrite))))
+    for target in targets:
+        path = cm.export(target.name, out / target.artifact, overwrite=args.overwrite)
+        rows.append((f"{target.name} artifact", str(path)))
+    rows += _memory_rows(cm)
+    if args.eval_windows:
+        rows += _eval_rows(reference, cm, tokenizer, args)
+    if main:
+        console.print(_results_table(f"fxpress compile {args.model}", rows))
+    leave_process_group()
+    return 0
+
+
+def _memory_rows(cm: CompiledModel) -> list[tuple[str, str]]:
+    """Weight bytes, the memory plan under --max-memory, and this process's peak resident memory so far."""
+    import resource
+
+    from fxpress.budget import plan_rows
+    from fxpress.weights import format_bytes
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return [("weight bytes", f"{cm.program.weight_bytes():,}"), *plan_rows(cm.program.metadata.get("memory_plan", {})),
+            ("peak resident memory", format_bytes(peak))]
+
+
+def _eval_rows(
+    reference: Callable[[torch.Tensor], torch.Tensor], cm: CompiledModel, tokenizer: Any, args: argparse.Namespace
+) -> list[tuple[str, str]]:
+    from fxpress.data import token_windows
+    from fxpress.evaluate import evaluate
+
+    windows = token_windows(tokenizer, "eval", args.seq_len, args.eval_windows)
     base = evaluate(reference, windows, progress=True)
     result = evaluate(cm, windows, ref_fn=reference, progress=True)
     return [
@@ -254,7 +316,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, tokenizer = load_causal_lm(args.model, allow_download=args.allow_download)
     cm = fxpress.load(args.program) if args.program else fxpress.compile(model, passes=[], progress=False)
     args.eval_windows = args.windows
-    _console().print(_results_table(f"fxpress eval {args.program or args.model}", _eval_rows(model, cm, tokenizer, args)))
+    _console().print(_results_table(f"fxpress eval {args.program or args.model}", _eval_rows(_logits_of(model), cm, tokenizer, args)))
     return 0
 
 
@@ -309,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace files under --out that fxpress did not write (they are refused otherwise)")
     p.add_argument("--export", help="comma-separated export targets, e.g. onnx,tvm")
+    p.add_argument("--max-memory", help="bound the peak resident memory of the process, e.g. 4GiB: the checkpoint's "
+                   "weights are read on demand, rewritten ones spilled to disk beyond it (default: no bound)")
+    p.add_argument("--device", default="cpu", help="where calibration runs: cpu or cuda (cuda:N)")
     p.add_argument("--seq-len", type=_at_least(1), default=256)
     p.add_argument("--calib-samples", type=_at_least(1), default=32)
     p.add_argument("--eval-windows", type=_at_least(0), default=0, help="evaluate on this many windows of real text")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fxpress.atomic import check_target
+from fxpress.budget import requested_budget
 from fxpress.calibration import Calibration, as_calibration
 from fxpress.capture import capture
 from fxpress.errors import ConfigError
@@ -37,6 +38,26 @@ def _as_passes(passes: Sequence[Any]) -> list[Pass]:
         else:
             raise ConfigError(f"{p!r} is not a pass: give Pass objects, pass names, or recipe entries")
     return out
+
+
+def is_main_rank() -> bool:
+    """Whether this process writes artifacts and prints: rank 0 of the process group (or of torchrun's
+    environment, before compile starts the group); always when there is neither."""
+    import torch.distributed as dist
+
+    return (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))) == 0
+
+
+def _on_main_rank(write: Callable[[], Any]) -> None:
+    """Run `write` on rank 0 only; the other ranks wait at a barrier until it is done (or has failed)."""
+    import torch.distributed as dist
+
+    try:
+        if is_main_rank():
+            write()
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
 
 
 class CompiledModel:
@@ -69,8 +90,12 @@ class CompiledModel:
         path = check_target(path, directory=not EXPORT_TARGETS[target].writes_file, overwrite=overwrite)
         recipe = check_target(path.with_name(path.stem + ".recipe.json"), directory=False, overwrite=overwrite)
         lower = EXPORT_TARGETS[target].export_function()
-        self.exports[target] = lower(self.program, path, overwrite=overwrite, **options)
-        save_recipe(self.passes, recipe)
+
+        def write() -> None:
+            self.exports[target] = lower(self.program, path, overwrite=overwrite, **options)
+            save_recipe(self.passes, recipe)
+
+        _on_main_rank(write)
         return path
 
     def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -80,9 +105,10 @@ class CompiledModel:
         """
         from fxpress.serialize import save_program
 
-        check_target(directory, directory=True, overwrite=overwrite)
+        directory = check_target(directory, directory=True, overwrite=overwrite)
         extra = {"recipe": self.recipe, "report": self.report.to_dict()}
-        return save_program(self.program, directory, extra=extra, overwrite=overwrite)
+        _on_main_rank(lambda: save_program(self.program, directory, extra=extra, overwrite=overwrite))
+        return directory
 
 
 def _model_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -103,35 +129,125 @@ def _cast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return copy.deepcopy(model).to(dtype)
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """compile's `device` as a torch.device, checked before any work: cpu, or cuda when PyTorch sees a GPU."""
+    try:
+        where = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device={device!r} is not a device: use 'cpu' or 'cuda' (or 'cuda:N')") from None
+    if where.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device={device!r}: fxpress calibrates on 'cpu' or 'cuda', not on {where.type}")
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} but PyTorch sees no CUDA GPU (a CPU build of torch, or no driver): "
+                          "use device='cpu' (--device cpu)")
+    if where.type == "cuda" and where.index is not None and where.index >= torch.cuda.device_count():
+        raise ConfigError(f"device={device!r} but there are only {torch.cuda.device_count()} GPUs: use cuda:0 to "
+                          f"cuda:{torch.cuda.device_count() - 1}")
+    return where
+
+
+def join_process_group(device: torch.device) -> torch.device:
+    """Under torchrun (WORLD_SIZE > 1), start the process group from its environment: gloo on CPU, NCCL on CUDA.
+
+    Each rank calibrates on its own GPU (LOCAL_RANK) when `device` is a bare 'cuda'. A group the caller
+    initialised is used as it is.
+    """
+    import torch.distributed as dist
+
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def leave_process_group() -> None:
+    """End the process group torchrun's environment started (a clean exit, no gloo/NCCL warnings)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _capture(model: torch.nn.Module | str | os.PathLike, example_inputs: Any, cast: torch.dtype | None,
+             stored: bool) -> Program:
+    """A checkpoint directory, or any causal LM under a budget: captured without its weights (a weight store);
+    otherwise the module (or the named model, loaded) captured with its weights, as before."""
+    from fxpress.capture import capture_stored
+    from fxpress.checkpoint import is_checkpoint_dir
+
+    if isinstance(model, (str, os.PathLike)):
+        from fxpress.models import load_causal_lm, resolve_model_path
+
+        path = resolve_model_path(str(model)) if stored or is_checkpoint_dir(model) else None
+        if path is not None and is_checkpoint_dir(path):
+            return capture_stored(path, dtype=cast)
+        module = load_causal_lm(str(model), dtype=cast or torch.float32, tokenizer=False)[0]
+        program = capture_stored(module) if stored else capture(module, example_inputs)
+        program.info.source = str(model)
+        return program
+    if stored:
+        return capture_stored(model, dtype=cast)
+    return capture(_cast(model, cast) if cast is not None else model, example_inputs)
+
+
+def _plan_budget(program: Program, max_memory: int | None, passes: list[Pass], calib: Calibration | None) -> None:
+    """Split `max_memory` between the weight store's overlay and calibration activations (fxpress.budget)."""
+    if max_memory is None or program.weights is None:
+        return
+    from dataclasses import asdict
+
+    from fxpress.budget import plan_memory
+
+    calibrates = any(p.needs_calibration for p in passes)
+    tokens = calib.batches.numel() if calib is not None and calibrates else 0
+    plan = plan_memory(program, max_memory, tokens, hessians=calibrates)
+    program.weights.budget = plan.overlay
+    program.activation_budget = plan.activations
+    program.metadata["memory_plan"] = asdict(plan)
+
+
+def _placed(calib: Calibration | None, program: Program) -> Calibration | None:
+    """The calibration set told where and within how much memory it runs, when it has those fields (the engine)."""
+    from dataclasses import fields, replace
+
+    if calib is None or not {"device", "activation_budget"} <= {f.name for f in fields(calib)}:
+        return calib
+    return replace(calib, device=program.device, activation_budget=program.activation_budget)
+
+
 def compile(
-    model: torch.nn.Module | str,
+    model: torch.nn.Module | str | os.PathLike,
     passes: Sequence[Any] = (),
     example_inputs: Any = None,
     calibration: Calibration | torch.Tensor | Sequence[torch.Tensor] | None = None,
     verify: bool = True,
     progress: bool = True,
     dtype: torch.dtype | str | None = None,
+    max_memory: str | int | None = None,
+    device: str | torch.device = "cpu",
 ) -> CompiledModel:
-    """Capture `model` (a module, or a model name such as "smollm2"), then run `passes` in order.
+    """Capture `model` (a module, a Hugging Face checkpoint directory, or a model name such as "smollm2"), then
+    run `passes` in order.
 
-    Every pass is validated (fields, order, calibration present) before the model is even captured.
+    Every pass, the dtype, the budget and the device are validated before the model is even captured.
     `dtype` (e.g. torch.bfloat16): compute in that float type; None keeps the model's own (a copy is cast,
-    the caller's model is left as it is). Weights stay in that dtype; the KV cache follows it.
+    the caller's model is left as it is). `max_memory` ("4GiB", bytes) bounds the process's peak resident
+    memory: the model is captured without its weights, which a store serves (as it always is for a
+    checkpoint directory), and a budget below one block's need is refused naming the smallest that works.
+    `device` ("cpu", "cuda") is where calibration runs. Under torchrun the process group is started here.
     """
     pass_list = _as_passes(passes)
     calib = as_calibration(calibration)
     validate_pipeline(pass_list, (), calib is not None)
     cast = _model_dtype(dtype)
-    source = None
-    if isinstance(model, str):
-        from fxpress.models import load_causal_lm
-
-        source = model
-        model = load_causal_lm(model, dtype=cast or torch.float32)[0]
-    elif cast is not None:
-        model = _cast(model, cast)
-    program = capture(model, example_inputs, source=source)
-    program.calibration = calib
+    budget = requested_budget(max_memory)
+    where = join_process_group(check_device(device))
+    program = _capture(model, example_inputs, cast, budget is not None)
+    program.device = str(where)
+    _plan_budget(program, budget, pass_list, calib)
+    program.calibration = _placed(calib, program)
     run_passes(program, pass_list, verify=verify, progress=progress)
     return CompiledModel(program, pass_list)
 

@@ -1,0 +1,159 @@
+"""The memory budget: `max_memory` bounds the peak resident memory of the whole process, so it is split here.
+
+What torch and fxpress already hold is measured (the process's resident memory now); what one decoder block
+needs to be worked on is estimated from the graph (its weights in the compute dtype, the largest GPTQ Hessian,
+the calibration activations one node reads and writes for the whole calibration set); what is left goes to
+the weight store's overlay (rewritten tensors kept in memory) and the calibration engine's activations
+(beyond it, spilled to disk). A budget below the need is refused before any weight is read, naming the
+smallest budget that works.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import resource
+from dataclasses import dataclass
+
+import torch
+
+from fxpress import graph as G
+from fxpress.errors import ConfigError
+from fxpress.program import Program
+from fxpress.weights import format_bytes, parse_memory
+
+HESSIAN_COPIES = 2  # GPTQ holds a Hessian and its inverse Cholesky factor, both float64
+_ZERO = re.compile(r"\s*0*\.?0+\s*[a-zA-Z]*\s*")  # "0", "0GiB", "0.0 MB"
+ROUND = 0.05 * 2**30
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)  # the smallest budget named in errors is rounded up to 0.05 GiB
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How `max_memory` bytes are spent: what is resident already, one block's work, the overlay, activations."""
+
+    max_memory: int
+    resident: int  # the process before compiling (torch, fxpress, the captured graph)
+    block: int  # weights and Hessians of the largest block (or twice the largest tensor, for weight-only work)
+    activations: int  # the calibration engine's activation budget
+    overlay: int  # the weight store's in-memory budget
+
+
+def plan_rows(plan: dict[str, int]) -> list[tuple[str, str]]:
+    """A memory plan (MemoryPlan's fields, as a program's metadata keeps them) as (what, size) table rows."""
+    return [(key.replace("_", " "), format_bytes(value)) for key, value in plan.items()]
+
+
+def requested_budget(value: str | int | float | None, what: str = "max_memory") -> int | None:
+    """`max_memory` in bytes (fxpress.weights.parse_memory), except that a budget of 0 is kept: plan_memory then
+    refuses it naming the smallest budget that works, which only the captured graph tells."""
+    try:
+        return parse_memory(value, what)
+    except ConfigError:
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool) and _ZERO.fullmatch(str(value)):
+            return 0
+        raise
+
+
+def return_freed_memory() -> None:
+    """Make glibc hand large freed blocks back to the OS at once (what a memory budget relies on).
+
+    glibc raises its mmap threshold each time a large mmapped block is freed, so later tensors of a few MB
+    come from the heap, whose freed space stays resident: streaming a model tensor by tensor then grows the
+    process by about the model's size. A fixed threshold (128 KiB, glibc's default start) keeps every tensor
+    above it in its own mapping, returned on free. Elsewhere than glibc this does nothing.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "mallopt"):
+            libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+    except OSError:
+        return
+
+
+def resident_bytes() -> int:
+    """The process's resident memory now (/proc on Linux; elsewhere the peak so far, which bounds it)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _size(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def _weight_specs(program: Program) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of every weight the graph reads, from the store's specs or the module's tensors."""
+    store = program.weights
+    specs = {}
+    for node in program.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        target = str(node.target)
+        if store is not None and target in store:
+            specs[target] = store.spec(target)
+        elif isinstance(value := G.val(node), torch.Tensor):
+            specs[target] = (tuple(value.shape), value.dtype)
+    return specs
+
+
+def _block_linears(program: Program) -> list[list[G.LinearUse]]:
+    """The linears of each decoder block (attention and MLP/MoE, readers and writers)."""
+    parts = [[p for p in (b.attention, b.mlp) if p is not None] for b in G.decoder_blocks(program.module)]
+    return [[u for p in block for u in (*p.readers, *p.writers)] for block in parts]
+
+
+def block_weights(program: Program, hessians: bool) -> int:
+    """Bytes to work on the largest decoder block: its weights in the compute dtype plus, with GPTQ, its
+    largest Hessian (K x K float64, twice); at least twice the largest tensor (weight-only passes read one
+    and write its rewrite)."""
+    dtype = program.info.torch_activation_dtype
+    specs = _weight_specs(program)
+    need = 2 * max((_size(shape, dtype) for shape, _ in specs.values()), default=0)
+    for uses in _block_linears(program):
+        weights = sum(_size(specs[name][0], dtype) for name in {u.name for u in uses} if name in specs)
+        widest = max((u.in_features() for u in uses), default=0) if hessians else 0
+        need = max(need, weights + HESSIAN_COPIES * widest * widest * 8)
+    return need
+
+
+def block_activations(program: Program, tokens: int) -> int:
+    """Bytes of calibration activations the engine keeps for one node over the whole calibration set: the
+    widest block linear's input and output and the residual stream waiting for its add, in the compute dtype."""
+    if tokens == 0:
+        return 0
+    uses = [u for block in _block_linears(program) for u in block]
+    width = max((u.in_features() + u.out_features() for u in uses), default=0)
+    return tokens * (width + (program.info.hidden_size or 0)) * program.info.torch_activation_dtype.itemsize
+
+
+def plan_memory(program: Program, max_memory: int, calibration_tokens: int, hessians: bool,
+                resident: int | None = None) -> MemoryPlan:
+    """Split `max_memory` for `program`, or a ConfigError naming the smallest budget that works.
+
+    `calibration_tokens`: samples x sequence length of the calibration set (0 when no pass calibrates);
+    `hessians`: whether a pass gathers GPTQ Hessians. The surplus over the need is shared evenly between
+    activations and the overlay.
+    """
+    return_freed_memory()
+    resident = resident_bytes() if resident is None else resident
+    block = block_weights(program, hessians)
+    activations = block_activations(program, calibration_tokens)
+    need = resident + block + activations
+    if max_memory < need:
+        smallest = math.ceil(need * 1.1 / ROUND) * ROUND  # room for what the next capture adds
+        raise ConfigError(
+            f"max_memory={format_bytes(max_memory)} is below what one decoder block needs ({format_bytes(need)} with "
+            f"torch loaded: {format_bytes(resident)} resident, {format_bytes(block)} for the block's weights"
+            f"{' and Hessians' if hessians else ''}, {format_bytes(activations)} of calibration activations): use at "
+            f"least {smallest / 2**30:.2f}GiB, or fewer calibration samples"
+        )
+    surplus = max_memory - need
+    return MemoryPlan(max_memory, resident, block, activations + surplus // 2, surplus - surplus // 2)

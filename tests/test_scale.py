@@ -1,0 +1,148 @@
+"""Compiling under a memory budget: the budget's checks, the device's, a measured peak, the CLI, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fxpress
+from fxpress.budget import plan_memory, requested_budget
+from fxpress.capture import capture_stored
+from fxpress.cli import main
+from fxpress.compiled import check_device
+from fxpress.errors import ConfigError
+from fxpress.zoo import tiny_causal_lm
+
+
+def _checkpoint(directory, **sizes) -> int:
+    """A random Llama written as a user downloads one (bf16 safetensors shards + index); its parameter count."""
+    model = tiny_causal_lm("llama", tie_word_embeddings=False, **sizes)
+    model.to(torch.bfloat16).save_pretrained(directory, max_shard_size="20MB")
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("small")
+    _checkpoint(directory, vocab_size=300)
+    return str(directory)
+
+
+def _smallest(message: str) -> str:
+    found = re.search(r"use at least ([0-9.]+GiB)", message)
+    assert found, message
+    return found.group(1)
+
+
+def test_bad_budgets_are_refused_before_any_weight_is_read(small_checkpoint):
+    with pytest.raises(ConfigError, match="max_memory = 'lots' is not a size"):
+        fxpress.compile(small_checkpoint, passes=["quantize"], max_memory="lots")
+    with pytest.raises(ConfigError, match="below what one decoder block needs") as zero:
+        fxpress.compile(small_checkpoint, passes=["quantize"], max_memory=0)
+    assert requested_budget("0GiB") == 0 and requested_budget(None) is None
+    program = capture_stored(small_checkpoint, dtype=torch.float32)
+    with pytest.raises(ConfigError, match=r"max_memory=1.00 MiB is below .* use at least [0-9.]+GiB") as low:
+        plan_memory(program, 2**20, calibration_tokens=8 * 64, hessians=True)
+    assert "Hessians" in str(low.value) and program.weights.stats["reads"] == 0  # refused before reading a weight
+    smallest = _smallest(str(zero.value))
+    cm = fxpress.compile(small_checkpoint, passes=["quantize"], max_memory=smallest, dtype="float32", progress=False)
+    plan = cm.program.metadata["memory_plan"]
+    assert plan["max_memory"] == requested_budget(smallest) and cm.program.weights.budget == plan["overlay"]
+    assert plan["resident"] + plan["block"] + plan["activations"] + plan["overlay"] == plan["max_memory"]
+
+
+def test_device_is_checked_before_capture():
+    assert check_device("cpu") == torch.device("cpu")
+    for bad, message in (("tpu", "is not a device"), ("meta", "not on meta"), (3.5, "is not a device")):
+        with pytest.raises(ConfigError, match=message):
+            fxpress.compile("/nowhere", passes=["quantize"], device=bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="sees no CUDA GPU.*use device='cpu'"):
+            check_device("cuda")
+
+
+CHILD = textwrap.dedent("""
+    import json, resource, sys
+    from fxpress.budget import resident_bytes
+    budget = resident_bytes() + int(sys.argv[2])
+    import fxpress
+    cm = fxpress.compile(sys.argv[1], passes=["quantize"], dtype="float32", max_memory=budget, progress=False)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"budget": budget, "peak": peak, "plan": cm.program.metadata["memory_plan"],
+                      "weight_bytes": cm.program.weight_bytes()}))
+""")
+
+
+def test_a_checkpoint_compiles_in_a_child_within_its_budget(tmp_path):
+    """~35M parameters (140 MB in fp32): RTN W4 streams them under a budget; the child's peak is measured.
+
+    The budget leaves 300 MB over what importing torch and fxpress holds, ~130 MB of which capture's own
+    machinery (torch.export, sympy) takes; an in-memory compile would add the fp32 model on top of that."""
+    params = _checkpoint(tmp_path / "ckpt", vocab_size=4000, hidden_size=512, intermediate_size=2048,
+                         num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4)
+    fp32 = 4 * params
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "ckpt"), str(300 * 2**20)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["peak"] <= result["budget"]
+    assert result["peak"] - result["plan"]["resident"] < fp32  # what compiling added: less than the fp32 model
+    assert result["weight_bytes"] < fp32 / 4
+
+
+def test_cli_refuses_bad_budgets_and_devices_in_one_line(small_checkpoint, tmp_path, capsys):
+    base = ["compile", "--model", small_checkpoint, "--passes", "quantize", "--out", str(tmp_path / "out")]
+    assert main([*base, "--max-memory", "lots"]) == 2
+    assert "--max-memory = 'lots' is not a size" in capsys.readouterr().err
+    assert main([*base, "--max-memory", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "below what one decoder block needs" in err and "\n" not in err
+    _smallest(err)
+    if not torch.cuda.is_available():
+        assert main([*base, "--device", "cuda"]) == 2
+        assert "sees no CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.xfail(reason="saving a store-backed program needs the streaming save of branch 'artifacts' (issue 13 "
+                   "item 5); remove this mark once it is merged", strict=False)
+def test_cli_compiles_a_checkpoint_directory_under_a_budget(small_checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["compile", "--model", small_checkpoint, "--passes", "quantize", "--max-memory", "3GiB", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "activations" in printed and "peak resident memory" in printed
+    assert (out / "program" / "manifest.json").is_file()
+
+
+def _codes(program_dir) -> dict[str, torch.Tensor]:
+    files = sorted(p for p in os.listdir(program_dir) if p.endswith(".safetensors"))
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        tensors.update(load_file(os.path.join(program_dir, name)))
+    return {k: v for k, v in tensors.items() if not k.startswith("example.")}
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_write_what_one_process_writes(small_checkpoint, tmp_path):
+    """`torchrun --nproc-per-node 2 -m fxpress compile` (gloo on CPU): rank 0 writes, the codes equal one process's."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["compile", "--model", small_checkpoint, "--passes", "quantize"]
+    one = subprocess.run([sys.executable, "-m", "fxpress", *args, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "fxpress", *args,
+                          "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("fxpress compile report") == 1 and two.stdout.count(f"fxpress compile {small_checkpoint}") == 1
+    a, b = _codes(tmp_path / "one" / "program"), _codes(tmp_path / "two" / "program")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
