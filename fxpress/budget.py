@@ -25,8 +25,8 @@ from fxpress.weights import format_bytes, parse_memory
 
 HESSIAN_COPIES = 2  # GPTQ holds a Hessian and its inverse Cholesky factor, both float64
 _ZERO = re.compile(r"\s*0*\.?0+\s*[a-zA-Z]*\s*")  # "0", "0GiB", "0.0 MB"
-ROUND = 0.05 * 2**30
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)  # the smallest budget named in errors is rounded up to 0.05 GiB
+ROUND = 0.05 * 2**30  # the smallest budget named in errors is rounded up to 0.05 GiB
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 
 
 @dataclass(frozen=True)
