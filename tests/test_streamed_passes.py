@@ -210,4 +210,3 @@ def test_peak_rss_of_rotate_fold_rtn_on_a_300m_checkpoint(tmp_path):
           f"(after imports {imported / 2**30:.2f} GiB); {result.stdout.strip()}")
     table64 = BIG["vocab_size"] * BIG["hidden_size"] * 8  # the float64 working copy of a vocabulary table
     assert peak - imported < budget + 4 * table64, f"peak RSS {peak / 2**30:.2f} GiB"
-    assert peak < params * 4, "the process held as much as the fp32 model"
