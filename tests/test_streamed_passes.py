@@ -15,11 +15,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from fxpress import graph as G
 from fxpress.capture import capture, capture_stored
 from fxpress.passes import FoldHadamard, Precision, Quantize, Rotate
 from fxpress.passes.manager import _check_after, run_passes
 from fxpress.passes.quantize.config import TableQuant, WeightQuant
-from fxpress.weights import is_placeholder, nbytes
+from fxpress.weights import WeightStore, attach_store, is_placeholder, nbytes
 from fxpress.zoo import tiny_causal_lm
 
 PIPELINES = {
@@ -76,12 +77,25 @@ def test_store_backed_pass_is_bit_identical_and_bounded(case, one_torch_thread):
     assert store.stats["peak_memory_bytes"] <= budget + group
 
 
+def _stored_copy(program, budget: int):
+    """`program` with every get_attr tensor moved into a budgeted store (capture_stored cannot yet capture
+    transformers' fused MoE experts on fake tensors: aten._grouped_mm's meta kernel wants bf16)."""
+    store = WeightStore(budget)
+    attach_store(program.module, store)
+    for target in dict.fromkeys(str(n.target) for n in program.graph.nodes if n.op == "get_attr"):
+        G.store_tensor(program.module, target, G.get_param(program.module, target).clone())
+    return program
+
+
 @pytest.mark.parametrize("mode", ["hadamard", "orthogonal"])
 def test_rotate_streams_a_moe_bit_identically(mode, one_torch_thread):
     model = tiny_causal_lm("mixtral")
     budget = _weights_bytes(model) // 10
-    in_memory, stored = _both(model, lambda: [Rotate(mode=mode), FoldHadamard()], budget)
+    in_memory, stored = capture(model), _stored_copy(capture(model), budget)
+    for program in (in_memory, stored):
+        run_passes(program, [Rotate(mode=mode), FoldHadamard()], progress=False)
     ids = in_memory.example_inputs[0]
+    assert stored.weights.stats["spilled_tensors"] > 0
     assert torch.equal(stored(ids), in_memory(ids))
     assert stored.weights.stats["peak_memory_bytes"] <= budget + _largest(model)
 
