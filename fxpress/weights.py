@@ -119,7 +119,8 @@ class WeightStore:
         self._pinned: dict[str, torch.dtype] = {}  # the caller's own tensors (an in-memory model): never spilled or
         # counted; read in the dtype given here
         self._spill: _SpillFolder | None = None
-        self.stats = {"reads": 0, "bytes_read": 0, "spilled_tensors": 0, "spilled_bytes": 0}
+        self.stats = {"reads": 0, "bytes_read": 0, "spilled_tensors": 0, "spilled_bytes": 0,
+                      "peak_memory_bytes": 0}  # the most the overlay held: just after a set, before spilling
 
     # -- filling -------------------------------------------------------------------------------
     def add_file(self, name: str, path: str | os.PathLike, key: str, dtype: torch.dtype | None = None) -> None:
@@ -187,6 +188,7 @@ class WeightStore:
         self._pinned.pop(name, None)
         self._memory.pop(name, None)
         self._memory[name] = tensor.detach().cpu().contiguous()
+        self.stats["peak_memory_bytes"] = max(self.stats["peak_memory_bytes"], self.memory_bytes())
         self._evict()
 
     def drop(self, name: str) -> None:
@@ -251,7 +253,10 @@ class WeightStore:
                                 "corrupt: restore it, or load the model again") from err
         self.stats["reads"] += 1
         self.stats["bytes_read"] += nbytes(tensor)
-        return tensor.to(entry.dtype) if tensor.dtype != entry.dtype else tensor
+        tensor = tensor.to(entry.dtype) if tensor.dtype != entry.dtype else tensor
+        # safetensors may hand back a buffer at any 8-byte offset; CPU GEMMs round differently on unaligned
+        # data (float64 logits moved), so an aligned copy keeps a stored program's bits those of the in-memory one
+        return tensor.clone() if tensor.data_ptr() % 64 else tensor
 
     def _evict(self) -> None:
         """Write the overlay's oldest tensors to one spill file until what stays fits the budget."""

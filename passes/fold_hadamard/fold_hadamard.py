@@ -36,7 +36,7 @@ class _Bases:
         self.gm, self.fallback, self.seed = gm, fallback, seed
         self.plans: dict[int, HadamardPlan] = {}
         self.tensors: dict[int, torch.Tensor] = {}
-        self.targets: dict[int, str] = {}
+        self.targets: dict[int, Node] = {}  # size -> the first get_attr of its base (its target and value)
 
     def get(self, n: int) -> tuple[HadamardPlan, torch.Tensor]:
         if n not in self.plans:
@@ -50,11 +50,12 @@ class _Bases:
         _, base = self.get(n)
         if n not in self.targets:
             attr = G.add_param(self.gm, f"hadamard_base_{n}", base.to(torch.float32), before=before, buffer=True)
-            self.targets[n] = str(attr.target)
+            self.targets[n] = attr
             return attr
+        first = self.targets[n]
         with self.gm.graph.inserting_before(before):
-            attr = self.gm.graph.get_attr(self.targets[n])
-        attr.meta["val"] = G.get_param(self.gm, self.targets[n])
+            attr = self.gm.graph.get_attr(first.target)
+        attr.meta["val"] = first.meta["val"]  # the placeholder of a stored base: no read from the store
         return attr
 
 
@@ -152,8 +153,9 @@ class FoldHadamard(Pass):
         for uses in by_target.values():
             n = uses[0].in_features()
             p, base = bases.get(n)
-            w = G.get_param(gm, uses[0].weight)
-            G.set_param(gm, uses[0].weight, apply_rows(w, p, base, axis=uses[0].in_axis))
+            rotated = apply_rows(G.get_param(gm, uses[0].weight), p, base, axis=uses[0].in_axis)
+            G.set_param(gm, uses[0].weight, rotated)  # written back (to the store, which spills) before the next one
+            del rotated
             for use in uses:
                 nodes.append(_online(gm, bases, use.node, use.input, n).name)
             experts += int(uses[0].fused_experts) or int(uses[0].expert is not None)

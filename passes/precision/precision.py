@@ -30,6 +30,7 @@ from fxpress import graph as G
 from fxpress.errors import ConfigError
 from fxpress.passes.base import Pass, register_pass
 from fxpress.program import ACTIVATION_DTYPES as DTYPES
+from fxpress.weights import placeholder
 
 if TYPE_CHECKING:
     from fxpress.program import Program
@@ -71,25 +72,31 @@ class Precision(Pass):
 
 
 def _convert_tensors(gm: torch.fx.GraphModule, dtype: torch.dtype) -> int:
-    """Every floating get_attr tensor -> dtype (same kind: parameter, buffer or plain attribute); ties kept."""
-    converted: dict[tuple[int, int, tuple], torch.Tensor] = {}
-    done: set[str] = set()
-    for node in gm.graph.nodes:
-        if node.op != "get_attr" or node.target in done:
-            continue
-        done.add(node.target)
-        old = G.get_param(gm, node)
+    """Every floating get_attr tensor -> dtype (same kind: parameter, buffer or plain attribute), one at a time.
+
+    In memory, tensors shared by several attributes stay shared (found by storage). Stored weights are read,
+    cast and written back one by one, and nothing keeps them: their graph values become placeholders.
+    """
+    converted: dict[tuple[int, int, tuple], torch.Tensor] = {}  # in-memory ties only: a read's address is reused
+    count = 0
+    for target in dict.fromkeys(str(n.target) for n in gm.graph.nodes if n.op == "get_attr"):
+        old = G.get_param(gm, target)
         if not isinstance(old, torch.Tensor) or old.dtype not in _FLOATS or old.dtype == dtype:
             continue
-        key = (old.untyped_storage().data_ptr(), old.storage_offset(), tuple(old.shape))
-        if key not in converted:
-            converted[key] = old.detach().to(dtype)
-        new = converted[key]
-        G.store_tensor(gm, str(node.target), new)
+        if G.is_stored(gm, target):
+            new, count = old.detach().to(dtype), count + 1
+        else:
+            key = (old.untyped_storage().data_ptr(), old.storage_offset(), tuple(old.shape))
+            if key not in converted:
+                converted[key], count = old.detach().to(dtype), count + 1
+            new = converted[key]
+        del old
+        G.store_tensor(gm, target, new)
+        value = placeholder(new.shape, new.dtype) if G.is_stored(gm, target) else new
         for user in gm.graph.nodes:
-            if user.op == "get_attr" and user.target == node.target and "val" in user.meta:
-                user.meta["val"] = new
-    return len(converted)
+            if user.op == "get_attr" and user.target == target and "val" in user.meta:
+                user.meta["val"] = value
+    return count
 
 
 def _rewrite_dtype_args(graph: torch.fx.Graph, dtype: torch.dtype) -> int:

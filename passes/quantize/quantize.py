@@ -10,6 +10,7 @@ packed uint8 storage (embedding tables and the LM head: `tables`) → report byt
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -107,9 +108,9 @@ class Quantize(Pass):
         if self.activations.clip_search and act_nodes:
             stats["act_clip_ratios"] = search_act_clips(program, act_nodes, self.activations.clip_ratio)
         if self.weights.bits is not None and targets:
-            weights = self._quantize_weights(program, targets, stats)
+            quantized = self._quantized_weights(program, targets, stats)
             warnings += stats.pop("warnings", [])
-            stats.update(self._rewrite(gm, targets, weights))
+            stats.update(self._rewrite(gm, targets, quantized))
         stats["linears_quantized"] = len(targets) if self.weights.bits is not None else 0
         if lookups or heads:
             table_stats = rewrite_tables(gm, lookups, heads, self.tables, self.weights)
@@ -165,45 +166,48 @@ class Quantize(Pass):
         return list(made.values())
 
     # -- weights ------------------------------------------------------------------------------
-    def _quantize_weights(self, program: Program, targets: list[G.LinearUse], stats: dict[str, Any]
-                          ) -> dict[str, QuantizedWeight]:
-        """Each target's quantized weight: GPTQ (its calibration stats and warnings go into `stats`) or RTN."""
+    def _quantized_weights(self, program: Program, targets: list[G.LinearUse], stats: dict[str, Any]
+                           ) -> Callable[[G.LinearUse], QuantizedWeight]:
+        """Each target's quantized weight, asked for once per weight as the rewrite reaches it.
+
+        GPTQ quantizes during its calibration run (its stats and warnings go into `stats`) and hands each
+        result over once; RTN quantizes when asked, so one weight's codes are in memory at a time.
+        """
         if self.weights.method == "gptq":
             weights, gptq_stats = gptq_weights(program, targets, self.weights)
             stats.update(gptq_stats)
-            return weights
+            return lambda use: weights.pop(use.name)
         spec = weight_spec(self.weights)
-        return {u.name: rtn(G.get_param(program.module, u.weight), spec) for u in tqdm(targets, desc="rtn", leave=False)}
+        return lambda use: rtn(G.get_param(program.module, use.weight), spec)
 
-    def _rewrite(self, gm: GraphModule, targets: list[G.LinearUse], weights: dict[str, QuantizedWeight]) -> dict[str, Any]:
-        """aten.linear(x, W, b) → fxpress.linear_nbit(x, packed, scales, zeros, b, bits, block, K)."""
-        bytes_fp, bytes_packed, partial = 0, 0, set()
+    def _rewrite(self, gm: GraphModule, targets: list[G.LinearUse],
+                 quantized: Callable[[G.LinearUse], QuantizedWeight]) -> dict[str, Any]:
+        """aten.linear(x, W, b) → fxpress.linear_nbit(x, packed, scales, zeros, b, bits, block, K), one weight at a
+        time: quantized, packed into the store (or module) before its first use, float weight dropped once unread."""
+        bytes_fp, bytes_packed = 0, 0
         packed_nodes: dict[str, tuple[Node, Node, Node | None]] = {}
-        first_use: dict[str, Node] = {}
-        for use in targets:
-            first_use.setdefault(use.name, use.node)
-        for use in targets:
-            qw = weights[use.name]
-            k = qw.codes.shape[1]
-            if use.name not in packed_nodes:
+        layout: dict[str, tuple[int, int]] = {}  # weight -> (K, block size)
+        for use in tqdm(targets, desc=self.weights.method, leave=False):
+            if use.name not in packed_nodes:  # its first use: the packed buffers go right before it
+                qw = quantized(use)
                 packed = qw.packed()
                 w = G.val(use.weight)
-                packed_nodes[use.name] = add_packed(gm, f"{use.name}_q{self.weights.bits}", packed, w.dtype,
-                                                    first_use[use.name])
+                packed_nodes[use.name] = add_packed(gm, f"{use.name}_q{self.weights.bits}", packed, w.dtype, use.node)
+                layout[use.name] = (qw.codes.shape[1], qw.block_size)
                 bytes_fp += w.numel() * w.element_size()
                 bytes_packed += packed_bytes(packed)
-                if k % qw.block_size:
-                    partial.add((k, qw.block_size))
+                del qw, packed
+            k, block = layout[use.name]
             G.replace_with_call(gm, use.node, LINEAR_NBIT, (use.node.args[0], *packed_nodes[use.name], bias_of(use.node),
-                                                            self.weights.bits, qw.block_size, k))
+                                                            self.weights.bits, block, k))
             if not use.weight.users:
                 G.drop_param(gm, use.weight)
         G.reset_order_cache(gm.graph)
         notes = [
             f"in_features {k} is not a multiple of block {b}: the last group of each row has {k % b} columns "
             "(zero-padded in storage, as MatMulNBits allows)"
-            for k, b in sorted(partial)
+            for k, b in sorted({(k, b) for k, b in layout.values() if k % b})
         ]
         return {"linear_bytes_fp": bytes_fp, "linear_bytes_packed": bytes_packed,
                 "linear_compression": round(bytes_fp / max(bytes_packed, 1), 2), "group_notes": notes,
-                "block_sizes": sorted({w.block_size for w in weights.values()})}
+                "block_sizes": sorted({b for _, b in layout.values()})}

@@ -14,6 +14,7 @@ by alpha, on the RMSNorm outputs of calibration text).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -101,7 +102,7 @@ class Rotate(Pass):
         before = G.residual_stream(gm, strict=True, allow_scales=True)  # every structural error before any change
         check_rotatable(before)
         calib = self._dfrot_activations(program, before) if self.mode == "dfrot" else None
-        weights = WeightEditor(gm)
+        weights = WeightPlan(gm)
         untied = untie_embeddings(gm, before)
         folded = fold_norm_scales(gm, before, weights)
         stream = G.residual_stream(gm, strict=True)
@@ -111,7 +112,7 @@ class Rotate(Pass):
         stats.update(apply_r1(stream, rotation, weights))
         if self.r2:
             stats.update(self._apply_r2(gm, stream, weights))
-        weights.commit()
+        stats["weights_rewritten"] = weights.apply()
         gm.recompile()
         G.reset_order_cache(gm.graph)
         program.metadata["rotate"] = {"mode": self.mode, "seed": self.seed, "hidden": stream.hidden, "r1": stats["r1"],
@@ -167,7 +168,7 @@ class Rotate(Pass):
         return self
 
     # -- R2 -------------------------------------------------------------------------------------
-    def _apply_r2(self, gm: GraphModule, stream: G.ResidualStream, weights: WeightEditor) -> dict[str, Any]:
+    def _apply_r2(self, gm: GraphModule, stream: G.ResidualStream, weights: WeightPlan) -> dict[str, Any]:
         done, skipped, head_dim = 0, [], None
         rotations: dict[int, Rotation] = {}
         for block in G.decoder_blocks(gm, stream):
@@ -200,25 +201,23 @@ class Rotate(Pass):
 # ----------------------------------------------------------------------------------------------
 
 
-def _linear_targets(gm: GraphModule) -> dict[str, list[G.LinearUse]]:
-    out: dict[str, list[G.LinearUse]] = {}
-    for use in G.linear_uses(gm.graph):
-        out.setdefault(str(use.weight.target), []).append(use)
-    return out
+def _attribute(gm: GraphModule, target: str) -> Any:
+    """The module attribute behind a get_attr target: the tensor itself, or its placeholder when stored."""
+    return operator.attrgetter(target)(gm)
 
 
 def untie_embeddings(gm: GraphModule, stream: G.ResidualStream) -> int:
-    """Give each embedding its own table when a linear (the LM head) shares it; returns how many."""
-    targets = _linear_targets(gm)
+    """Give each embedding its own table when a linear (the LM head) shares it; returns how many.
+
+    Ties are found on the attributes (a stored weight's placeholder), so no weight is read to find them.
+    The new table starts as the shared tensor itself, not a copy: rotating replaces it, never edits it.
+    """
+    targets = {str(use.weight.target) for use in G.linear_uses(gm.graph)}
     count = 0
     for i, (emb, attr) in enumerate(stream.embeddings):
-        shared = str(attr.target) in targets
-        if not shared:
-            tensor = G.get_param(gm, attr)
-            shared = any(G.get_param(gm, uses[0].weight) is tensor for uses in targets.values())
-        if shared:
-            value = G.get_param(gm, attr).detach().clone()
-            new = G.add_param(gm, f"{emb.name}_weight", value, before=emb)
+        table = _attribute(gm, str(attr.target))
+        if str(attr.target) in targets or any(_attribute(gm, t) is table for t in targets):
+            new = G.add_param(gm, f"{emb.name}_weight", G.get_param(gm, attr), before=emb)
             emb.replace_input_with(attr, new)
             stream.embeddings[i] = (emb, new)
             count += 1
@@ -252,30 +251,57 @@ def check_rotatable(stream: G.ResidualStream) -> None:
             )
 
 
-class WeightEditor:
-    """Float64 working copies of parameters, written back once: folding and rotating round only at the end."""
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+class WeightPlan:
+    """Float64 rewrites of parameters, recorded per weight and applied one weight at a time.
+
+    Why: holding a working copy of every touched weight until the end costs twice the fp32 model. Here each
+    weight is read, put through its transforms in the order they were recorded (fold, R1, R2), rounded once
+    and written back (to the store, which spills), then released: the same bits, one tensor in memory.
+    """
 
     def __init__(self, gm: GraphModule):
         self.gm = gm
-        self.work: dict[str, tuple[Node, torch.Tensor]] = {}
+        self.steps: dict[str, tuple[Node, list[Transform]]] = {}
 
-    def get(self, node: Node) -> torch.Tensor:
-        target = str(node.target)
-        if target not in self.work:
-            self.work[target] = (node, G.get_param(self.gm, node).detach().to(torch.float64))
-        return self.work[target][1]
+    def add(self, node: Node, transform: Transform) -> None:
+        """Queue `transform` (float64 tensor -> float64 tensor, never in place) for the weight behind `node`."""
+        self.steps.setdefault(str(node.target), (node, []))[1].append(transform)
 
-    def put(self, node: Node, value: torch.Tensor) -> None:
-        self.work[str(node.target)] = (node, value)
-
-    def commit(self) -> None:
-        for node, value in self.work.values():
+    def apply(self) -> int:
+        """Rewrite every queued weight, one at a time; returns how many."""
+        count = len(self.steps)
+        while self.steps:
+            node, transforms = self.steps.pop(next(iter(self.steps)))  # released once written
+            value = G.get_param(self.gm, node).detach().to(torch.float64)
+            for transform in transforms:
+                value = transform(value)
             G.set_param(self.gm, node, value)
-        self.work.clear()
+            del value
+        return count
 
 
-def fold_norm_scales(gm: GraphModule, stream: G.ResidualStream, weights: WeightEditor) -> int:
-    """Multiply each stream norm's scale into the columns of the linears reading it (float64), drop the scale."""
+def _scale_axis(axis: int, scale: torch.Tensor) -> Transform:
+    return lambda w: (w.movedim(axis, -1) * scale).movedim(-1, axis)
+
+
+def _rotate_axis(rotation: Rotation, axis: int = -1) -> Transform:
+    return lambda w: rotation.apply(w, axis)
+
+
+def _rotate_heads_axis(rotation: Rotation, axis: int, head_dim: int) -> Transform:
+    """Each head_dim slice of `axis` times R (a bias is the 1-D case)."""
+    def transform(w: torch.Tensor) -> torch.Tensor:
+        moved = w.movedim(axis, -1)
+        shape = moved.shape
+        return rotation.apply(moved.reshape(*shape[:-1], -1, head_dim)).reshape(shape).movedim(-1, axis)
+    return transform
+
+
+def fold_norm_scales(gm: GraphModule, stream: G.ResidualStream, weights: WeightPlan) -> int:
+    """Queue each stream norm's scale into the columns of the linears reading it (float64), drop the scale."""
     folded = 0
     for norm in stream.norms:
         if norm.weight is None:
@@ -283,29 +309,33 @@ def fold_norm_scales(gm: GraphModule, stream: G.ResidualStream, weights: WeightE
         readers, _ = G.norm_consumers(norm)  # check_rotatable made sure these are all its consumers
         scale = norm.scale(gm)
         for use in {str(u.weight.target): u for u in readers}.values():
-            w = weights.get(use.weight)
-            weights.put(use.weight, (w.movedim(use.in_axis, -1) * scale).movedim(-1, use.in_axis))
-        out, weight = norm.output, norm.weight
-        if out is norm.normalized:  # a fused rms_norm op: drop its weight argument
-            scale_expr = [out.args[2]] if len(out.args) > 2 else [out.kwargs["weight"]]
-            if len(out.args) > 2:
-                out.update_arg(2, None)
-            else:
-                out.update_kwarg("weight", None)
-        else:
-            out.replace_all_uses_with(norm.normalized)
-            scale_expr = [a for a in out.args if isinstance(a, Node) and a is not norm.normalized]
-            gm.graph.erase_node(out)
-        for node in scale_expr + [weight]:
-            if node in gm.graph.nodes and not node.users:
-                gm.graph.erase_node(node)
+            weights.add(use.weight, _scale_axis(use.in_axis, scale))
+        _drop_norm_scale(gm, norm)
         folded += 1
     G.reset_order_cache(gm.graph)
     return folded
 
 
-def apply_r1(stream: G.ResidualStream, rotation: Rotation, weights: WeightEditor) -> dict[str, Any]:
-    """Rotate every stream reader's input axis, writer's output axis, embedding and stream bias by Q.
+def _drop_norm_scale(gm: GraphModule, norm: G.Norm) -> None:
+    """Remove the scale multiply (or a fused rms_norm's weight argument) and the nodes only it read."""
+    out, weight = norm.output, norm.weight
+    if out is norm.normalized:  # a fused rms_norm op: drop its weight argument
+        scale_expr = [out.args[2]] if len(out.args) > 2 else [out.kwargs["weight"]]
+        if len(out.args) > 2:
+            out.update_arg(2, None)
+        else:
+            out.update_kwarg("weight", None)
+    else:
+        out.replace_all_uses_with(norm.normalized)
+        scale_expr = [a for a in out.args if isinstance(a, Node) and a is not norm.normalized]
+        gm.graph.erase_node(out)
+    for node in scale_expr + [weight]:
+        if node in gm.graph.nodes and not node.users:
+            gm.graph.erase_node(node)
+
+
+def apply_r1(stream: G.ResidualStream, rotation: Rotation, weights: WeightPlan) -> dict[str, Any]:
+    """Queue the rotation of every stream reader's input axis, writer's output axis, embedding and stream bias by Q.
 
     Readers W -> W Q (input axis times Q); writers W -> Q^T W, which is the output axis times Q, and
     b -> Q^T b; embedding rows E -> E Q.
@@ -319,15 +349,14 @@ def apply_r1(stream: G.ResidualStream, rotation: Rotation, weights: WeightEditor
             roles.setdefault(target, (role, use))
     fused = 0
     for role, use in roles.values():
-        axis = use.in_axis if role == "reader" else use.out_axis
-        weights.put(use.weight, rotation.apply(weights.get(use.weight), axis))
+        weights.add(use.weight, _rotate_axis(rotation, use.in_axis if role == "reader" else use.out_axis))
         if role == "writer" and use.bias is not None:
-            weights.put(use.bias, rotation.apply(weights.get(use.bias)))
+            weights.add(use.bias, _rotate_axis(rotation))
         fused += int(use.fused_experts)
     for _, attr in stream.embeddings:
-        weights.put(attr, rotation.apply(weights.get(attr)))
+        weights.add(attr, _rotate_axis(rotation))
     for bias in {b.target: b for b in stream.biases}.values():
-        weights.put(bias, rotation.apply(weights.get(bias)))
+        weights.add(bias, _rotate_axis(rotation))
     return {
         "r1_readers": sum(1 for r, _ in roles.values() if r == "reader"),
         "r1_writers": sum(1 for r, _ in roles.values() if r == "writer"),
@@ -336,19 +365,12 @@ def apply_r1(stream: G.ResidualStream, rotation: Rotation, weights: WeightEditor
     }
 
 
-def rotate_heads(v_proj: G.LinearUse, o_proj: G.LinearUse, r2: Rotation, head_dim: int, weights: WeightEditor) -> None:
+def rotate_heads(v_proj: G.LinearUse, o_proj: G.LinearUse, r2: Rotation, head_dim: int, weights: WeightPlan) -> None:
     """R2: each head's v_proj outputs -> R2^T (rows), each head's o_proj inputs -> columns @ R2."""
-    wv = weights.get(v_proj.weight).movedim(v_proj.out_axis, -1)  # [..., heads * head_dim]
-    shape = wv.shape
-    wv = r2.apply(wv.reshape(*shape[:-1], -1, head_dim)).reshape(shape)
-    weights.put(v_proj.weight, wv.movedim(-1, v_proj.out_axis))
+    weights.add(v_proj.weight, _rotate_heads_axis(r2, v_proj.out_axis, head_dim))
     if v_proj.bias is not None:
-        b = weights.get(v_proj.bias)
-        weights.put(v_proj.bias, r2.apply(b.reshape(-1, head_dim)).reshape(-1))
-    wo = weights.get(o_proj.weight).movedim(o_proj.in_axis, -1)
-    shape = wo.shape
-    wo = r2.apply(wo.reshape(*shape[:-1], -1, head_dim)).reshape(shape)
-    weights.put(o_proj.weight, wo.movedim(-1, o_proj.in_axis))
+        weights.add(v_proj.bias, _rotate_heads_axis(r2, -1, head_dim))
+    weights.add(o_proj.weight, _rotate_heads_axis(r2, o_proj.in_axis, head_dim))
 
 
 def dfrot_refine(a: torch.Tensor, weight: torch.Tensor, r0: torch.Tensor,
