@@ -16,6 +16,9 @@ from fxpress.errors import ConfigError, LoweringError
 from fxpress.lowering.artifacts import ONNX_DIGESTS_KEY, artifact_metadata, initializer_digests
 from fxpress.lowering.export import reexport, refuse_bfloat16
 from fxpress.lowering.onnx.builder import Materializer
+from fxpress.lowering.onnx.fusion import fuse, gqa_translations
+from fxpress.lowering.onnx.genai import genai_rewriter
+from fxpress.lowering.onnx.genai_config import check_config_target, write_genai_config
 from fxpress.lowering.onnx.registry import ONNX_OPS, translation_table
 from fxpress.program import Program
 
@@ -60,10 +63,14 @@ def _validate(program: Program, path: str | os.PathLike, weights: str, opset: in
 
 
 def to_onnx_model(program: Program, weights: str = "matmulnbits", opset: int = 21, accuracy_level: int = 0,
-                  optimize: bool = True, additive_masks: bool = True) -> tuple[Any, dict[str, Any]]:
-    """The materialized onnx_ir Model (nothing written) and export statistics."""
-    ep, sig = reexport(program, additive_masks=additive_masks)
-    table = translation_table()
+                  optimize: bool = True, additive_masks: bool = True,
+                  fused: bool = True) -> tuple[Any, dict[str, Any]]:
+    """The materialized onnx_ir Model (nothing written) and export statistics.
+
+    fused: a causal LM gets onnxruntime-genai's I/O and ONNX Runtime's fused kernels (genai.py, fusion.py)."""
+    rewrite, done = genai_rewriter(program) if fused else (None, None)
+    ep, sig = reexport(program, additive_masks=additive_masks, rewrite=rewrite)
+    table = {**translation_table(), **gqa_translations()}
     try:
         onnx_program = torch.onnx.export(
             ep, sig.example_args, dynamo=True, opset_version=opset, input_names=list(sig.input_names),
@@ -75,9 +82,15 @@ def to_onnx_model(program: Program, weights: str = "matmulnbits", opset: int = 2
     model = onnx_program.model
     for node in model.graph.all_nodes():  # the exporter's per-node stack traces: megabytes on a real model
         node.metadata_props.clear()
-    stats = Materializer(model, weights, opset, accuracy_level).run(ONNX_OPS)
+    materializer = Materializer(model, weights, opset, accuracy_level)
+    stats = materializer.run(ONNX_OPS)
+    extra = {"weights": weights, "opset": opset, "accuracy_level": accuracy_level, "io": "stacked"}
+    if fused:
+        stats.update(fuse(model, materializer))
+        stats.update(done.stats() if done else {})
+        extra["io"] = stats.get("io", "stacked")
     _rename_dims(model, sig.dim_names)
-    meta = artifact_metadata(program, sig, {"weights": weights, "opset": opset, "accuracy_level": accuracy_level})
+    meta = artifact_metadata(program, sig, extra)
     model.metadata_props[METADATA_KEY] = json.dumps(meta)
     model.metadata_props[ONNX_DIGESTS_KEY] = json.dumps(initializer_digests(model))
     model.producer_name = "fxpress"
@@ -90,7 +103,8 @@ def _initializer_bytes(model: Any) -> int:
 
 def export_onnx(program: Program, path: str | os.PathLike, weights: str = "matmulnbits", opset: int = 21,
                 accuracy_level: int = 0, external_data: bool | None = None, optimize: bool = True,
-                check: bool = True, additive_masks: bool = True, overwrite: bool = False) -> dict[str, Any]:
+                check: bool = True, additive_masks: bool = True, overwrite: bool = False,
+                fused: bool = True) -> dict[str, Any]:
     """Write `program` as an ONNX model at `path` (atomically); returns statistics (sizes, kernels used).
 
     weights: "matmulnbits" (ONNX Runtime's int kernels) or "dequantizelinear" (standard ONNX, opset >= 21).
@@ -101,13 +115,20 @@ def export_onnx(program: Program, path: str | os.PathLike, weights: str = "matmu
     additive_masks: a causal LM's boolean attention mask becomes additive (no all-masked-row guard; see
     lowering/export.py); False keeps the exporter's guarded form.
     overwrite: replace `path` even when it is not an fxpress ONNX file (checked before any work).
+    fused: a causal LM gets onnxruntime-genai's I/O (per-layer past_key_values.{i}.key/value, attention_mask,
+    genai_config.json written beside it) and ONNX Runtime's fused kernels (GroupQueryAttention,
+    SkipSimplifiedLayerNormalization, fused q/k/v and gate/up MatMulNBits); False keeps the plain form.
     """
     path = _validate(program, path, weights, opset, accuracy_level)
     check_target(path, directory=False, overwrite=overwrite)
-    model, stats = to_onnx_model(program, weights, opset, accuracy_level, optimize, additive_masks)
+    if fused and program.is_causal_lm:
+        check_config_target(path, overwrite)
+    model, stats = to_onnx_model(program, weights, opset, accuracy_level, optimize, additive_masks, fused)
     if external_data is None:
         external_data = _initializer_bytes(model) > EXTERNAL_DATA_BYTES
     files = _write(model, path, external_data, check, overwrite)
+    if stats.get("io") == "genai":  # after the model is in place: a config never names a missing model
+        files.append(write_genai_config(path, program.info, (program.info.extra or {}).get("eos_token_id")))
     stats.update({"path": str(path), "bytes": sum(f.stat().st_size for f in files), "external_data": external_data,
                   "weights": weights, "opset": opset})
     return stats
