@@ -20,7 +20,7 @@ import torch
 from fxpress.lowering.onnx.builder import DOMAIN, MS_DOMAIN
 
 GQA_PLACEHOLDER = "GroupQueryAttention"
-_GQA_ATTRS = {"num_heads": "INT", "kv_num_heads": "INT", "scale": "FLOAT"}
+_GQA_ATTRS = {"num_heads": "INT", "kv_num_heads": "INT", "scale": "FLOAT", "do_rotary": "INT"}
 
 
 def _gqa_schema() -> None:
@@ -33,7 +33,7 @@ def _gqa_schema() -> None:
     optional = OpSchema.FormalParameterOption.Optional
     schema = OpSchema(
         GQA_PLACEHOLDER, DOMAIN, 1,
-        inputs=[OpSchema.FormalParameter(f"input_{i}", "T", param_option=optional) for i in range(7)],
+        inputs=[OpSchema.FormalParameter(f"input_{i}", "T", param_option=optional) for i in range(9)],
         outputs=[OpSchema.FormalParameter(f"output_{i}", "T") for i in range(3)],
         type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(int32)"], "any tensor")],
         attributes=[OpSchema.Attribute(a, getattr(OpSchema.AttrType, t), "", required=False)
@@ -42,16 +42,17 @@ def _gqa_schema() -> None:
     onnx.defs.register_schema(schema)
 
 
-def translate_gqa(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, num_heads=1,
-                  kv_num_heads=1, scale=0.0):
+def translate_gqa(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache,
+                  num_heads=1, kv_num_heads=1, scale=0.0, do_rotary=0):
     """torch.onnx translation of fxpress_ort::group_query_attention: a placeholder, made real by `fuse`."""
     import onnx_ir as ir
     import onnxscript
 
     _gqa_schema()
+    rotary = [cos_cache, sin_cache] if do_rotary else []
     out, present_k, present_v = onnxscript.values.Opset(DOMAIN, 1).GroupQueryAttention(
-        query, key, value, past_key, past_value, seqlens_k, total_sequence_length, num_heads=num_heads,
-        kv_num_heads=kv_num_heads, scale=float(scale))
+        query, key, value, past_key, past_value, seqlens_k, total_sequence_length, *rotary, num_heads=num_heads,
+        kv_num_heads=kv_num_heads, scale=float(scale), do_rotary=int(do_rotary))
     for value_out, like in ((out, query), (present_k, past_key), (present_v, past_value)):
         value_out.dtype = like.dtype
     if query.shape is not None and past_value.shape is not None:
@@ -127,6 +128,32 @@ def fuse_matmulnbits(b: Any) -> int:
     return saved
 
 
+def _through_reshapes(value: Any) -> Any:
+    while value is not None and value.producer() is not None and value.producer().op_type == "Reshape":
+        value = value.producer().inputs[0]
+    return value
+
+
+def packed_qkv(graph: Any) -> int:
+    """GroupQueryAttention whose query, key and value are (through reshapes only, [B, S, n] to [B, S, n]) the
+    three outputs of one Split of a fused q/k/v MatMulNBits reads the packed output itself (key, value empty)."""
+    count = 0
+    for node in list(graph):
+        if node.domain != MS_DOMAIN or node.op_type != "GroupQueryAttention":
+            continue
+        sources = [_through_reshapes(node.inputs[i]) for i in range(3)]
+        split = sources[0].producer() if sources[0] is not None else None
+        if split is None or split.op_type != "Split" or list(split.outputs) != sources:
+            continue
+        if any(s.shape is None or v.shape is None or s.shape[-1] != v.shape[-1] for s, v in zip(sources, node.inputs)):
+            continue
+        node.replace_input_with(0, split.inputs[0])
+        node.replace_input_with(1, None)
+        node.replace_input_with(2, None)
+        count += 1
+    return count
+
+
 def _norm_fusions(model: Any) -> dict[str, int]:
     """RMSNorm -> SimplifiedLayerNormalization -> SkipSimplifiedLayerNormalization (onnxscript's ORT rules)."""
     from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
@@ -162,6 +189,11 @@ def fuse(model: Any, b: Any) -> dict[str, Any]:
 
     stats: dict[str, Any] = {"group_query_attention_ops": _real_gqa(model)}
     stats["matmulnbits_fused_away"] = fuse_matmulnbits(b)
+    stats["packed_qkv_attention"] = packed_qkv(b.graph)
+    if stats["packed_qkv_attention"]:
+        import onnx_ir as ir
+
+        ir.passes.common.RemoveUnusedNodesPass()(model)
     stats.update(_norm_fusions(model))
     stats["simplified_layer_norm"] -= _unfuse_plain_norms(b)
     _drop_unused_initializers(b.graph)

@@ -30,26 +30,36 @@ GQA_DTYPES = (torch.float32, torch.float16)  # ONNX Runtime's CPU GroupQueryAtte
 @torch.library.custom_op("fxpress_ort::group_query_attention", mutates_args=())
 def group_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor,
                           past_value: torch.Tensor, seqlens_k: torch.Tensor, total_sequence_length: torch.Tensor,
-                          num_heads: int, kv_num_heads: int, scale: float
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """com.microsoft::GroupQueryAttention's semantics (BSD query/key/value, BNSH cache, causal, right-aligned):
-    the reference the rewritten graph is traced with and checked against."""
+                          cos_cache: torch.Tensor, sin_cache: torch.Tensor, num_heads: int, kv_num_heads: int,
+                          scale: float, do_rotary: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """com.microsoft::GroupQueryAttention's semantics (BSD query/key/value, BNSH cache, causal, right-aligned,
+    rotary (half-split form) at each row's positions when `do_rotary`): the reference the graph is traced with."""
     b, s, _ = query.shape
     d = past_key.shape[-1]
-    keys = torch.cat([past_key, key.view(b, s, kv_num_heads, d).transpose(1, 2)], 2)
-    values = torch.cat([past_value, value.view(b, s, kv_num_heads, -1).transpose(1, 2)], 2)
-    total = keys.shape[2]
     q_pos = torch.arange(s) + (seqlens_k.long()[:, None] + 1 - s)  # [B, S]: each row's own length
-    allowed = torch.arange(total)[None, None, :] <= q_pos[:, :, None]  # [B, S, T]
-    rep = num_heads // kv_num_heads
     q = query.view(b, s, num_heads, d).transpose(1, 2)
+    k = key.view(b, s, kv_num_heads, d).transpose(1, 2)
+    if do_rotary:
+        q, k = (_rotary(t, q_pos, cos_cache, sin_cache) for t in (q, k))
+    keys = torch.cat([past_key, k], 2)
+    values = torch.cat([past_value, value.view(b, s, kv_num_heads, -1).transpose(1, 2)], 2)
+    allowed = torch.arange(keys.shape[2])[None, None, :] <= q_pos[:, :, None]  # [B, S, T]
+    rep = num_heads // kv_num_heads
     out = torch.nn.functional.scaled_dot_product_attention(
         q, keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1), attn_mask=allowed[:, None], scale=scale)
     return out.transpose(1, 2).reshape(b, s, -1), keys, values
 
 
+def _rotary(x: torch.Tensor, pos: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor) -> torch.Tensor:
+    """x [B, H, S, d] rotated at positions pos [B, S]: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    cos, sin = cos_cache[pos][:, None].to(x.dtype), sin_cache[pos][:, None].to(x.dtype)  # [B, 1, S, d/2]
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+
 @group_query_attention.register_fake
-def _(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, num_heads, kv_num_heads, scale):
+def _(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache, num_heads,
+      kv_num_heads, scale, do_rotary):
     b, s, _ = query.shape
     total = past_key.shape[2] + s
     keys = past_key.new_empty(b, past_key.shape[1], total, past_key.shape[3])
@@ -58,15 +68,16 @@ def _(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
 
 
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
-                    mask: torch.Tensor, num_heads: int, kv_heads: int, scale: float) -> tuple:
-    """SDPA over cat(past, new) with KV heads repeated, as GroupQueryAttention: q/k/v [B, heads, S, d] in,
-    (output [B, S, heads * d], present key, present value) out; lengths from the attention mask (GenAI's)."""
+                    mask: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor, num_heads: int,
+                    kv_heads: int, scale: float, do_rotary: int) -> tuple:
+    """SDPA over cat(past, new) with KV heads repeated, as GroupQueryAttention: q/k/v [B, heads, S, d] in (before
+    RoPE when `do_rotary`), (output [B, S, heads * d], present key, present value) out; lengths from the mask."""
     b, _, s, _ = q.shape
     flat = [t.transpose(1, 2).reshape(b, s, -1) for t in (q, k, v)]
     seqlens = (mask.sum(1) - 1).to(torch.int32)
     total = (seqlens.max() + 1).to(torch.int32)
-    return torch.ops.fxpress_ort.group_query_attention(*flat, past_k, past_v, seqlens, total, num_heads, kv_heads,
-                                                       scale)
+    return torch.ops.fxpress_ort.group_query_attention(*flat, past_k, past_v, seqlens, total, cos_cache, sin_cache,
+                                                       num_heads, kv_heads, scale, do_rotary)
 
 
 @dataclass
@@ -75,11 +86,12 @@ class GenaiRewrite:
 
     per_layer_io: bool = False
     fused: int = 0
+    rotary_inside: int = 0
     unfused: list[str] = field(default_factory=list)
 
     def stats(self) -> dict[str, Any]:
         return {"io": "genai" if self.per_layer_io else "stacked", "group_query_attention": self.fused,
-                "attention_unfused": list(self.unfused)}
+                "rotary_in_attention": self.rotary_inside, "attention_unfused": list(self.unfused)}
 
 
 def _layer_reads(cache: torch.fx.Node, layers: int) -> dict[int, list[torch.fx.Node]] | None:
@@ -180,12 +192,79 @@ def _why_not(att: Any, past: dict[torch.fx.Node, tuple[int, str]], dtype: torch.
     return None
 
 
-def _fuse(gm: torch.fx.GraphModule, att: Any, mask: torch.fx.Node) -> None:
-    """Replace one attention by fused_attention; presents go where the cache concatenations went."""
+def _rope_of(node: Any) -> tuple[Any, Any, Any] | None:
+    """(x, cos, sin) when `node` = x * cos + rotate_half(x) * sin (HF's half-split RoPE over the whole head), else None."""
+    if not G.is_op(node, torch.ops.aten.add.Tensor) or len(node.args) != 2:
+        return None
+    for plain, rotated in (node.args, node.args[::-1]):
+        if not (G.is_op(plain, torch.ops.aten.mul.Tensor) and G.is_op(rotated, torch.ops.aten.mul.Tensor)):
+            continue
+        for x, cos in (plain.args, plain.args[::-1]):
+            for half, sin in (rotated.args, rotated.args[::-1]):
+                if _is_rotate_half(half, x):
+                    return x, cos, sin
+    return None
+
+
+def _is_rotate_half(node: Any, x: Any) -> bool:
+    """node == cat([-x[..., d/2:], x[..., :d/2]], -1)."""
+    if not G.is_op(node, torch.ops.aten.cat.default) or len(node.args[0]) != 2 or node.args[1] not in (-1, 3):
+        return False
+    neg, first = node.args[0]
+    if not G.is_op(neg, torch.ops.aten.neg.default):
+        return False
+    second, d = neg.args[0], G.last_dim(x)
+    return (_is_slice(first, x, 0, d // 2) and _is_slice(second, x, d // 2, None)) if d else False
+
+
+def _is_slice(node: Any, x: Any, start: int, end: int | None) -> bool:
+    if not G.is_op(node, torch.ops.aten.slice.Tensor) or node.args[0] is not x or node.args[1] not in (-1, 3):
+        return False
+    stop = node.args[3] if len(node.args) > 3 else None
+    return node.args[2] == start and (stop == end or (end is None and stop is not None and stop >= 2**62))
+
+
+def _rotary_caches(gm: torch.fx.GraphModule, cos: Any, sin: Any, positions: int, sig: Signature) -> tuple | None:
+    """cos/sin caches [positions, d/2] evaluated from the graph's own cos/sin nodes (prompt of `positions` tokens,
+    empty past); None when they are not duplicated halves or depend on more than the positions."""
+    places = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    try:
+        fns = [G.subgraph_function(gm, places, node) for node in (cos, sin)]
+    except Exception:  # noqa: BLE001  (GraphPatternError and friends: not a positions-only subgraph)
+        return None
+    ids = torch.zeros(1, positions, dtype=torch.long)
+    args = [ids, torch.ones(1, positions, dtype=torch.long)]
+    args += [a.new_zeros(1, a.shape[1], 0, a.shape[3]) for a in sig.example_args[2:]]
+    with torch.no_grad():
+        tables = [fn(*args).reshape(positions, -1) for fn in fns]
+    half = tables[0].shape[-1] // 2
+    if any(tables[0].shape[-1] != G.last_dim(cos) or not torch.equal(t[:, :half], t[:, half:]) for t in tables):
+        return None
+    return tuple(t[:, :half].contiguous() for t in tables)
+
+
+def _fuse(gm: torch.fx.GraphModule, att: Any, mask: Any, rotary: dict, positions: int, sig: Signature) -> bool:
+    """Replace one attention by fused_attention (RoPE inside when both q and k are plainly RoPE'd); returns
+    whether RoPE went inside. Presents go where the cache concatenations went."""
     graph = gm.graph
+    q, k = att.q_in, att.k_new
+    q_rope, k_rope = _rope_of(q), _rope_of(k)
+    caches = None
+    if q_rope and k_rope and q_rope[1:] == k_rope[1:]:
+        if q_rope[1:] not in rotary:
+            rotary[q_rope[1:]] = _rotary_caches(gm, *q_rope[1:], positions, sig)
+        caches = rotary[q_rope[1:]]
+    if caches is not None:
+        q, k = q_rope[0], k_rope[0]
+        if not isinstance(caches[0], torch.fx.Node):
+            first = next(n for n in graph.nodes if n.op != "placeholder")
+            caches = rotary[q_rope[1:]] = tuple(G.add_param(gm, f"rotary_{name}_cache", t, first)
+                                                  for name, t in zip(("cos", "sin"), caches))
+    else:
+        caches = (q, q)  # unused (do_rotary = 0); any tensor keeps the schema simple
     v_new = att.v_cache.args[0][1]
-    args = (att.q_in, att.k_new, v_new, _past_input(att.k_cache.args[0][0]), _past_input(att.v_cache.args[0][0]), mask, att.num_heads,
-            att.num_kv_heads, _sdpa_scale(att.sdpa, att.head_dim))
+    args = (q, k, v_new, _past_input(att.k_cache.args[0][0]), _past_input(att.v_cache.args[0][0]), mask, *caches,
+            att.num_heads, att.num_kv_heads, _sdpa_scale(att.sdpa, att.head_dim), int(q is not att.q_in))
     with graph.inserting_before(att.sdpa):
         fused = graph.call_function(fused_attention, args)
         out, present_k, present_v = (graph.call_function(operator.getitem, (fused, i)) for i in range(3))
@@ -195,6 +274,7 @@ def _fuse(gm: torch.fx.GraphModule, att: Any, mask: torch.fx.Node) -> None:
     att.sdpa.replace_all_uses_with(sdpa_like)
     for cat, present in ((att.k_cache, present_k), (att.v_cache, present_v)):  # other readers stay on the cat
         cat.replace_all_uses_with(present, delete_user_cb=lambda user: user.op == "output")
+    return q is not att.q_in
 
 
 def _attentions(gm: torch.fx.GraphModule, done: GenaiRewrite) -> list:
@@ -206,7 +286,7 @@ def _attentions(gm: torch.fx.GraphModule, done: GenaiRewrite) -> list:
 
 
 def rewrite_for_genai(gm: torch.fx.GraphModule, sig: Signature, layers: int, dtype: torch.dtype,
-                      fuse_attention: bool = True) -> tuple[Signature, GenaiRewrite]:
+                      positions: int, fuse_attention: bool = True) -> tuple[Signature, GenaiRewrite]:
     """Per-layer cache I/O and fused attention on `gm` in place; returns the new signature and what was done."""
     done = GenaiRewrite()
     new_sig = _split_cache_io(gm, sig, layers)
@@ -217,11 +297,12 @@ def rewrite_for_genai(gm: torch.fx.GraphModule, sig: Signature, layers: int, dty
     places = [n for n in gm.graph.nodes if n.op == "placeholder"]
     mask = places[1]
     past = {n: (i // 2, "key" if i % 2 == 0 else "value") for i, n in enumerate(places[2:])}
+    rotary: dict = {}
     if fuse_attention:
         for att in _attentions(gm, done):
             reason = _why_not(att, past, dtype)
             if reason is None:
-                _fuse(gm, att, mask)
+                done.rotary_inside += _fuse(gm, att, mask, rotary, positions, new_sig)
                 done.fused += 1
             else:
                 done.unfused.append(f"{att.sdpa.name}: {reason}")
@@ -237,7 +318,8 @@ def genai_rewriter(program: Any) -> tuple[Any, GenaiRewrite | None]:
     done = GenaiRewrite()
 
     def rewrite(gm: torch.fx.GraphModule, sig: Signature) -> Signature:
-        new_sig, record = rewrite_for_genai(gm, sig, program.info.num_layers, program.info.torch_activation_dtype)
+        new_sig, record = rewrite_for_genai(gm, sig, program.info.num_layers, program.info.torch_activation_dtype,
+                                            int(program.info.max_positions or 4096))
         done.__dict__.update(record.__dict__)
         return new_sig
 
