@@ -157,7 +157,8 @@ def main() -> None:
         paths[name] = path
         print(f"{name}: export {seconds:.1f} s, accuracy_level {stats['accuracy_level']} "
               f"({stats['accuracy_level_ms']} ms), GQA {stats.get('group_query_attention')}, "
-              f"fused away {stats.get('matmulnbits_fused_away')}, unfused {stats.get('attention_unfused')}")
+              f"rotary inside {stats.get('rotary_in_attention')}, fused away {stats.get('matmulnbits_fused_away')}, "
+              f"unfused {stats.get('attention_unfused')}, stage seconds {stats.get('seconds')}")
     sessions = {name: GenaiSession(p, args.threads) for name, p in paths.items()}
     text = token_windows(tokenizer, "eval", seq_len=args.prefill + args.prompt, max_windows=1)
     prompt, prefill = text[:, :args.prompt].numpy(), text[:, :args.prefill].numpy()

@@ -136,3 +136,16 @@ def test_fused_and_unfused_artifacts_agree(tmp_path, w4_llama):
     export_onnx(copy.deepcopy(w4_llama), tmp_path / "u" / "u.onnx", fused=False)
     ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(6))
     assert relative_error(OnnxRunner(tmp_path / "f.onnx")(ids), OnnxRunner(tmp_path / "u" / "u.onnx")(ids)) < 1e-5
+
+
+def test_packed_embedding_tables_do_not_hide_the_attentions(tmp_path):
+    """A 4-bit embedding table (fxpress::embedding_nbit) leaves no aten.embedding for the residual-stream finder:
+    attentions are found from their SDPA nodes, so they still fuse."""
+    from fxpress.passes.quantize import TableQuant
+
+    program = capture(tiny_causal_lm("llama"))
+    run_passes(program, [Quantize(weights=WeightQuant(bits=4, group_size=32),
+                                  tables=TableQuant(embedding_bits=4, lm_head_bits=4, group_size=32))], progress=False)
+    stats = export_onnx(program, tmp_path / "m.onnx")
+    assert stats["group_query_attention"] == stats["rotary_in_attention"] == stats["packed_qkv_attention"] == 2
+    _check_parity(tmp_path / "m.onnx", program)

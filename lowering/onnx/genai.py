@@ -278,11 +278,10 @@ def _fuse(gm: torch.fx.GraphModule, att: Any, mask: Any, rotary: dict, positions
 
 
 def _attentions(gm: torch.fx.GraphModule, done: GenaiRewrite) -> list:
-    try:
-        return G.attentions(G.decoder_blocks(gm))
-    except Exception as err:  # noqa: BLE001  (a graph the block finder does not know: keep SDPA, say why)
-        done.unfused.append(f"decoder blocks not found ({type(err).__name__}: {err})")
-        return []
+    """Every SDPA's attention, found from the SDPA itself (no residual stream needed: a packed embedding table or
+    another block layout does not hide attentions); the o projection is not needed here."""
+    sdpas = [n for n in gm.graph.nodes if G.is_op(n, torch.ops.aten.scaled_dot_product_attention.default)]
+    return [G.attention_at(n, []) for n in sdpas]
 
 
 def rewrite_for_genai(gm: torch.fx.GraphModule, sig: Signature, layers: int, dtype: torch.dtype,
