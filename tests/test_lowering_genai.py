@@ -148,4 +148,6 @@ def test_packed_embedding_tables_do_not_hide_the_attentions(tmp_path):
                                   tables=TableQuant(embedding_bits=4, lm_head_bits=4, group_size=32))], progress=False)
     stats = export_onnx(program, tmp_path / "m.onnx")
     assert stats["group_query_attention"] == stats["rotary_in_attention"] == stats["packed_qkv_attention"] == 2
+    names = [t.name for t in onnx.load(str(tmp_path / "m.onnx")).graph.initializer]
+    assert sum(n.startswith("rotary_") for n in names) == 2  # one cos and one sin cache for all layers
     _check_parity(tmp_path / "m.onnx", program)

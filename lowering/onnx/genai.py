@@ -256,10 +256,12 @@ def _fuse(gm: torch.fx.GraphModule, att: Any, mask: Any, rotary: dict, positions
         caches = rotary[q_rope[1:]]
     if caches is not None:
         q, k = q_rope[0], k_rope[0]
-        if not isinstance(caches[0], torch.fx.Node):
+        if not isinstance(caches[0], torch.fx.Node):  # one pair of cache weights for every layer with these values
+            same = [v for v in rotary.values() if v and isinstance(v[0], torch.fx.Node)
+                    and all(torch.equal(G.get_param(gm, n), t) for n, t in zip(v, caches))]
             first = next(n for n in graph.nodes if n.op != "placeholder")
-            caches = rotary[q_rope[1:]] = tuple(G.add_param(gm, f"rotary_{name}_cache", t, first)
-                                                  for name, t in zip(("cos", "sin"), caches))
+            caches = rotary[q_rope[1:]] = same[0] if same else tuple(
+                G.add_param(gm, f"rotary_{name}_cache", t, first) for name, t in zip(("cos", "sin"), caches))
     else:
         caches = (q, q)  # unused (do_rotary = 0); any tensor keeps the schema simple
     v_new = att.v_cache.args[0][1]
