@@ -8,6 +8,7 @@ batch / sequence / past-length dimensions.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.fx
@@ -243,11 +244,15 @@ def _dim_names(ep: torch.export.ExportedProgram, sig: Signature) -> dict[str, st
     return names
 
 
-def reexport(program: Program, decompose: bool = False,
-             additive_masks: bool = False) -> tuple[torch.export.ExportedProgram, Signature]:
-    """torch.export the program's module again (dynamic dims); `decompose` runs the core ATen decompositions."""
+def reexport(program: Program, decompose: bool = False, additive_masks: bool = False,
+             rewrite: Callable[[torch.fx.GraphModule, Signature], Signature] | None = None,
+             ) -> tuple[torch.export.ExportedProgram, Signature]:
+    """torch.export the program's module again (dynamic dims); `decompose` runs the core ATen decompositions;
+    `rewrite` edits the module copy (and its signature) first: a lowering's own graph-level fusions."""
     sig = signature(program)
     module = lowering_module(program, additive_masks)
+    if rewrite is not None:
+        sig = rewrite(module, sig)
     try:
         ep = torch.export.export(module, sig.example_args, dynamic_shapes=sig.dynamic_shapes, strict=False)
         if decompose:

@@ -162,9 +162,37 @@ class OnnxRunner(Runner):
                     return 0
         return 0
 
+    @property
+    def genai_io(self) -> bool:
+        """True for onnxruntime-genai's I/O: attention_mask and per-layer past_key_values.{i}.key/value."""
+        return self.meta.get("io") == "genai"
+
     def run(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        feeds = {name: t.detach().cpu().numpy() for name, t in zip(self.input_names, self.prepare(inputs))}
+        inputs = self.prepare(inputs)
+        if self.genai_io:
+            return self._run_genai(*inputs)
+        feeds = {name: t.detach().cpu().numpy() for name, t in zip(self.input_names, inputs)}
         return tuple(torch.from_numpy(np.asarray(o)) for o in self.session.run(None, feeds))
+
+    def _run_genai(self, input_ids: torch.Tensor, past_keys: torch.Tensor,
+                   past_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The runner's stacked cache [layers, batch, heads, past, dim] fed as the artifact's per-layer inputs,
+        with an all-ones attention mask (no padding), and the per-layer presents stacked back. ONNX Runtime's
+        GroupQueryAttention takes several new tokens after a past only at batch 1: other batches go token by token."""
+        if input_ids.shape[0] > 1 and input_ids.shape[1] > 1 and past_keys.shape[3] > 0:
+            logits = []
+            for t in range(input_ids.shape[1]):
+                step, past_keys, past_values = self._run_genai(input_ids[:, t:t + 1], past_keys, past_values)
+                logits.append(step)
+            return torch.cat(logits, 1), past_keys, past_values
+        batch, total = input_ids.shape[0], past_keys.shape[3] + input_ids.shape[1]
+        feeds = {"input_ids": input_ids.detach().cpu().numpy(),
+                 "attention_mask": np.ones((batch, total), dtype=np.int64)}
+        for i in range(past_keys.shape[0]):
+            feeds[f"past_key_values.{i}.key"] = past_keys[i].detach().cpu().numpy()
+            feeds[f"past_key_values.{i}.value"] = past_values[i].detach().cpu().numpy()
+        logits, *presents = (torch.from_numpy(np.asarray(o)) for o in self.session.run(None, feeds))
+        return logits, torch.stack(presents[0::2]), torch.stack(presents[1::2])
 
 
 class TvmRunner(Runner):

@@ -119,9 +119,11 @@ def test_causal_lm_keeps_the_kv_cache_and_matches_pytorch(tmp_path, tiny_llama):
     export_onnx(tiny_llama, path)
     model = onnx.load(path)
     names = [i.name for i in model.graph.input], [o.name for o in model.graph.output]
-    assert names == (["input_ids", "past_keys", "past_values"], ["logits", "present_keys", "present_values"])
-    dims = [d.dim_param or d.dim_value for d in model.graph.input[1].type.tensor_type.shape.dim]
-    assert dims[1] == "batch" and dims[3] == "past"
+    per_layer = [f"{kind}.{i}.{kv}" for i in range(2) for kv in ("key", "value") for kind in ("past_key_values",)]
+    assert names == (["input_ids", "attention_mask", *per_layer],  # onnxruntime-genai's I/O
+                     ["logits", *(n.replace("past_key_values", "present") for n in per_layer)])
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[2].type.tensor_type.shape.dim]
+    assert dims[0] == "batch" and dims[2] == "past"
     # the causal mask is additive: no all-masked-row guard over every attention score (IsNaN + Where per layer)
     assert ("", "IsNaN") not in _ops(model)
     runner, ref = OnnxRunner(path), TorchRunner(tiny_llama)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,11 @@ from fxpress.atomic import check_target, companion_name, staged_file
 from fxpress.errors import ConfigError, LoweringError
 from fxpress.lowering.artifacts import ONNX_DIGESTS_KEY, artifact_metadata, initializer_digests
 from fxpress.lowering.export import reexport, refuse_bfloat16
+from fxpress.lowering.onnx.accuracy import measure_accuracy_level
 from fxpress.lowering.onnx.builder import Materializer
+from fxpress.lowering.onnx.fusion import fuse, gqa_translations
+from fxpress.lowering.onnx.genai import genai_rewriter
+from fxpress.lowering.onnx.genai_config import check_config_target, write_genai_config
 from fxpress.lowering.onnx.registry import ONNX_OPS, translation_table
 from fxpress.program import Program
 
@@ -43,7 +48,7 @@ def _rename_dims(model: Any, names: dict[str, str]) -> None:
         value.shape = ir.Shape(dims)
 
 
-def _validate(program: Program, path: str | os.PathLike, weights: str, opset: int, accuracy_level: int) -> Path:
+def _validate(program: Program, path: str | os.PathLike, weights: str, opset: int, accuracy_level: int | str) -> Path:
     if not isinstance(program, Program):
         raise ConfigError(f"export_onnx needs an fxpress Program (e.g. compiled.program), got {type(program).__name__}")
     if weights not in WEIGHT_FORMATS:
@@ -54,16 +59,23 @@ def _validate(program: Program, path: str | os.PathLike, weights: str, opset: in
     if path.suffix != ".onnx":
         raise ConfigError(f"ONNX artifact path '{path}' should end in .onnx")
     refuse_bfloat16(program, "ONNX Runtime's CPU kernels (Mul, MatMulNBits)")
-    if accuracy_level not in (0, 1, 2, 3, 4):
-        raise ConfigError(f"accuracy_level = {accuracy_level!r}: MatMulNBits takes 0 (float), 1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8)")
+    if accuracy_level not in (0, 1, 2, 3, 4, "auto"):
+        raise ConfigError(f"accuracy_level = {accuracy_level!r}: MatMulNBits takes 0 (float), 1 (fp32), 2 (fp16), 3 (bf16), "
+                          "4 (int8) or 'auto' (timed on this CPU)")
     return path
 
 
 def to_onnx_model(program: Program, weights: str = "matmulnbits", opset: int = 21, accuracy_level: int = 0,
-                  optimize: bool = True, additive_masks: bool = True) -> tuple[Any, dict[str, Any]]:
-    """The materialized onnx_ir Model (nothing written) and export statistics."""
-    ep, sig = reexport(program, additive_masks=additive_masks)
-    table = translation_table()
+                  optimize: bool = True, additive_masks: bool = True,
+                  fused: bool = True) -> tuple[Any, dict[str, Any]]:
+    """The materialized onnx_ir Model (nothing written) and export statistics.
+
+    fused: a causal LM gets onnxruntime-genai's I/O and ONNX Runtime's fused kernels (genai.py, fusion.py)."""
+    lap = _stopwatch()
+    rewrite, done = genai_rewriter(program) if fused else (None, None)
+    ep, sig = reexport(program, additive_masks=additive_masks, rewrite=rewrite)
+    lap("reexport")
+    table = {**translation_table(), **gqa_translations()}
     try:
         onnx_program = torch.onnx.export(
             ep, sig.example_args, dynamo=True, opset_version=opset, input_names=list(sig.input_names),
@@ -72,16 +84,40 @@ def to_onnx_model(program: Program, weights: str = "matmulnbits", opset: int = 2
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise LoweringError(f"torch.onnx.export failed on the compiled program: {type(err).__name__}: {first}") from err
+    lap("torch_onnx_export")
     model = onnx_program.model
     for node in model.graph.all_nodes():  # the exporter's per-node stack traces: megabytes on a real model
         node.metadata_props.clear()
-    stats = Materializer(model, weights, opset, accuracy_level).run(ONNX_OPS)
+    materializer = Materializer(model, weights, opset, accuracy_level)
+    stats = materializer.run(ONNX_OPS)
+    lap("materialize")
+    extra = {"weights": weights, "opset": opset, "accuracy_level": accuracy_level, "io": "stacked"}
+    if fused:
+        stats.update(fuse(model, materializer))
+        stats.update(done.stats() if done else {})
+        extra["io"] = stats.get("io", "stacked")
+        lap("fuse")
     _rename_dims(model, sig.dim_names)
-    meta = artifact_metadata(program, sig, {"weights": weights, "opset": opset, "accuracy_level": accuracy_level})
+    meta = artifact_metadata(program, sig, extra)
     model.metadata_props[METADATA_KEY] = json.dumps(meta)
     model.metadata_props[ONNX_DIGESTS_KEY] = json.dumps(initializer_digests(model))
     model.producer_name = "fxpress"
+    lap("digests")
+    stats["seconds"] = lap.times
     return model, stats
+
+
+def _stopwatch() -> Any:
+    """lap(name) records the seconds since the previous lap under `name` in lap.times (export statistics)."""
+    last = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        lap.times[name] = round(now - last[0], 3)
+        last[0] = now
+
+    lap.times = {}
+    return lap
 
 
 def _initializer_bytes(model: Any) -> int:
@@ -89,25 +125,40 @@ def _initializer_bytes(model: Any) -> int:
 
 
 def export_onnx(program: Program, path: str | os.PathLike, weights: str = "matmulnbits", opset: int = 21,
-                accuracy_level: int = 0, external_data: bool | None = None, optimize: bool = True,
-                check: bool = True, additive_masks: bool = True, overwrite: bool = False) -> dict[str, Any]:
+                accuracy_level: int | str = 0, external_data: bool | None = None, optimize: bool = True,
+                check: bool = True, additive_masks: bool = True, overwrite: bool = False,
+                fused: bool = True) -> dict[str, Any]:
     """Write `program` as an ONNX model at `path` (atomically); returns statistics (sizes, kernels used).
 
     weights: "matmulnbits" (ONNX Runtime's int kernels) or "dequantizelinear" (standard ONNX, opset >= 21).
     accuracy_level: MatMulNBits compute type; 0 = the activations' float type (matches PyTorch), 4 = int8
-    activations (faster, ~1e-2 relative error); runners apply the same level to fused DequantizeLinear.
+    activations (faster, ~1e-2 relative error); "auto" times both on this CPU (accuracy.py) and reports the
+    choice and timings in the statistics; runners apply the same level to fused DequantizeLinear.
     external_data: None = only when the weights exceed 2 GB (then `<path>.<id>.data` is written beside the model).
     optimize: run onnxscript's graph optimizer (constant folding, fusions) on the exported graph.
     additive_masks: a causal LM's boolean attention mask becomes additive (no all-masked-row guard; see
     lowering/export.py); False keeps the exporter's guarded form.
     overwrite: replace `path` even when it is not an fxpress ONNX file (checked before any work).
+    fused: a causal LM gets onnxruntime-genai's I/O (per-layer past_key_values.{i}.key/value, attention_mask,
+    genai_config.json written beside it) and ONNX Runtime's fused kernels (GroupQueryAttention,
+    SkipSimplifiedLayerNormalization, fused q/k/v and gate/up MatMulNBits); False keeps the plain form.
     """
     path = _validate(program, path, weights, opset, accuracy_level)
     check_target(path, directory=False, overwrite=overwrite)
-    model, stats = to_onnx_model(program, weights, opset, accuracy_level, optimize, additive_masks)
+    if fused and program.is_causal_lm:
+        check_config_target(path, overwrite)
+    timings = None
+    if accuracy_level == "auto":
+        accuracy_level, timings = measure_accuracy_level()
+    model, stats = to_onnx_model(program, weights, opset, accuracy_level, optimize, additive_masks, fused)
+    stats.update({"accuracy_level": accuracy_level, "accuracy_level_ms": timings})
     if external_data is None:
         external_data = _initializer_bytes(model) > EXTERNAL_DATA_BYTES
+    start = time.perf_counter()
     files = _write(model, path, external_data, check, overwrite)
+    stats["seconds"]["write_and_check"] = round(time.perf_counter() - start, 3)
+    if stats.get("io") == "genai":  # after the model is in place: a config never names a missing model
+        files.append(write_genai_config(path, program.info, (program.info.extra or {}).get("eos_token_id")))
     stats.update({"path": str(path), "bytes": sum(f.stat().st_size for f in files), "external_data": external_data,
                   "weights": weights, "opset": opset})
     return stats
