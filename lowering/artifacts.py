@@ -32,7 +32,7 @@ def artifact_metadata(program: Program, sig: Signature, extra: dict[str, Any]) -
     }
 
 
-def initializer_digests(model: Any) -> dict[str, str]:
+def initializer_digests(model: Any, known: dict[str, str] | None = None) -> dict[str, str]:
     """SHA-256 of each initializer's bytes in an onnx_ir Model, to store in its metadata_props under ONNX_DIGESTS_KEY.
 
     An ONNX artifact is one file (plus `.data` for > 2 GB): a whole-file digest cannot live inside the file it
@@ -41,7 +41,8 @@ def initializer_digests(model: Any) -> dict[str, str]:
     """
     import hashlib
 
-    return {name: hashlib.sha256(value.const_value.tobytes()).hexdigest()
+    known = known or {}  # digests taken as the bytes were written (streamed external data): not read again
+    return {name: known.get(name) or hashlib.sha256(value.const_value.tobytes()).hexdigest()
             for name, value in model.graph.initializers.items() if value.const_value is not None}
 
 

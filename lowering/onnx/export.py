@@ -16,6 +16,7 @@ from fxpress.errors import ConfigError, LoweringError
 from fxpress.lowering.artifacts import ONNX_DIGESTS_KEY, artifact_metadata, initializer_digests
 from fxpress.lowering.export import reexport, refuse_bfloat16
 from fxpress.lowering.onnx.builder import Materializer
+from fxpress.lowering.onnx.external import ExternalData, lazy_store_initializers
 from fxpress.lowering.onnx.registry import ONNX_OPS, translation_table
 from fxpress.program import Program
 
@@ -60,26 +61,39 @@ def _validate(program: Program, path: str | os.PathLike, weights: str, opset: in
 
 
 def to_onnx_model(program: Program, weights: str = "matmulnbits", opset: int = 21, accuracy_level: int = 0,
-                  optimize: bool = True, additive_masks: bool = True) -> tuple[Any, dict[str, Any]]:
-    """The materialized onnx_ir Model (nothing written) and export statistics."""
+                  optimize: bool = True, additive_masks: bool = True, sink: ExternalData | None = None,
+                  ) -> tuple[Any, dict[str, Any]]:
+    """The materialized onnx_ir Model and export statistics.
+
+    A store-backed program's initializers read the weight store when their values are needed; with `sink` (what
+    export_onnx gives such a program) every large initializer is written to its external data file as it is made.
+    """
     ep, sig = reexport(program, additive_masks=additive_masks)
     table = translation_table()
     try:
         onnx_program = torch.onnx.export(
             ep, sig.example_args, dynamo=True, opset_version=opset, input_names=list(sig.input_names),
-            output_names=list(sig.output_names), custom_translation_table=table, optimize=optimize, verbose=False,
+            output_names=list(sig.output_names), custom_translation_table=table, optimize=False, verbose=False,
         )
+        lazy_store_initializers(onnx_program.model, program.weights)
+        if optimize:  # after the placeholders read the store: constant folding may need their values
+            onnx_program.optimize()
+    except LoweringError:
+        raise
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise LoweringError(f"torch.onnx.export failed on the compiled program: {type(err).__name__}: {first}") from err
     model = onnx_program.model
     for node in model.graph.all_nodes():  # the exporter's per-node stack traces: megabytes on a real model
         node.metadata_props.clear()
-    stats = Materializer(model, weights, opset, accuracy_level).run(ONNX_OPS)
+    stats = Materializer(model, weights, opset, accuracy_level, sink).run(ONNX_OPS)
+    if sink is not None:
+        sink.put_initializers(model.graph)
+        stats["streamed"] = dict(sink.stats)
     _rename_dims(model, sig.dim_names)
     meta = artifact_metadata(program, sig, {"weights": weights, "opset": opset, "accuracy_level": accuracy_level})
     model.metadata_props[METADATA_KEY] = json.dumps(meta)
-    model.metadata_props[ONNX_DIGESTS_KEY] = json.dumps(initializer_digests(model))
+    model.metadata_props[ONNX_DIGESTS_KEY] = json.dumps(initializer_digests(model, sink.digests if sink else None))
     model.producer_name = "fxpress"
     return model, stats
 
@@ -96,7 +110,8 @@ def export_onnx(program: Program, path: str | os.PathLike, weights: str = "matmu
     weights: "matmulnbits" (ONNX Runtime's int kernels) or "dequantizelinear" (standard ONNX, opset >= 21).
     accuracy_level: MatMulNBits compute type; 0 = the activations' float type (matches PyTorch), 4 = int8
     activations (faster, ~1e-2 relative error); runners apply the same level to fused DequantizeLinear.
-    external_data: None = only when the weights exceed 2 GB (then `<path>.<id>.data` is written beside the model).
+    external_data: None = only when the weights exceed 2 GB (then `<path>.<id>.data` is written beside the model);
+    always for a store-backed program, whose weights go from the store to that file one tensor at a time.
     optimize: run onnxscript's graph optimizer (constant folding, fusions) on the exported graph.
     additive_masks: a causal LM's boolean attention mask becomes additive (no all-masked-row guard; see
     lowering/export.py); False keeps the exporter's guarded form.
@@ -104,13 +119,39 @@ def export_onnx(program: Program, path: str | os.PathLike, weights: str = "matmu
     """
     path = _validate(program, path, weights, opset, accuracy_level)
     check_target(path, directory=False, overwrite=overwrite)
-    model, stats = to_onnx_model(program, weights, opset, accuracy_level, optimize, additive_masks)
-    if external_data is None:
-        external_data = _initializer_bytes(model) > EXTERNAL_DATA_BYTES
-    files = _write(model, path, external_data, check, overwrite)
+    if program.weights is not None:  # store-backed: weights streamed from the store to external data
+        if external_data is False:
+            raise ConfigError("external_data=False: a store-backed program's weights are streamed to an external data "
+                              "file beside the model; drop external_data (or load the program in memory)")
+        args = (weights, opset, accuracy_level, optimize, additive_masks)
+        files, stats = _write_streamed(program, path, args, check, overwrite)
+        external_data = True
+    else:
+        model, stats = to_onnx_model(program, weights, opset, accuracy_level, optimize, additive_masks)
+        if external_data is None:
+            external_data = _initializer_bytes(model) > EXTERNAL_DATA_BYTES
+        files = _write(model, path, external_data, check, overwrite)
     stats.update({"path": str(path), "bytes": sum(f.stat().st_size for f in files), "external_data": external_data,
                   "weights": weights, "opset": opset})
     return stats
+
+
+def _write_streamed(program: Program, path: Path, args: tuple, check: bool,
+                    overwrite: bool) -> tuple[list[Path], dict[str, Any]]:
+    """Export into a staging folder, each initializer written to `<path>.<id>.data` as it is made; then publish."""
+    import onnx_ir as ir
+
+    data_name = companion_name(path, ".data")
+    with staged_file(path, overwrite=overwrite) as tmp:
+        sink = ExternalData(tmp.parent / data_name)
+        try:
+            model, stats = to_onnx_model(program, *args, sink=sink)
+        finally:
+            sink.close()
+        ir.save(model, tmp)
+        if check:
+            _check(tmp)
+    return [path, path.parent / data_name], stats
 
 
 def _write(model: Any, path: Path, external_data: bool, check: bool, overwrite: bool) -> list[Path]:
