@@ -190,8 +190,8 @@ def _lazy_tensors(directory: Path, manifest: dict[str, Any], weight_map: dict[st
     metas = {k: torch.empty(store.spec(_graph_name(k))[0], dtype=store.spec(_graph_name(k))[1], device="meta")
              for k in set(names.values())}
     tensors = {n: metas[k] for n, k in names.items()}
-    examples = read_shards(directory, {n: f for n, f in weight_map.items() if n.startswith("example.")})
-    return {**tensors, **examples}, store
+    inputs = store_from_shards(directory, weight_map, {n: n for n in weight_map if n.startswith("example.")})
+    return {**tensors, **{n: inputs.get(n) for n in inputs.names()}}, store
 
 
 def _graph_name(name: str) -> str:
