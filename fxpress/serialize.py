@@ -22,6 +22,7 @@ from fxpress.program import ModelInfo, Program
 from fxpress.safe_load import safe_program_json
 from fxpress.shards import (
     SHARD_BYTES,
+    SINGLE_FILE,
     read_shards,
     single_file_map,
     store_from_shards,
@@ -35,7 +36,7 @@ FORMAT = PROGRAM_FORMAT
 FORMAT_VERSION = 2  # 2: weights in shards listed by the manifest's weight_map; 1: one weights.safetensors
 READ_VERSIONS = (1, 2)
 LAZY_ABOVE = 2**30  # load_program(lazy=None) serves the weights from their shards when they exceed this many bytes
-GRAPH_FILE, WEIGHTS_FILE, MANIFEST_FILE = "program.json", "weights.safetensors", PROGRAM_MANIFEST
+GRAPH_FILE, WEIGHTS_FILE, MANIFEST_FILE = "program.json", SINGLE_FILE, PROGRAM_MANIFEST
 
 
 def reexport(program: Program) -> tuple[torch.export.ExportedProgram, tuple[torch.Tensor, ...]]:

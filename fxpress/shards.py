@@ -17,12 +17,14 @@ import torch
 from fxpress.errors import ArtifactError
 from fxpress.weights import WeightStore
 
+SINGLE_FILE = "weights.safetensors"
 SHARD_BYTES = 2**30  # at most this many bytes of tensors per shard file (a single larger tensor gets its own)
 
 
 def shard_name(index: int, count: int) -> str:
-    """`weights-00001-of-00003.safetensors`: the Hugging Face naming, so tools recognise the shards."""
-    return f"weights-{index:05d}-of-{count:05d}.safetensors"
+    """`weights-00001-of-00003.safetensors` (Hugging Face's naming, so tools recognise the shards), or
+    `weights.safetensors` when one shard holds everything (the name unsharded artifacts always had)."""
+    return SINGLE_FILE if count == 1 else f"weights-{index:05d}-of-{count:05d}.safetensors"
 
 
 def tensor_bytes(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> int:

@@ -24,22 +24,20 @@ capture_module = importlib.import_module("fxpress.capture")  # fxpress.capture i
 BUDGET = 10_000  # bytes: far below the tiny model's ~190 KB of fp32 weights
 
 
-@pytest.fixture(scope="module")
-def tiny_llama():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    return LlamaForCausalLM(cfg).eval()
+# a tiny tied Llama (~190 KB of fp32 weights): tied, so the saved artifact records an alias
+CONFIG = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}
 
 
 @pytest.fixture(scope="module")
-def programs(tiny_llama):
+def programs():
     """The same W4 compile twice: in memory, and store-backed under a 10 KB budget."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**CONFIG)).eval()
     passes = [Rotate(), FoldHadamard(), Quantize(weights=WeightQuant(bits=4, group_size=32))]
-    in_memory = capture_module.capture(tiny_llama)
-    stored = capture_module.capture_stored(tiny_llama, budget=BUDGET)
-    run_passes(in_memory, passes, progress=False)
-    run_passes(stored, passes, progress=False)
+    in_memory, stored = capture_module.capture(model), capture_module.capture_stored(model, budget=BUDGET)
+    for program in (in_memory, stored):
+        run_passes(program, passes, progress=False)
     return in_memory, stored
 
 
@@ -193,3 +191,20 @@ def test_tvm_export_of_a_store_backed_program_names_the_budget(programs, tmp_pat
     with pytest.raises(LoweringError, match="in memory.*KiB"):
         export_tvm(programs[1], tmp_path / "tvm")
     assert not (tmp_path / "tvm").exists()
+
+
+def test_store_backed_float_program_keeps_large_weights_out_of_constant_folding(tmp_path):
+    """Unquantized linears: their transposes are left to ONNX Runtime, not folded into in-memory initializers."""
+    import onnx
+
+    from fxpress.runtime.runners import OnnxRunner
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**CONFIG)).eval()
+    stored = capture_module.capture_stored(model, budget=BUDGET)
+    stats = export_onnx(stored, tmp_path / "fp32.onnx")
+    proto = onnx.load(str(tmp_path / "fp32.onnx"), load_external_data=False)
+    inline = [t.name for t in proto.graph.initializer if len(t.raw_data) >= 1024]
+    assert not inline and stats["streamed"]["tensors"] >= 14
+    torch.testing.assert_close(OnnxRunner(tmp_path / "fp32.onnx")(IDS), capture_module.capture(model)(IDS),
+                               rtol=1e-4, atol=1e-4)

@@ -16,7 +16,7 @@ from fxpress.errors import ConfigError, LoweringError
 from fxpress.lowering.artifacts import ONNX_DIGESTS_KEY, artifact_metadata, initializer_digests
 from fxpress.lowering.export import reexport, refuse_bfloat16
 from fxpress.lowering.onnx.builder import Materializer
-from fxpress.lowering.onnx.external import ExternalData, lazy_store_initializers
+from fxpress.lowering.onnx.external import ExternalData, lazy_store_initializers, optimize_streamed
 from fxpress.lowering.onnx.registry import ONNX_OPS, translation_table
 from fxpress.program import Program
 
@@ -76,7 +76,9 @@ def to_onnx_model(program: Program, weights: str = "matmulnbits", opset: int = 2
             output_names=list(sig.output_names), custom_translation_table=table, optimize=False, verbose=False,
         )
         lazy_store_initializers(onnx_program.model, program.weights)
-        if optimize:  # after the placeholders read the store: constant folding may need their values
+        if optimize and program.weights is not None:  # after the placeholders read the store
+            optimize_streamed(onnx_program.model)
+        elif optimize:
             onnx_program.optimize()
     except LoweringError:
         raise

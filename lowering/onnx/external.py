@@ -17,6 +17,7 @@ from fxpress.errors import LoweringError
 from fxpress.weights import WeightStore, is_placeholder
 
 INLINE_BYTES = 1024  # initializers smaller than this stay in the model file (shapes, slice bounds, scalars)
+FOLD_ELEMENTS = 8192  # a store tensor larger than this is not constant-folded (onnxscript's default input limit)
 ALIGNMENT = 64  # byte alignment of each tensor in the data file (ONNX Runtime may memory-map it)
 
 
@@ -45,6 +46,27 @@ def lazy_store_initializers(model: Any, store: WeightStore | None) -> int:
         value.const_value = ir.LazyTensor(_store_reader(store, name), tensor.dtype, tensor.shape, name=name)
         count += 1
     return count
+
+
+def _no_large_store_reads(node: Any) -> bool | None:
+    """Constant folding may not compute from a large store tensor: what it makes (a transposed fp32 weight) would stay
+    in memory until the model is written, for every such weight at once. ONNX Runtime folds them when it loads."""
+    import onnx_ir as ir
+
+    for value in node.inputs:
+        tensor = value.const_value if value is not None else None
+        if isinstance(tensor, ir.LazyTensor) and tensor.size > FOLD_ELEMENTS:
+            return False
+    return None  # onnxscript's own rules decide
+
+
+def optimize_streamed(model: Any) -> None:
+    """torch.onnx's optimization (onnxscript's optimizer, then its ONNX fusions) without folding large store tensors."""
+    import onnxscript.optimizer
+    import onnxscript.rewriter.onnx_fusions
+
+    onnxscript.optimizer.optimize_ir(model, should_fold=_no_large_store_reads)
+    onnxscript.rewriter.onnx_fusions.fuse(model)
 
 
 class ExternalData:
