@@ -62,7 +62,7 @@ if __name__ == "__main__":
     for mode in ("compile_save", "load_export", "ort"):
         for stored in (1, 0):
             r = subprocess.run([sys.executable, __file__, "child", str(ROOT), mode, str(stored)], capture_output=True, text=True)
-            line = [l for l in r.stdout.splitlines() if l.startswith("{")]
+            line = [out for out in r.stdout.splitlines() if out.startswith("{")]
             print(mode, "stored" if stored else "memory", "rc", r.returncode, line, flush=True)
             if r.returncode:
                 print(r.stderr[-3000:])
