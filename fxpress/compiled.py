@@ -252,10 +252,11 @@ def compile(
     return CompiledModel(program, pass_list)
 
 
-def load(directory: str | os.PathLike) -> CompiledModel:
-    """Load a model saved by CompiledModel.save."""
+def load(directory: str | os.PathLike, lazy: bool | None = None) -> CompiledModel:
+    """Load a model saved by CompiledModel.save; `lazy`: serve the weights from the artifact's shards (a store-backed
+    program, each tensor read when needed) instead of reading them now; None decides by size (serialize.LAZY_ABOVE)."""
     from fxpress.serialize import load_program
 
-    program, manifest = load_program(directory)
+    program, manifest = load_program(directory, lazy=lazy)
     passes = passes_from_recipe(manifest.get("recipe", {"passes": []}))
     return CompiledModel(program, passes)

@@ -32,17 +32,29 @@ def artifact_metadata(program: Program, sig: Signature, extra: dict[str, Any]) -
     }
 
 
-def initializer_digests(model: Any) -> dict[str, str]:
+def initializer_digests(model: Any, known: dict[str, str] | None = None) -> dict[str, str]:
     """SHA-256 of each initializer's bytes in an onnx_ir Model, to store in its metadata_props under ONNX_DIGESTS_KEY.
 
     An ONNX artifact is one file (plus `.data` for > 2 GB): a whole-file digest cannot live inside the file it
     covers, and a sidecar would be one more file to keep in step. Per-initializer digests ride inside the model,
     cover the weights wherever they are stored (inline or in `.data`), and name the tensor that differs.
     """
+    known = known or {}  # digests taken as the bytes were written (streamed external data): not read again
+    return {name: known.get(name) or _sha256(value.const_value)
+            for name, value in model.graph.initializers.items() if value.const_value is not None}
+
+
+def _sha256(tensor: Any) -> str:
+    """One tensor's digest; an external tensor's file mapping is released after, so checking a large artifact
+    maps one tensor at a time, not the whole .data file."""
     import hashlib
 
-    return {name: hashlib.sha256(value.const_value.tobytes()).hexdigest()
-            for name, value in model.graph.initializers.items() if value.const_value is not None}
+    import onnx_ir as ir
+
+    digest = hashlib.sha256(tensor.tobytes()).hexdigest()
+    if isinstance(tensor, ir.ExternalTensor):
+        tensor.release()
+    return digest
 
 
 def verify_onnx_initializers(path: Path) -> None:

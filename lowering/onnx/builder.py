@@ -20,7 +20,7 @@ MS_DOMAIN = "com.microsoft"
 class Materializer:
     """Rewrites one ir.Model's fxpress placeholder nodes; needs initializer values (known after export)."""
 
-    def __init__(self, model: Any, weights: str, opset: int, accuracy_level: int = 0):
+    def __init__(self, model: Any, weights: str, opset: int, accuracy_level: int = 0, sink: Any = None):
         import onnx_ir as ir
 
         self.ir = ir
@@ -29,6 +29,7 @@ class Materializer:
         self.weights = weights
         self.opset = opset
         self.accuracy_level = accuracy_level
+        self.sink = sink  # an external.ExternalData: initializers are written as made, not held (store-backed export)
         self.counter = 0
         self.functions: dict[str, Any] = {}
         self.shared: dict[str, dict[Any, tuple]] = {}  # packed tensor name -> layout -> initializers (tied tables)
@@ -48,6 +49,8 @@ class Materializer:
         self.counter += 1
         name = f"{name}__{self.counter}"
         tensor = ir.tensor(array, dtype=dtype, name=name)
+        if self.sink is not None:
+            tensor = self.sink.put(tensor)
         value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
         self.graph.register_initializer(value)
         return value

@@ -18,6 +18,7 @@ from fxpress.lowering.artifacts import ONNX_DIGESTS_KEY, artifact_metadata, init
 from fxpress.lowering.export import reexport, refuse_bfloat16
 from fxpress.lowering.onnx.accuracy import measure_accuracy_level
 from fxpress.lowering.onnx.builder import Materializer
+from fxpress.lowering.onnx.external import ExternalData, lazy_store_initializers, optimize_streamed
 from fxpress.lowering.onnx.fusion import fuse, gqa_translations
 from fxpress.lowering.onnx.genai import genai_rewriter
 from fxpress.lowering.onnx.genai_config import check_config_target, write_genai_config
@@ -66,11 +67,15 @@ def _validate(program: Program, path: str | os.PathLike, weights: str, opset: in
 
 
 def to_onnx_model(program: Program, weights: str = "matmulnbits", opset: int = 21, accuracy_level: int = 0,
-                  optimize: bool = True, additive_masks: bool = True,
-                  fused: bool = True) -> tuple[Any, dict[str, Any]]:
-    """The materialized onnx_ir Model (nothing written) and export statistics.
+                  optimize: bool = True, additive_masks: bool = True, fused: bool = True,
+                  sink: ExternalData | None = None) -> tuple[Any, dict[str, Any]]:
+    """The materialized onnx_ir Model and export statistics.
 
-    fused: a causal LM gets onnxruntime-genai's I/O and ONNX Runtime's fused kernels (genai.py, fusion.py)."""
+    fused: a causal LM gets onnxruntime-genai's I/O and ONNX Runtime's fused kernels (genai.py, fusion.py).
+    A store-backed program's initializers read the weight store when their values are needed; with `sink` (what
+    export_onnx gives such a program) every large initializer is written to its external data file as it is made,
+    so the q/k/v and gate/up MatMulNBits stay separate there (merging them would write their weights twice).
+    """
     lap = _stopwatch()
     rewrite, done = genai_rewriter(program) if fused else (None, None)
     ep, sig = reexport(program, additive_masks=additive_masks, rewrite=rewrite)
@@ -79,8 +84,15 @@ def to_onnx_model(program: Program, weights: str = "matmulnbits", opset: int = 2
     try:
         onnx_program = torch.onnx.export(
             ep, sig.example_args, dynamo=True, opset_version=opset, input_names=list(sig.input_names),
-            output_names=list(sig.output_names), custom_translation_table=table, optimize=optimize, verbose=False,
+            output_names=list(sig.output_names), custom_translation_table=table, optimize=False, verbose=False,
         )
+        lazy_store_initializers(onnx_program.model, program.weights)
+        if optimize and program.weights is not None:  # after the placeholders read the store
+            optimize_streamed(onnx_program.model)
+        elif optimize:
+            onnx_program.optimize()
+    except LoweringError:
+        raise
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise LoweringError(f"torch.onnx.export failed on the compiled program: {type(err).__name__}: {first}") from err
@@ -88,19 +100,22 @@ def to_onnx_model(program: Program, weights: str = "matmulnbits", opset: int = 2
     model = onnx_program.model
     for node in model.graph.all_nodes():  # the exporter's per-node stack traces: megabytes on a real model
         node.metadata_props.clear()
-    materializer = Materializer(model, weights, opset, accuracy_level)
+    materializer = Materializer(model, weights, opset, accuracy_level, sink)
     stats = materializer.run(ONNX_OPS)
     lap("materialize")
     extra = {"weights": weights, "opset": opset, "accuracy_level": accuracy_level, "io": "stacked"}
     if fused:
-        stats.update(fuse(model, materializer))
+        stats.update(fuse(model, materializer, merge_weights=sink is None))
         stats.update(done.stats() if done else {})
         extra["io"] = stats.get("io", "stacked")
         lap("fuse")
+    if sink is not None:
+        sink.put_initializers(model.graph)
+        stats["streamed"] = dict(sink.stats)
     _rename_dims(model, sig.dim_names)
     meta = artifact_metadata(program, sig, extra)
     model.metadata_props[METADATA_KEY] = json.dumps(meta)
-    model.metadata_props[ONNX_DIGESTS_KEY] = json.dumps(initializer_digests(model))
+    model.metadata_props[ONNX_DIGESTS_KEY] = json.dumps(initializer_digests(model, sink.digests if sink else None))
     model.producer_name = "fxpress"
     lap("digests")
     stats["seconds"] = lap.times
@@ -134,7 +149,8 @@ def export_onnx(program: Program, path: str | os.PathLike, weights: str = "matmu
     accuracy_level: MatMulNBits compute type; 0 = the activations' float type (matches PyTorch), 4 = int8
     activations (faster, ~1e-2 relative error); "auto" times both on this CPU (accuracy.py) and reports the
     choice and timings in the statistics; runners apply the same level to fused DequantizeLinear.
-    external_data: None = only when the weights exceed 2 GB (then `<path>.<id>.data` is written beside the model).
+    external_data: None = only when the weights exceed 2 GB (then `<path>.<id>.data` is written beside the model);
+    always for a store-backed program, whose weights go from the store to that file one tensor at a time.
     optimize: run onnxscript's graph optimizer (constant folding, fusions) on the exported graph.
     additive_masks: a causal LM's boolean attention mask becomes additive (no all-masked-row guard; see
     lowering/export.py); False keeps the exporter's guarded form.
@@ -147,21 +163,48 @@ def export_onnx(program: Program, path: str | os.PathLike, weights: str = "matmu
     check_target(path, directory=False, overwrite=overwrite)
     if fused and program.is_causal_lm:
         check_config_target(path, overwrite)
+    if program.weights is not None and external_data is False:
+        raise ConfigError("external_data=False: a store-backed program's weights are streamed to an external data "
+                          "file beside the model; drop external_data (or load the program in memory)")
     timings = None
     if accuracy_level == "auto":
         accuracy_level, timings = measure_accuracy_level()
-    model, stats = to_onnx_model(program, weights, opset, accuracy_level, optimize, additive_masks, fused)
-    stats.update({"accuracy_level": accuracy_level, "accuracy_level_ms": timings})
-    if external_data is None:
-        external_data = _initializer_bytes(model) > EXTERNAL_DATA_BYTES
+    args = (weights, opset, accuracy_level, optimize, additive_masks, fused)
     start = time.perf_counter()
-    files = _write(model, path, external_data, check, overwrite)
+    if program.weights is not None:  # store-backed: weights streamed from the store to external data
+        files, stats = _write_streamed(program, path, args, check, overwrite)
+        external_data = True
+    else:
+        model, stats = to_onnx_model(program, *args)
+        if external_data is None:
+            external_data = _initializer_bytes(model) > EXTERNAL_DATA_BYTES
+        start = time.perf_counter()
+        files = _write(model, path, external_data, check, overwrite)
     stats["seconds"]["write_and_check"] = round(time.perf_counter() - start, 3)
+    stats.update({"accuracy_level": accuracy_level, "accuracy_level_ms": timings})
     if stats.get("io") == "genai":  # after the model is in place: a config never names a missing model
         files.append(write_genai_config(path, program.info, (program.info.extra or {}).get("eos_token_id")))
     stats.update({"path": str(path), "bytes": sum(f.stat().st_size for f in files), "external_data": external_data,
                   "weights": weights, "opset": opset})
     return stats
+
+
+def _write_streamed(program: Program, path: Path, args: tuple, check: bool,
+                    overwrite: bool) -> tuple[list[Path], dict[str, Any]]:
+    """Export into a staging folder, each initializer written to `<path>.<id>.data` as it is made; then publish."""
+    import onnx_ir as ir
+
+    data_name = companion_name(path, ".data")
+    with staged_file(path, overwrite=overwrite) as tmp:
+        sink = ExternalData(tmp.parent / data_name)
+        try:
+            model, stats = to_onnx_model(program, *args, sink=sink)
+        finally:
+            sink.close()
+        ir.save(model, tmp)
+        if check:
+            _check(tmp)
+    return [path, path.parent / data_name], stats
 
 
 def _write(model: Any, path: Path, external_data: bool, check: bool, overwrite: bool) -> list[Path]:

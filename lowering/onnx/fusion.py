@@ -183,13 +183,16 @@ def _unfuse_plain_norms(b: Any) -> int:
     return count
 
 
-def fuse(model: Any, b: Any) -> dict[str, Any]:
-    """Every fusion on the materialized model; the counts go into the export statistics."""
+def fuse(model: Any, b: Any, merge_weights: bool = True) -> dict[str, Any]:
+    """Every fusion on the materialized model; the counts go into the export statistics.
+
+    merge_weights=False keeps MatMulNBits that share an input apart (a streamed export has written their
+    weights already)."""
     from fxpress.lowering.onnx.builder import _drop_unused_initializers
 
     stats: dict[str, Any] = {"group_query_attention_ops": _real_gqa(model)}
-    stats["matmulnbits_fused_away"] = fuse_matmulnbits(b)
-    stats["packed_qkv_attention"] = packed_qkv(b.graph)
+    stats["matmulnbits_fused_away"] = fuse_matmulnbits(b) if merge_weights else 0
+    stats["packed_qkv_attention"] = packed_qkv(b.graph) if merge_weights else 0
     if stats["packed_qkv_attention"]:
         import onnx_ir as ir
 

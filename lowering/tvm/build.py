@@ -20,6 +20,7 @@ from fxpress.lowering.export import reexport, refuse_bfloat16
 from fxpress.lowering.tvm.registry import convert_map
 from fxpress.lowering.tvm.relax_helpers import dtype_of
 from fxpress.program import Program
+from fxpress.weights import format_bytes
 
 
 def _convert_aten_linear(node: Any, importer: Any) -> Any:
@@ -115,6 +116,20 @@ def _dedupe_names(arrays: list[np.ndarray]) -> list[str]:
     return names
 
 
+def refuse_store_backed(program: Program) -> None:
+    """TVM's frontend takes the weights' values and its runner binds them all in memory: a store-backed program
+    (weights outside memory) is refused before any work, with the memory the TVM path would need."""
+    store = program.weights
+    if store is None:
+        return
+    need = format_bytes(store.total_bytes())
+    raise LoweringError(
+        f"the TVM lowering needs the weights in memory ({need} for this program), but they are in a weight store "
+        f"(budget {format_bytes(store.budget) if store.budget else 'none'}): export ONNX instead (it streams them), "
+        f"or compile / load the program in memory (no max_memory, or fxpress.load(..., lazy=False)) if {need} fits"
+    )
+
+
 def export_tvm(program: Program, path: str | os.PathLike, target: Any = "llvm", schedule: bool = True,
                overwrite: bool = False) -> dict[str, Any]:
     """Build `program` for `target` and write the artifact directory at `path` (atomically); returns statistics.
@@ -128,6 +143,7 @@ def export_tvm(program: Program, path: str | os.PathLike, target: Any = "llvm", 
         raise ConfigError(f"export_tvm needs an fxpress Program (e.g. compiled.program), got {type(program).__name__}")
     path = check_target(path, directory=True, overwrite=overwrite)
     refuse_bfloat16(program, "TVM's PyTorch frontend")
+    refuse_store_backed(program)
     tgt = _target(target)
     mod, arrays, names, sig = to_relax(program)
     try:
