@@ -1,0 +1,427 @@
+"""The execution engine: an FX graph run node by node over chunks of inputs, weights fetched as nodes need them.
+
+Every calibration job (activation recording, GPTQ, the activation clip search) and the reference run of
+store-backed programs go through `Executor`, so models larger than memory run block by block:
+
+- **node-major over chunks**: each node runs for every chunk before the next node starts (llm-compressor's
+  sequential pipeline, done on the graph). A weight (`get_attr`, served by `G.get_param`, so by the weight
+  store) is fetched once per run, just before its first use, and dropped after its last use; the chunks'
+  activations advance through the graph together and are freed after their last use too.
+- **hooks**: a subclass takes over the nodes in `hooked`: `prepare(node, inputs)` first sees every chunk's
+  inputs (GPTQ builds a Hessian and quantizes), then `call(node, index, args, kwargs)` computes each chunk's
+  output (with the quantized weight: later blocks see earlier blocks' quantized outputs). `observe(node,
+  index, value)` sees the values of the nodes in `observed`; `finish(node)` follows a hooked node's last chunk.
+- **stop early**: `run(chunks, until=nodes)` runs only what those nodes need and stops after the last one
+  (the full-vocabulary logits of a calibration set are never computed unless asked for).
+- **an activation budget** (bytes): beyond it, chunk values that the running node does not read are spilled
+  to safetensors files in a temporary folder (the one needed furthest in the future first) and read back
+  when needed; results are bit-identical with and without spilling.
+- **a device**: chunk inputs and fetched weights are moved to it (device arguments in the graph, such as
+  `arange(..., device=cpu)`, are redirected to it); outputs come back to the CPU.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import shutil
+import tempfile
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.fx import GraphModule, Node
+from torch.fx.node import map_aggregate, map_arg
+from torch.utils._pytree import tree_map_only
+
+from fxpress import graph as G
+from fxpress.errors import ConfigError
+
+Device = str | torch.device | None
+ALIGN = 64  # bytes: PyTorch's CPU allocator aligns to it
+
+
+@dataclass
+class RunStats:
+    """What one `Executor.run` did: weights fetched, nodes run, bytes spilled, the peak of live chunk values."""
+
+    fetches: int = 0
+    nodes: int = 0
+    spilled_files: int = 0
+    spilled_bytes: int = 0
+    peak_bytes: int = 0
+    fetched: list[str] = field(default_factory=list)  # get_attr targets, in fetch order
+
+
+@dataclass(frozen=True)
+class _Spilled:
+    """A chunk value on disk: the file, its key there, the device it goes back to and its address modulo 64."""
+
+    path: str
+    key: str
+    device: torch.device
+    align: int
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+def _realigned(tensor: torch.Tensor, align: int) -> torch.Tensor:
+    """A copy of `tensor` whose address is `align` modulo 64, as the spilled original's was: CPU kernels
+    (oneDNN, MKL) take different paths, so round differently, on differently aligned data."""
+    nbytes = tensor.numel() * tensor.element_size()
+    buffer = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
+    start = (align - buffer.data_ptr()) % ALIGN
+    out = buffer[start:start + nbytes].view(tensor.dtype).view(tensor.shape)
+    return out.copy_(tensor)
+
+
+def _spillable(value: Any) -> bool:
+    """Plain contiguous tensors only: read back contiguous, they keep their strides, so results stay identical."""
+    return type(value) is torch.Tensor and value.is_contiguous() and value.numel() > 0
+
+
+class _SpillFolder:
+    """Safetensors files (never pickle) in a temporary folder: one file per spill of one node's chunk values."""
+
+    def __init__(self, parent: str | os.PathLike | None, stats: RunStats):
+        self.parent, self.stats = parent, stats
+        self.folder: str | None = None
+
+    def write(self, values: dict[int, torch.Tensor]) -> tuple[str, dict[int, _Spilled]]:
+        if self.folder is None:
+            self.folder = tempfile.mkdtemp(prefix="fxpress-spill-", dir=self.parent)
+        path = os.path.join(self.folder, f"{self.stats.spilled_files}.safetensors")
+        save_file({str(i): t.detach().cpu() for i, t in values.items()}, path)
+        self.stats.spilled_files += 1
+        self.stats.spilled_bytes += sum(_nbytes(t) for t in values.values())
+        return path, {i: _Spilled(path, str(i), t.device, t.data_ptr() % ALIGN) for i, t in values.items()}
+
+    @staticmethod
+    def load(ref: _Spilled) -> torch.Tensor:
+        with safe_open(ref.path, framework="pt") as f:
+            tensor = f.get_tensor(ref.key)
+        return tensor.to(ref.device) if ref.device.type != "cpu" else _realigned(tensor, ref.align)
+
+    def close(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
+
+
+@dataclass
+class _Plan:
+    """The nodes one run executes (get_attr excluded: fetched on demand) and what each needs and frees."""
+
+    nodes: list[Node]
+    chunked: set[Node]  # nodes whose value differs per chunk; the others run once, shared by all chunks
+    written: set[Node]  # values that may be written in place (see `_written`)
+    calls: dict[Node, tuple[Any, Any]]  # (args, kwargs), device arguments redirected
+    attrs: dict[Node, list[Node]]  # the get_attr inputs of each node
+    frees: dict[Node, list[Node]]  # values dropped after each node ran
+    uses: dict[Node, list[int]]  # positions (in `nodes`) of each value's users, for choosing what to spill
+    placeholders: dict[Node, int]
+
+
+def _needed(nodes: list[Node], until: Collection[Node]) -> list[Node]:
+    """The nodes up to the last of `until` that it (transitively) reads, in graph order."""
+    wanted = set(until)
+    last = max((i for i, n in enumerate(nodes) if n in wanted), default=-1)
+    needed: set[Node] = set()
+    for node in reversed(nodes[: last + 1]):
+        if node in wanted or any(u in needed for u in node.users):
+            needed.add(node)
+    return [n for n in nodes[: last + 1] if n in needed]
+
+
+def _aliasing(node: Node) -> tuple[list[Node], list[Node]]:
+    """(inputs the node's value may share memory with, inputs it writes in place), from the op's schema;
+    a call without one (operator.getitem, a submodule) may alias every input and writes none."""
+    target = node.target
+    if not (node.op == "call_function" and isinstance(target, torch._ops.OpOverload)):
+        return node.all_input_nodes, []
+    schema = target._schema
+    bound = dict(zip([a.name for a in schema.arguments if not a.kwarg_only], node.args)) | dict(node.kwargs)
+    aliases: list[Node] = []
+    writes: list[Node] = []
+    returns_alias = any(r.alias_info is not None for r in schema.returns)
+    for arg in schema.arguments:
+        if arg.alias_info is None or arg.name not in bound:
+            continue
+        found = G.flat_nodes(bound[arg.name])
+        aliases += found if returns_alias else []
+        writes += found if arg.alias_info.is_write else []
+    return aliases, writes
+
+
+def _written(nodes: list[Node]) -> set[Node]:
+    """Nodes whose value may share memory with a tensor some op writes in place: these run per chunk (never
+    shared by the chunks) and are never spilled (a copy on disk would miss the write)."""
+    parent: dict[Node, Node] = {}
+
+    def root(n: Node) -> Node:
+        while parent.get(n, n) is not n:
+            n = parent[n]
+        return n
+
+    written: list[Node] = []
+    for node in nodes:
+        aliases, writes = _aliasing(node)
+        for a in aliases:
+            parent[root(a)] = root(node)
+        written += writes
+    roots = {root(w) for w in written}
+    return {n for n in {*parent, *written} if root(n) in roots}
+
+
+def _redirect(value: Any, device: torch.device | None) -> Any:
+    if device is None:
+        return value
+    return map_aggregate(value, lambda a: device if isinstance(a, torch.device) else a)
+
+
+def _plan(gm: GraphModule, until: Collection[Node] | None, device: torch.device | None, forced: set[Node]) -> _Plan:
+    nodes = list(gm.graph.nodes)
+    placeholders = {n: i for i, n in enumerate(n for n in nodes if n.op == "placeholder")}
+    run = nodes if until is None else _needed(nodes, until)
+    steps = [n for n in run if n.op != "get_attr"]
+    plan = _Plan(steps, set(), _written(steps), {}, {}, {}, {}, placeholders)
+    last_user: dict[Node, Node] = {}
+    per_chunk = forced | plan.written
+    for pos, node in enumerate(plan.nodes):
+        inputs = node.all_input_nodes
+        if node.op == "placeholder" or node in per_chunk or any(a in plan.chunked for a in inputs):
+            plan.chunked.add(node)
+        plan.calls[node] = (_redirect(node.args, device), _redirect(node.kwargs, device))
+        plan.attrs[node] = [a for a in inputs if a.op == "get_attr"]
+        for a in inputs:
+            last_user[a] = node
+            plan.uses.setdefault(a, []).append(pos)
+    for value, node in last_user.items():
+        plan.frees.setdefault(node, []).append(value)
+    for node in plan.nodes:
+        if node not in last_user and node.op != "output":
+            plan.frees.setdefault(node, []).append(node)
+    return plan
+
+
+class ChunkInputs(Sequence):
+    """Every chunk's (args, kwargs) for one node, built one chunk at a time (spilled values are read back)."""
+
+    def __init__(self, executor: Executor, node: Node):
+        self.executor, self.node = executor, node
+
+    def __len__(self) -> int:
+        return self.executor.chunk_count
+
+    def __getitem__(self, index: int) -> tuple[tuple, dict]:  # type: ignore[override]
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.executor.args_of(self.node, index)
+
+    def __iter__(self) -> Iterator[tuple[tuple, dict]]:
+        return (self[i] for i in range(len(self)))
+
+
+class Executor:
+    """Runs `gm` node-major over chunks of inputs; subclass it to take over nodes or watch values.
+
+    `device`: where chunk inputs and weights go (None: leave them where they are). `activation_budget`:
+    bytes of chunk values kept in memory before spilling to safetensors files under `spill_dir` (None:
+    no limit). After `run`, `stats` says what it did.
+    """
+
+    hooked: Collection[Node] = ()  # nodes whose chunks go through prepare() and call()
+    observed: Collection[Node] = ()  # nodes whose chunk values go to observe()
+
+    def __init__(self, gm: GraphModule, device: Device = None, activation_budget: int | None = None,
+                 spill_dir: str | os.PathLike | None = None):
+        if activation_budget is not None and activation_budget < 0:
+            raise ConfigError(f"activation_budget is {activation_budget} bytes: give a positive number, or None for no limit")
+        self.gm = gm
+        self.device = torch.device(device) if device is not None else None
+        self.activation_budget = activation_budget
+        self.spill_dir = spill_dir
+        self.stats = RunStats()
+        self.chunk_count = 0
+
+    # -- hooks for subclasses --------------------------------------------------------------------------
+    def prepare(self, node: Node, inputs: ChunkInputs) -> None:
+        """Called once for each node in `hooked` before it runs, with every chunk's inputs."""
+
+    def call(self, node: Node, index: int, args: tuple, kwargs: dict) -> Any:
+        """One chunk's output of a node in `hooked` (default: the node's own operation)."""
+        return self._execute(node, args, kwargs)
+
+    def finish(self, node: Node) -> None:
+        """Called after a node in `hooked` ran on every chunk (to drop what `prepare` kept for it)."""
+
+    def observe(self, node: Node, index: int, value: Any) -> None:
+        """Called with each chunk's value of the nodes in `observed`, in chunk order."""
+
+    # -- running -----------------------------------------------------------------------------------------
+    def run(self, chunks: Sequence[Sequence[Any]], until: Collection[Node] | None = None) -> list[Any] | None:
+        """Run every chunk (the graph's inputs, one tuple per chunk); return each chunk's output (on the CPU),
+        or None when `until` is given: then only those nodes and what they read run, up to the last one."""
+        hooked, observed = set(self.hooked), set(self.observed)
+        self._plan = _plan(self.gm, until, self.device, hooked | observed)
+        self._hooked, self._observed = hooked, observed
+        self._chunks = [tuple(self.gm.graph._codegen.process_inputs(*c)) for c in chunks]
+        self._check_arity()
+        self.chunk_count = len(self._chunks)
+        self.stats = RunStats()
+        self._shared: dict[Node, Any] = {}
+        self._values: dict[Node, list[Any]] = {}
+        self._files: dict[Node, list[str]] = {}
+        self._live, self._pos = 0, 0
+        self._spill = _SpillFolder(self.spill_dir, self.stats)
+        try:
+            with torch.no_grad():
+                return self._loop()
+        finally:
+            self._spill.close()
+            self._shared, self._values, self._files, self._chunks = {}, {}, {}, []
+
+    def _loop(self) -> list[Any] | None:
+        plan = self._plan
+        for self._pos, node in enumerate(plan.nodes):
+            if node.op == "output":
+                return self._outputs(node)
+            for attr in plan.attrs[node]:
+                if attr not in self._shared:
+                    self.fetch(attr)
+            if node in plan.chunked:
+                self._run_chunked(node)
+            else:
+                self._shared[node] = self._execute(node, *map_arg(plan.calls[node], self._shared.__getitem__))
+            self.stats.nodes += 1
+            self._free(plan.frees.get(node, ()))
+        return None
+
+    def _check_arity(self) -> None:
+        wanted = len(self._plan.placeholders)
+        for i, chunk in enumerate(self._chunks):
+            if len(chunk) != wanted:
+                raise ConfigError(f"chunk {i} has {len(chunk)} inputs but the graph takes {wanted} "
+                                  f"({', '.join(n.name for n in self._plan.placeholders)}): give one value per input")
+
+    def _run_chunked(self, node: Node) -> None:
+        values: list[Any] = []
+        self._values[node] = values
+        if node.op == "placeholder":
+            k = self._plan.placeholders[node]
+            for chunk in self._chunks:
+                self._keep(node, values, self._to_device(chunk[k]))
+            return
+        hooked = node in self._hooked
+        if hooked:
+            self.prepare(node, ChunkInputs(self, node))
+        for i in range(self.chunk_count):
+            args, kwargs = self.args_of(node, i)
+            out = self.call(node, i, args, kwargs) if hooked else self._execute(node, args, kwargs)
+            self._keep(node, values, out)
+            if node in self._observed:
+                self.observe(node, i, out)
+        if hooked:
+            self.finish(node)
+
+    def _execute(self, node: Node, args: tuple, kwargs: dict) -> Any:
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_module":
+            return self.gm.get_submodule(str(node.target))(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+        raise ConfigError(f"node {node.name}: cannot execute op '{node.op}'")
+
+    def _outputs(self, node: Node) -> list[Any]:
+        codegen = self.gm.graph._codegen
+        outs = []
+        for i in range(self.chunk_count):
+            out = map_arg(node.args[0], lambda n, i=i: self._value(n, i))
+            outs.append(codegen.process_outputs(tree_map_only(torch.Tensor, lambda t: t.cpu(), out)))
+        return outs
+
+    # -- values --------------------------------------------------------------------------------------------
+    def fetch(self, node: Node) -> Any:
+        """The value of a get_attr node: fetched with `G.get_param` (the weight store) once, moved to the device,
+        and kept until its last user in this run has run."""
+        if node in self._shared:
+            return self._shared[node]
+        value = self._to_device(G.get_param(self.gm, node))
+        self.stats.fetches += 1
+        self.stats.fetched.append(str(node.target))
+        if node in self._plan.uses:
+            self._shared[node] = value
+        return value
+
+    def args_of(self, node: Node, index: int) -> tuple[tuple, dict]:
+        """(args, kwargs) of `node` for chunk `index`; spilled inputs are read back (not kept)."""
+        return map_arg(self._plan.calls[node], lambda n: self._value(n, index))
+
+    def _value(self, node: Node, index: int) -> Any:
+        if node in self._shared:
+            return self._shared[node]
+        if node.op == "get_attr":
+            return self.fetch(node)
+        value = self._values[node][index]
+        return _SpillFolder.load(value) if type(value) is _Spilled else value
+
+    def _to_device(self, value: Any) -> Any:
+        if self.device is None or not isinstance(value, torch.Tensor):
+            return value
+        return value.to(self.device)
+
+    def _keep(self, node: Node, values: list[Any], value: Any) -> None:
+        values.append(value)
+        self._live += _nbytes(value)
+        self.stats.peak_bytes = max(self.stats.peak_bytes, self._live)
+        if self.activation_budget is not None and self._live > self.activation_budget:
+            self._spill_until_under(set(node.all_input_nodes))
+
+    def _free(self, nodes: Collection[Node]) -> None:
+        for node in nodes:
+            self._shared.pop(node, None)
+            values = self._values.pop(node, None)
+            if values:
+                self._live -= sum(_nbytes(v) for v in values if type(v) is not _Spilled)
+            for path in self._files.pop(node, ()):
+                os.remove(path)
+
+    # -- spilling -----------------------------------------------------------------------------------------
+    def _next_use(self, node: Node) -> int:
+        uses = self._plan.uses.get(node, [])
+        at = bisect.bisect_right(uses, self._pos)
+        return uses[at] if at < len(uses) else len(self._plan.nodes)
+
+    def _spill_until_under(self, protected: set[Node]) -> None:
+        """Spill whole nodes' in-memory chunk values, the one used furthest ahead first, until under budget."""
+        budget = self.activation_budget
+        assert budget is not None
+        candidates = [n for n, vals in self._values.items()
+                      if n not in protected and n not in self._plan.written and any(_spillable(v) for v in vals)]
+        for node in sorted(candidates, key=self._next_use, reverse=True):
+            if self._live <= budget:
+                return
+            values = self._values[node]
+            path, refs = self._spill.write({i: v for i, v in enumerate(values) if _spillable(v)})
+            for i, ref in refs.items():
+                self._live -= _nbytes(values[i])
+                values[i] = ref
+            self._files.setdefault(node, []).append(path)
+
+
+def run_graph(gm: GraphModule, inputs: Sequence[Any], device: Device = None) -> Any:
+    """One run of the whole graph on `inputs`, as `gm(*inputs)` returns it, each weight fetched (`G.get_param`)
+    when its first user runs and dropped after its last: the reference path of store-backed programs."""
+    outputs = Executor(gm, device=device).run([tuple(inputs)])
+    assert outputs is not None
+    return outputs[0]
