@@ -32,6 +32,16 @@ class Calibration:
                 "calibration must be a non-empty tensor [samples, ...] (for language models: token ids "
                 "[samples, seq_len], e.g. fxpress.data.token_windows(tokenizer, 'calib', 256, 32))"
             )
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"calibration batch_size is {self.batch_size!r}: give a whole number of samples >= 1")
+        if self.activation_budget is not None and (not isinstance(self.activation_budget, int) or self.activation_budget < 0):
+            raise ConfigError(f"calibration activation_budget is {self.activation_budget!r}: give bytes >= 0 (0 keeps "
+                              "nothing in memory that can go to disk), or None for no limit")
+        try:
+            self.device = torch.device(self.device) if self.device is not None else None
+        except (RuntimeError, TypeError) as err:
+            raise ConfigError(f"calibration device {self.device!r} is not a torch device: give 'cpu', 'cuda' or "
+                              "'cuda:N'") from err
 
     def __len__(self) -> int:
         return self.batches.shape[0]

@@ -1,7 +1,7 @@
 """The execution engine: an FX graph run node by node over chunks of inputs, weights fetched as nodes need them.
 
 Every calibration job (activation recording, GPTQ, the activation clip search) and the reference run of
-store-backed programs go through `Executor`, so models larger than memory run block by block:
+store-backed programs (`run_graph`) go through `Executor`, so models larger than memory run block by block:
 
 - **node-major over chunks**: each node runs for every chunk before the next node starts (llm-compressor's
   sequential pipeline, done on the graph). A weight (`get_attr`, served by `G.get_param`, so by the weight
@@ -23,25 +23,22 @@ store-backed programs go through `Executor`, so models larger than memory run bl
 from __future__ import annotations
 
 import bisect
+import functools
 import os
-import shutil
-import tempfile
 from collections.abc import Collection, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_aggregate, map_arg
 from torch.utils._pytree import tree_map_only
 
 from fxpress import graph as G
 from fxpress.errors import ConfigError
+from fxpress.spill import Spilled, SpillFolder, spillable
 
 Device = str | torch.device | None
-ALIGN = 64  # bytes: PyTorch's CPU allocator aligns to it
 
 
 @dataclass
@@ -53,17 +50,6 @@ class RunStats:
     spilled_files: int = 0
     spilled_bytes: int = 0
     peak_bytes: int = 0
-    fetched: list[str] = field(default_factory=list)  # get_attr targets, in fetch order
-
-
-@dataclass(frozen=True)
-class _Spilled:
-    """A chunk value on disk: the file, its key there, the device it goes back to and its address modulo 64."""
-
-    path: str
-    key: str
-    device: torch.device
-    align: int
 
 
 def _nbytes(value: Any) -> int:
@@ -72,49 +58,6 @@ def _nbytes(value: Any) -> int:
     if isinstance(value, (tuple, list)):
         return sum(_nbytes(v) for v in value)
     return 0
-
-
-def _realigned(tensor: torch.Tensor, align: int) -> torch.Tensor:
-    """A copy of `tensor` whose address is `align` modulo 64, as the spilled original's was: CPU kernels
-    (oneDNN, MKL) take different paths, so round differently, on differently aligned data."""
-    nbytes = tensor.numel() * tensor.element_size()
-    buffer = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
-    start = (align - buffer.data_ptr()) % ALIGN
-    out = buffer[start:start + nbytes].view(tensor.dtype).view(tensor.shape)
-    return out.copy_(tensor)
-
-
-def _spillable(value: Any) -> bool:
-    """Plain contiguous tensors only: read back contiguous, they keep their strides, so results stay identical."""
-    return type(value) is torch.Tensor and value.is_contiguous() and value.numel() > 0
-
-
-class _SpillFolder:
-    """Safetensors files (never pickle) in a temporary folder: one file per spill of one node's chunk values."""
-
-    def __init__(self, parent: str | os.PathLike | None, stats: RunStats):
-        self.parent, self.stats = parent, stats
-        self.folder: str | None = None
-
-    def write(self, values: dict[int, torch.Tensor]) -> tuple[str, dict[int, _Spilled]]:
-        if self.folder is None:
-            self.folder = tempfile.mkdtemp(prefix="fxpress-spill-", dir=self.parent)
-        path = os.path.join(self.folder, f"{self.stats.spilled_files}.safetensors")
-        save_file({str(i): t.detach().cpu() for i, t in values.items()}, path)
-        self.stats.spilled_files += 1
-        self.stats.spilled_bytes += sum(_nbytes(t) for t in values.values())
-        return path, {i: _Spilled(path, str(i), t.device, t.data_ptr() % ALIGN) for i, t in values.items()}
-
-    @staticmethod
-    def load(ref: _Spilled) -> torch.Tensor:
-        with safe_open(ref.path, framework="pt") as f:
-            tensor = f.get_tensor(ref.key)
-        return tensor.to(ref.device) if ref.device.type != "cpu" else _realigned(tensor, ref.align)
-
-    def close(self) -> None:
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            self.folder = None
 
 
 @dataclass
@@ -142,23 +85,30 @@ def _needed(nodes: list[Node], until: Collection[Node]) -> list[Node]:
     return [n for n in nodes[: last + 1] if n in needed]
 
 
+@functools.cache
+def _alias_table(op: torch._ops.OpOverload) -> tuple[tuple[str, ...], dict[str, tuple[bool, bool]]]:
+    """An op's positional argument names and, per argument it may alias: (the result aliases it, written in place)."""
+    schema = op._schema
+    returns_alias = any(r.alias_info is not None for r in schema.returns)
+    table = {a.name: (returns_alias, a.alias_info.is_write) for a in schema.arguments if a.alias_info is not None}
+    return tuple(a.name for a in schema.arguments if not a.kwarg_only), table
+
+
 def _aliasing(node: Node) -> tuple[list[Node], list[Node]]:
     """(inputs the node's value may share memory with, inputs it writes in place), from the op's schema;
     a call without one (operator.getitem, a submodule) may alias every input and writes none."""
-    target = node.target
-    if not (node.op == "call_function" and isinstance(target, torch._ops.OpOverload)):
+    if not (node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)):
         return node.all_input_nodes, []
-    schema = target._schema
-    bound = dict(zip([a.name for a in schema.arguments if not a.kwarg_only], node.args)) | dict(node.kwargs)
+    positional, table = _alias_table(node.target)
+    if not table:
+        return [], []
+    bound = dict(zip(positional, node.args)) | dict(node.kwargs)
     aliases: list[Node] = []
     writes: list[Node] = []
-    returns_alias = any(r.alias_info is not None for r in schema.returns)
-    for arg in schema.arguments:
-        if arg.alias_info is None or arg.name not in bound:
-            continue
-        found = G.flat_nodes(bound[arg.name])
-        aliases += found if returns_alias else []
-        writes += found if arg.alias_info.is_write else []
+    for name, (returned, written) in table.items():
+        found = G.flat_nodes(bound.get(name))
+        aliases += found if returned else []
+        writes += found if written else []
     return aliases, writes
 
 
@@ -282,11 +232,12 @@ class Executor:
         self._values: dict[Node, list[Any]] = {}
         self._files: dict[Node, list[str]] = {}
         self._live, self._pos = 0, 0
-        self._spill = _SpillFolder(self.spill_dir, self.stats)
+        self._spill = SpillFolder(self.spill_dir)
         try:
             with torch.no_grad():
                 return self._loop()
         finally:
+            self.stats.spilled_files, self.stats.spilled_bytes = self._spill.files, self._spill.bytes
             self._spill.close()
             self._shared, self._values, self._files, self._chunks = {}, {}, {}, []
 
@@ -295,13 +246,17 @@ class Executor:
         for self._pos, node in enumerate(plan.nodes):
             if node.op == "output":
                 return self._outputs(node)
-            for attr in plan.attrs[node]:
-                if attr not in self._shared:
-                    self.fetch(attr)
-            if node in plan.chunked:
-                self._run_chunked(node)
-            else:
-                self._shared[node] = self._execute(node, *map_arg(plan.calls[node], self._shared.__getitem__))
+            try:
+                for attr in plan.attrs[node]:
+                    if attr not in self._shared:
+                        self.fetch(attr)
+                if node in plan.chunked:
+                    self._run_chunked(node)
+                else:
+                    self._shared[node] = self._execute(node, *map_arg(plan.calls[node], self._shared.__getitem__))
+            except Exception as err:
+                err.add_note(f"while fxpress.execute ran node {node.format_node()}")
+                raise
             self.stats.nodes += 1
             self._free(plan.frees.get(node, ()))
         return None
@@ -358,7 +313,6 @@ class Executor:
             return self._shared[node]
         value = self._to_device(G.get_param(self.gm, node))
         self.stats.fetches += 1
-        self.stats.fetched.append(str(node.target))
         if node in self._plan.uses:
             self._shared[node] = value
         return value
@@ -373,7 +327,7 @@ class Executor:
         if node.op == "get_attr":
             return self.fetch(node)
         value = self._values[node][index]
-        return _SpillFolder.load(value) if type(value) is _Spilled else value
+        return SpillFolder.load(value) if type(value) is Spilled else value
 
     def _to_device(self, value: Any) -> Any:
         if self.device is None or not isinstance(value, torch.Tensor):
@@ -392,9 +346,9 @@ class Executor:
             self._shared.pop(node, None)
             values = self._values.pop(node, None)
             if values:
-                self._live -= sum(_nbytes(v) for v in values if type(v) is not _Spilled)
+                self._live -= sum(_nbytes(v) for v in values if type(v) is not Spilled)
             for path in self._files.pop(node, ()):
-                os.remove(path)
+                self._spill.remove(path)
 
     # -- spilling -----------------------------------------------------------------------------------------
     def _next_use(self, node: Node) -> int:
@@ -407,12 +361,12 @@ class Executor:
         budget = self.activation_budget
         assert budget is not None
         candidates = [n for n, vals in self._values.items()
-                      if n not in protected and n not in self._plan.written and any(_spillable(v) for v in vals)]
+                      if n not in protected and n not in self._plan.written and any(spillable(v) for v in vals)]
         for node in sorted(candidates, key=self._next_use, reverse=True):
             if self._live <= budget:
                 return
             values = self._values[node]
-            path, refs = self._spill.write({i: v for i, v in enumerate(values) if _spillable(v)})
+            path, refs = self._spill.write({i: v for i, v in enumerate(values) if spillable(v)})
             for i, ref in refs.items():
                 self._live -= _nbytes(values[i])
                 values[i] = ref

@@ -170,11 +170,29 @@ def test_device_argument_moves_inputs_and_weights_and_outputs_come_back_to_cpu(l
     assert torch.equal(out[0][0], llama.module(*chunks[0])[0])
 
 
+def test_device_arguments_in_the_graph_follow_the_run_device():
+    """`arange(..., device=<capture device>)` in a captured graph must create its tensor on the run's device."""
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    positions = graph.call_function(torch.ops.aten.arange.default, (4,), {"device": torch.device("meta")})
+    graph.output(graph.call_function(torch.ops.aten.add.Tensor, (x, positions)))
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    out = Executor(gm, device="cpu").run([(torch.ones(4),)])
+    assert torch.equal(out[0], torch.arange(4) + 1.0)
+
+
 def test_bad_runs_are_refused_before_work(llama):
     with pytest.raises(ConfigError, match="activation_budget"):
         Executor(llama.module, activation_budget=-1)
     with pytest.raises(ConfigError, match="graph takes 3"):
         Executor(llama.module).run([(torch.zeros(1, 4, dtype=torch.long),)])
+    ids = llama.calibration.batches
+    with pytest.raises(ConfigError, match="activation_budget"):
+        Calibration(ids, activation_budget=-5)
+    with pytest.raises(ConfigError, match="batch_size"):
+        Calibration(ids, batch_size=0)
+    with pytest.raises(ConfigError, match="not a torch device"):
+        Calibration(ids, device="gpu0")
 
 
 def _gptq(program, batch_size: int, **fields):
