@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -11,10 +12,12 @@ from torch.export import Dim
 from fxpress.checks import check_finite, module_tensors
 from fxpress.errors import CaptureError
 from fxpress.program import MODEL_DTYPES, ModelInfo, Program
+from fxpress.weights import FAKE_MODE, attach_store, is_placeholder, placeholder
 
 MAX_BATCH = 1024
 MAX_SEQ = 8192
 EXPORT_BATCH, EXPORT_SEQ, EXPORT_PAST = 2, 16, 3  # sizes > 1 so export does not specialise them
+WRAPPER_PREFIX = "model."  # graph attribute names = the model's own names under CausalLMWithCache.model
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -123,7 +126,11 @@ def _export(module: nn.Module, args: tuple, dynamic_shapes: Any, what: str) -> t
 def capture_causal_lm(model: nn.Module, example_ids: torch.Tensor | None = None, source: str | None = None) -> Program:
     """Capture a Hugging Face causal LM with a KV-cache signature and dynamic batch/sequence/past."""
     model = model.eval()
-    info = _lm_info(model, source)
+    if has_placeholders(model):
+        with FAKE_MODE:  # the placeholders compute shapes only; the real inputs are converted
+            info = _lm_info(model, source)
+    else:
+        info = _lm_info(model, source)
     vocab = info.vocab_size or 100
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (EXPORT_BATCH, EXPORT_SEQ), generator=generator)
@@ -135,6 +142,7 @@ def capture_causal_lm(model: nn.Module, example_ids: torch.Tensor | None = None,
     batch, seq, past = Dim("batch", min=1, max=MAX_BATCH), Dim("seq", min=1, max=MAX_SEQ), Dim("past", min=0, max=MAX_SEQ)
     shapes = {"input_ids": {0: batch, 1: seq}, "past_keys": {1: batch, 3: past}, "past_values": {1: batch, 3: past}}
     gm = _export(CausalLMWithCache(model, info.num_layers), (ids, past_k, past_v), shapes, type(model).__name__)
+    _renew_placeholders(gm)
     if example_ids is None:
         example_ids = ids
     program = Program(module=gm, example_inputs=(example_ids,), info=info)
@@ -179,6 +187,52 @@ def capture_module(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], d
         output_names=("output",),
     )
     return Program(module=gm, example_inputs=example_inputs, info=info)
+
+
+def has_placeholders(model: nn.Module) -> bool:
+    return any(is_placeholder(t) for _, t in module_tensors(model))
+
+
+def _renew_placeholders(gm: torch.fx.GraphModule) -> None:
+    """Make every fake tensor torch.export left on the module a placeholder of the store's one fake mode."""
+    for module in gm.modules():
+        for table in (module._parameters, module._buffers):
+            for name, value in list(table.items()):
+                if is_placeholder(value):
+                    fresh = placeholder(value.shape, value.dtype)
+                    table[name] = nn.Parameter(fresh, requires_grad=False) if name in module._parameters else fresh
+
+
+def capture_stored(model: nn.Module | str, dtype: torch.dtype | None = None, budget: int | None = None,
+                   example_ids: torch.Tensor | None = None) -> Program:
+    """Capture a causal LM whose weights stay out of the graph, in a `WeightStore` bounded by `budget` bytes.
+
+    `model` is a Hugging Face checkpoint directory (config.json + safetensors shards: nothing is read but the
+    config until a pass asks for a weight) or an in-memory causal LM (its tensors are served as they are).
+    """
+    from fxpress.checkpoint import (
+        empty_model,
+        is_checkpoint_dir,
+        shell_of,
+        store_from_checkpoint,
+        store_from_module,
+    )
+
+    if isinstance(model, (str, os.PathLike)):
+        if not is_checkpoint_dir(model):
+            raise CaptureError(f"{model} is not a Hugging Face checkpoint directory (config.json + *.safetensors)")
+        shell = empty_model(model, dtype)
+        program = capture_causal_lm(shell, example_ids, source=str(model))
+        store = store_from_checkpoint(program.module, shell, model, WRAPPER_PREFIX, budget)
+    else:
+        if not is_causal_lm(model):
+            raise CaptureError(f"{type(model).__name__} is not a Hugging Face causal LM: only those compile under a "
+                               "memory budget; drop max_memory to compile it in memory")
+        check_weights(model)
+        program = capture_causal_lm(shell_of(model, dtype), example_ids, source=None)
+        store = store_from_module(program.module, model, WRAPPER_PREFIX, budget)
+    attach_store(program.module, store)
+    return program
 
 
 def capture(model: nn.Module, example_inputs: Any = None, source: str | None = None) -> Program:

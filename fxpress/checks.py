@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch._subclasses.fake_tensor import FakeTensor
 
 from fxpress.errors import FxpressError
 
@@ -73,7 +74,7 @@ def graph_tensors(gm: torch.fx.GraphModule) -> Iterator[tuple[str, torch.Tensor]
         value: Any = gm
         for part in str(node.target).split("."):
             value = getattr(value, part, None)
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):  # stored ones are checked by the store
             yield str(node.target), value
 
 

@@ -12,6 +12,7 @@ import torch.fx
 from fxpress.calibration import Calibration
 from fxpress.inputs import check_inputs
 from fxpress.report import PassResult
+from fxpress.weights import WeightStore, is_placeholder, weight_store
 
 ACTIVATION_DTYPES = {"float32": torch.float32, "float64": torch.float64}  # what the Precision pass can set
 # A captured model computes in its own float type: half-precision checkpoints keep theirs (KV cache included).
@@ -72,10 +73,17 @@ class Program:
     facts: set[str] | None = None  # what holds of the graph (fxpress.passes.base.FACTS); None: derive from history
     report: list[PassResult] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"  # where calibration work runs (weights and activations moved there block by block)
+    activation_budget: int | None = None  # bytes of calibration activations held in memory before spilling
 
     @property
     def graph(self) -> torch.fx.Graph:
         return self.module.graph
+
+    @property
+    def weights(self) -> WeightStore | None:
+        """The store serving this program's weights, or None when the module holds them (in-memory compile)."""
+        return weight_store(self.module)
 
     @property
     def is_causal_lm(self) -> bool:
@@ -97,7 +105,11 @@ class Program:
         return copy.deepcopy(self)
 
     def run(self, *inputs: torch.Tensor) -> Any:
-        """Call the graph with its full signature."""
+        """Call the graph with its full signature (store-backed: weights read as their nodes run)."""
+        if self.weights is not None:
+            from fxpress.execute import run_graph
+
+            return run_graph(self.module, inputs)
         with torch.no_grad():
             return self.module(*inputs)
 
@@ -125,7 +137,12 @@ class Program:
             value = self.module
             for part in str(node.target).split("."):
                 value = getattr(value, part, None)
-            if isinstance(value, torch.Tensor):
+            if is_placeholder(value):
+                key = (id(value), str(node.target))
+                if key not in seen:
+                    seen.add(key)
+                    total += value.numel() * value.element_size()
+            elif isinstance(value, torch.Tensor):
                 key = (value.untyped_storage().data_ptr(), value.storage_offset())
                 if key not in seen:
                     seen.add(key)

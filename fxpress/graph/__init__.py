@@ -20,6 +20,7 @@ from fxpress.graph.editing import (
     get_param,
     insert_after,
     insert_before_use,
+    is_stored,
     replace_with_call,
     set_param,
     store_tensor,
@@ -57,7 +58,7 @@ __all__ = [
     "Norm", "Part", "ResidualStream", "RoutedExpert", "add_param", "ancestors", "attention_at", "attentions",
     "cache_writes", "calls", "decoder_blocks", "descendants", "down_projections", "drop_param", "expert_layers",
     "final_readers", "find_embeddings", "find_norms", "flat_nodes", "get_param", "insert_after", "insert_before_use",
-    "is_cast", "is_op", "last_dim", "linear_use", "linear_uses", "linears_behind", "moe_at", "moe_blocks", "ndim",
+    "is_cast", "is_op", "is_stored", "last_dim", "linear_use", "linear_uses", "linears_behind", "moe_at", "moe_blocks", "ndim",
     "norm_consumers", "norm_readers", "op_name", "param_source", "position", "replace_with_call", "reset_order_cache",
     "residual_stream", "set_param", "shape", "store_tensor", "subgraph_function", "tensor_users", "untie", "val",
 ]

@@ -9,6 +9,7 @@ import torch.fx
 from torch.fx import GraphModule, Node
 
 from fxpress.graph.nodes import GraphPatternError, ancestors, val
+from fxpress.weights import attach_store, is_placeholder, placeholder, require_store, weight_store
 
 
 def _resolve(gm: torch.nn.Module, target: str) -> tuple[torch.nn.Module, str]:
@@ -20,15 +21,29 @@ def _resolve(gm: torch.nn.Module, target: str) -> tuple[torch.nn.Module, str]:
 
 
 def get_param(gm: torch.nn.Module, node_or_target: Node | str) -> torch.Tensor:
-    """The tensor behind a get_attr node (or its dotted target)."""
-    target = node_or_target.target if isinstance(node_or_target, Node) else node_or_target
-    owner, name = _resolve(gm, str(target))
-    return getattr(owner, name)
+    """The tensor behind a get_attr node (or its dotted target); a store-backed weight is read from the store."""
+    target = str(node_or_target.target if isinstance(node_or_target, Node) else node_or_target)
+    owner, name = _resolve(gm, target)
+    value = getattr(owner, name)
+    return require_store(gm, target).get(target) if is_placeholder(value) else value
+
+
+def is_stored(gm: torch.nn.Module, target: str) -> bool:
+    """Whether the attribute `target` is a placeholder whose value lives in the module's weight store."""
+    owner, name = _resolve(gm, target)
+    return is_placeholder(getattr(owner, name, None))
 
 
 def store_tensor(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
-    """Put `value` (as is, any dtype) behind the attribute `target`, keeping its kind: parameter, buffer or plain."""
+    """Put `value` (as is, any dtype) behind the attribute `target`, keeping its kind: parameter, buffer or plain.
+
+    In a store-backed module the value goes to the store and the attribute becomes its placeholder.
+    """
     owner, name = _resolve(gm, target)
+    store = weight_store(gm)
+    if store is not None and not is_placeholder(value):
+        store.set(target, value)
+        value = placeholder(value.shape, value.dtype)
     if name in owner._parameters:
         owner._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
     elif name in owner._buffers:
@@ -45,7 +60,8 @@ def set_param(gm: torch.nn.Module, node_or_target: Node | str, value: torch.Tens
     target = node_or_target.target if isinstance(node_or_target, Node) else node_or_target
     owner, name = _resolve(gm, str(target))
     old = getattr(owner, name)
-    store_tensor(gm, str(target), value.detach().to(dtype=old.dtype, device=old.device).contiguous())
+    device = "cpu" if is_placeholder(old) else old.device
+    store_tensor(gm, str(target), value.detach().to(dtype=old.dtype, device=device).contiguous())
     if isinstance(node_or_target, Node) and isinstance(val(node_or_target), torch.Tensor):
         if tuple(val(node_or_target).shape) != tuple(value.shape):
             node_or_target.meta["val"] = value
@@ -59,6 +75,10 @@ def add_param(gm: GraphModule, name: str, value: torch.Tensor, before: Node, buf
         i += 1
         unique = f"{base}_{i}"
     value = value.detach().contiguous()
+    store = weight_store(gm)
+    if store is not None:  # a store-backed module keeps every weight in its store
+        store.set(unique, value)
+        value = placeholder(value.shape, value.dtype)
     if buffer:
         gm.register_buffer(unique, value)
     else:
@@ -110,6 +130,9 @@ def drop_param(gm: GraphModule, node: Node) -> None:
     if not any(n.op == "get_attr" and n.target == node.target for n in gm.graph.nodes):
         owner._parameters.pop(name, None)
         owner._buffers.pop(name, None)
+        store = weight_store(gm)
+        if store is not None:
+            store.drop(str(node.target))
 
 
 def insert_before_use(gm: GraphModule, user: Node, arg: Node, target: Any, extra_args: tuple = ()) -> Node:
@@ -139,4 +162,8 @@ def subgraph_function(gm: GraphModule, inputs: list[Node], output: Node) -> Grap
             raise GraphPatternError(f"'{output.name}' depends on graph input '{node.name}', not only on {[n.name for n in inputs]}")
         env[node] = graph.node_copy(node, lambda n: env[n])
     graph.output(env[output])
-    return GraphModule(gm, graph)
+    sub = GraphModule(gm, graph)
+    store = weight_store(gm)
+    if store is not None:  # the piece reads the same stored weights
+        attach_store(sub, store)
+    return sub
