@@ -23,8 +23,6 @@ class Calibration:
 
     batches: torch.Tensor
     batch_size: int = 4
-    device: str | torch.device | None = None  # where calibration runs (fxpress.execute): weights and chunks go there
-    activation_budget: int | None = None  # bytes of calibration activations kept in memory; beyond: spilled to disk
 
     def __post_init__(self) -> None:
         if not isinstance(self.batches, torch.Tensor) or self.batches.dim() < 2 or self.batches.shape[0] == 0:
@@ -34,14 +32,6 @@ class Calibration:
             )
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"calibration batch_size is {self.batch_size!r}: give a whole number of samples >= 1")
-        if self.activation_budget is not None and (not isinstance(self.activation_budget, int) or self.activation_budget < 0):
-            raise ConfigError(f"calibration activation_budget is {self.activation_budget!r}: give bytes >= 0 (0 keeps "
-                              "nothing in memory that can go to disk), or None for no limit")
-        try:
-            self.device = torch.device(self.device) if self.device is not None else None
-        except (RuntimeError, TypeError) as err:
-            raise ConfigError(f"calibration device {self.device!r} is not a torch device: give 'cpu', 'cuda' or "
-                              "'cuda:N'") from err
 
     def __len__(self) -> int:
         return self.batches.shape[0]
@@ -114,9 +104,7 @@ class _Recorder(Executor):
     """Hands the wanted nodes' values on every chunk to a callback (on the CPU), refusing NaN/inf first."""
 
     def __init__(self, program: Program, wanted: list[torch.fx.Node], callback: Callable[[str, torch.Tensor], None]):
-        calibration = program.calibration
-        super().__init__(program.module, device=calibration.device if calibration else None,
-                         activation_budget=calibration.activation_budget if calibration else None)
+        super().__init__(program.module, device=program.device, activation_budget=program.activation_budget)
         self.observed = wanted
         self.callback = callback
 

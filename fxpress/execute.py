@@ -194,10 +194,15 @@ class Executor:
 
     def __init__(self, gm: GraphModule, device: Device = None, activation_budget: int | None = None,
                  spill_dir: str | os.PathLike | None = None):
-        if activation_budget is not None and activation_budget < 0:
-            raise ConfigError(f"activation_budget is {activation_budget} bytes: give a positive number, or None for no limit")
+        if activation_budget is not None and (isinstance(activation_budget, bool) or not isinstance(activation_budget, int)
+                                              or activation_budget < 0):
+            raise ConfigError(f"activation_budget is {activation_budget!r}: give bytes >= 0 (0 keeps nothing that can "
+                              "go to disk in memory), or None for no limit")
+        try:
+            self.device = torch.device(device) if device is not None else None
+        except (RuntimeError, TypeError) as err:
+            raise ConfigError(f"device {device!r} is not a torch device: give 'cpu', 'cuda' or 'cuda:N'") from err
         self.gm = gm
-        self.device = torch.device(device) if device is not None else None
         self.activation_budget = activation_budget
         self.spill_dir = spill_dir
         self.stats = RunStats()

@@ -10,11 +10,12 @@ import torch
 
 import fxpress.graph as G
 from fxpress.calibration import Calibration, collect_activations, program_inputs
-from fxpress.capture import capture
+from fxpress.capture import capture, capture_stored
 from fxpress.errors import ConfigError
 from fxpress.execute import Executor, run_graph
 from fxpress.passes import Quantize, run_passes
 from fxpress.passes.quantize import ActQuant, WeightQuant
+from fxpress.weights import WeightStore
 from fxpress.zoo import tiny_causal_lm
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -158,7 +159,7 @@ def test_recorded_activations_are_identical_under_a_tiny_budget(llama, tmp_path)
     names = [_linear(llama, "layers.1.mlp.down_proj").name]
     reference = collect_activations(llama, names)
     program = copy.copy(llama)
-    program.calibration = Calibration(llama.calibration.batches, activation_budget=10_000)
+    program.activation_budget = 10_000
     spilled = collect_activations(program, names)
     assert all(torch.equal(a, b) for a, b in zip(reference[names[0]], spilled[names[0]]))
 
@@ -186,13 +187,10 @@ def test_bad_runs_are_refused_before_work(llama):
         Executor(llama.module, activation_budget=-1)
     with pytest.raises(ConfigError, match="graph takes 3"):
         Executor(llama.module).run([(torch.zeros(1, 4, dtype=torch.long),)])
-    ids = llama.calibration.batches
-    with pytest.raises(ConfigError, match="activation_budget"):
-        Calibration(ids, activation_budget=-5)
-    with pytest.raises(ConfigError, match="batch_size"):
-        Calibration(ids, batch_size=0)
     with pytest.raises(ConfigError, match="not a torch device"):
-        Calibration(ids, device="gpu0")
+        Executor(llama.module, device="gpu0")
+    with pytest.raises(ConfigError, match="batch_size"):
+        Calibration(llama.calibration.batches, batch_size=0)
 
 
 def _gptq(program, batch_size: int, **fields):
@@ -213,3 +211,23 @@ def test_gptq_in_chunks_gives_the_codes_of_one_whole_batch(llama):
     assert chunked.keys() == whole.keys() and len(packed) == 3 * 7 * llama.info.num_layers
     assert all(torch.equal(chunked[k], whole[k]) for k in chunked)
     assert stats["act_clip_ratios"] == whole_stats["act_clip_ratios"]
+
+
+def test_a_store_backed_program_reads_each_weight_once_and_quantizes_like_the_in_memory_one(llama, monkeypatch):
+    """Weights served by the weight store (placeholders in the module): the engine reads each one from the store
+    once per run; GPTQ W4 on it gives the in-memory program's packed weights."""
+    stored = capture_stored(tiny_causal_lm("llama", seed=0))
+    stored.calibration = llama.calibration
+    reads: list[str] = []
+    get = WeightStore.get
+    monkeypatch.setattr(WeightStore, "get", lambda self, name: reads.append(name) or get(self, name))
+    last_down = _linear(stored, "layers.1.mlp.down_proj")
+    reference = collect_activations(llama, [_linear(llama, "layers.1.mlp.down_proj").name])
+    acts = collect_activations(stored, [last_down.name])
+    assert all(torch.equal(a, b) for a, b in zip(next(iter(reference.values())), acts[last_down.name]))
+    assert len(reads) == len(set(reads)) >= 18 and not any("lm_head" in r for r in reads)  # 2 blocks of 9, once each
+    in_memory, _ = _gptq(llama, 4)
+    run_passes(stored, [Quantize(weights=WeightQuant(bits=4, method="gptq"))], progress=False)
+    packed = {name: stored.weights.get(name) for name in stored.weights.names() if "_q4" in name}
+    assert packed.keys() == {k for k in in_memory if "_q4" in k}
+    assert all(torch.equal(packed[k], in_memory[k]) for k in packed)

@@ -47,9 +47,7 @@ class _ActClipSearch(Executor):
     quantizers see earlier ones' choices."""
 
     def __init__(self, program: Program, act_nodes: list[Node], grid: list[float], max_rows: int = SEARCH_ROWS):
-        calibration = program.calibration
-        assert calibration is not None
-        super().__init__(program.module, device=calibration.device, activation_budget=calibration.activation_budget)
+        super().__init__(program.module, device=program.device, activation_budget=program.activation_budget)
         self.hooked = set(act_nodes)
         self.grid, self.max_rows = grid, max_rows
         self.chosen: dict[Node, float] = {}

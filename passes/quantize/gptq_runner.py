@@ -70,9 +70,7 @@ class _GPTQRunner(Executor):
     (one GPTQ over the stacked rows: they share H); each chunk's output uses the dequantized weights."""
 
     def __init__(self, program: Program, targets: list[G.LinearUse], weights: WeightQuant):
-        calibration = program.calibration
-        assert calibration is not None
-        super().__init__(program.module, device=calibration.device, activation_budget=calibration.activation_budget)
+        super().__init__(program.module, device=program.device, activation_budget=program.activation_budget)
         self.config = weights
         self.by_node = {u.node: u for u in targets}
         self.hooked = set(self.by_node)
