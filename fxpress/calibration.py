@@ -1,4 +1,4 @@
-"""Calibration data, gathered once through an FX Interpreter rather than hooks scattered in the model."""
+"""Calibration data, gathered by running the graph (`fxpress.execute`) rather than hooks scattered in the model."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch.fx
 
 from fxpress.checks import check_finite
 from fxpress.errors import ConfigError
+from fxpress.execute import Executor
 
 if TYPE_CHECKING:
     from fxpress.program import ModelInfo, Program
@@ -29,6 +30,8 @@ class Calibration:
                 "calibration must be a non-empty tensor [samples, ...] (for language models: token ids "
                 "[samples, seq_len], e.g. fxpress.data.token_windows(tokenizer, 'calib', 256, 32))"
             )
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"calibration batch_size is {self.batch_size!r}: give a whole number of samples >= 1")
 
     def __len__(self) -> int:
         return self.batches.shape[0]
@@ -97,22 +100,19 @@ def program_inputs(program: Program, samples: torch.Tensor) -> tuple[torch.Tenso
     return (samples,)
 
 
-class _Recorder(torch.fx.Interpreter):
-    """Runs the graph node by node and hands chosen nodes' outputs to a callback."""
+class _Recorder(Executor):
+    """Hands the wanted nodes' values on every chunk to a callback (on the CPU), refusing NaN/inf first."""
 
-    def __init__(self, module: torch.fx.GraphModule, wanted: set[str], callback: Callable[[str, torch.Tensor], None]):
-        super().__init__(module)
-        self.wanted = wanted
+    def __init__(self, program: Program, wanted: list[torch.fx.Node], callback: Callable[[str, torch.Tensor], None]):
+        super().__init__(program.module, device=program.device, activation_budget=program.activation_budget)
+        self.observed = wanted
         self.callback = callback
-        self.batch = 0  # which calibration batch runs, for error messages
 
-    def run_node(self, n: torch.fx.Node):
-        result = super().run_node(n)
-        if n.name in self.wanted and isinstance(result, torch.Tensor):
-            check_finite([(n.name, result)], f"on calibration batch {self.batch} the activation", ConfigError,
+    def observe(self, node: torch.fx.Node, index: int, value: object) -> None:
+        if isinstance(value, torch.Tensor):
+            check_finite([(node.name, value)], f"on calibration batch {index} the activation", ConfigError,
                          "the weights or the calibration data overflow; check both (fxpress refuses to calibrate on NaN)")
-            self.callback(n.name, result.detach())
-        return result
+            self.callback(node.name, value.detach().cpu())
 
 
 def for_each_activation(
@@ -121,22 +121,22 @@ def for_each_activation(
 ) -> None:
     """Call `callback(node_name, tensor)` for every wanted node on every calibration batch.
 
-    Use this to accumulate statistics (Hessians, ranges) without keeping activations in memory.
+    Use this to accumulate statistics (Hessians, ranges) without keeping activations in memory. The graph
+    runs node-major (`fxpress.execute`): the callback sees one node on every batch (in batch order), then
+    the next node; the run stops after the last wanted node. Every rank runs every batch: callers that
+    split batches across ranks (`fxpress.distributed.shard`) must all-reduce what they gather.
     """
     wanted = set(node_names)
-    known = {n.name for n in program.graph.nodes}
-    missing = wanted - known
+    nodes = [n for n in program.graph.nodes if n.name in wanted]
+    missing = wanted - {n.name for n in nodes}
     if missing:
         raise ConfigError(f"no nodes named {sorted(missing)[:5]} in the graph")
     if samples is None:
         if program.calibration is None:
             raise ConfigError("this step needs calibration data: pass calibration=... to fxpress.compile")
         samples = program.calibration.chunks()
-    recorder = _Recorder(program.module, wanted, callback)
-    with torch.no_grad():
-        for index, batch in enumerate(samples):
-            recorder.batch = index
-            recorder.run(*program_inputs(program, batch))
+    chunks = [program_inputs(program, batch) for batch in samples]
+    _Recorder(program, nodes, callback).run(chunks, until=nodes)
 
 
 def collect_activations(

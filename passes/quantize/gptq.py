@@ -49,6 +49,11 @@ class QuantizedWeight:
     spec: WeightSpec
     block_size: int
 
+    def to(self, device: str | torch.device) -> QuantizedWeight:
+        """The same weight with its tensors on `device` (results of a GPU calibration come back to the CPU)."""
+        return QuantizedWeight(self.codes.to(device), self.scales.to(device), self.zeros.to(device), self.spec,
+                               self.block_size)
+
     def dequantize(self) -> torch.Tensor:
         n, k = self.codes.shape
         group = torch.arange(k, device=self.codes.device) // self.block_size
@@ -128,7 +133,7 @@ def rtn(weight: torch.Tensor, spec: WeightSpec) -> QuantizedWeight:
     n, k = w.shape
     block = spec.block_size(k)
     scales, zeros = _group_params(w, spec, block)
-    group = torch.arange(k) // block
+    group = torch.arange(k, device=w.device) // block
     codes = _codes(w, scales[:, group], zeros[:, group], spec.maxq).to(torch.uint8)
     return QuantizedWeight(codes, scales, zeros, spec, block)
 
@@ -211,16 +216,16 @@ def gptq(
         scales, zeros = _group_params(w, spec, gsize)
     else:
         blocks = -(-k // gsize)
-        scales = torch.zeros(n, blocks)
-        zeros = torch.zeros(n, blocks)
-    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(k)
+        scales = torch.zeros(n, blocks, device=w.device)
+        zeros = torch.zeros(n, blocks, device=w.device)
+    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(k, device=w.device)
     w = w[:, perm]
     h = h[perm][:, perm]
-    h += damp * torch.diagonal(h).mean() * torch.eye(k, dtype=h.dtype)
+    h += damp * torch.diagonal(h).mean() * torch.eye(k, dtype=h.dtype, device=h.device)
     h = h.float()  # float32 factorisations, as the reference GPTQ: dampening keeps them well conditioned
     hinv = _inverse_cholesky(h, name, damp)
     order = perm.tolist()
-    codes = torch.zeros(n, k)
+    codes = torch.zeros(n, k, device=w.device)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         w1 = w[:, i1:i2].clone()

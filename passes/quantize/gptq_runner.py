@@ -1,19 +1,27 @@
-"""GPTQ over a whole graph: each group of linears is quantized when the calibration run reaches it."""
+"""GPTQ over a whole graph: each group of linears is quantized when the calibration run reaches it.
+
+The run is `fxpress.execute`'s node-major one: at the first linear of a group (linears reading the same
+input) every calibration chunk's input is there, so the group's Hessian is summed over all chunks (and
+all ranks), the group is quantized, and then every chunk continues with the dequantized weights, so
+later layers see earlier layers' quantized outputs (sequential calibration). The run stops after the
+last quantized linear.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.fx
 import torch.nn.functional as F
-from torch.fx import GraphModule, Node
+from torch.fx import Node
 from tqdm.auto import tqdm
 
+from fxpress import distributed
 from fxpress import graph as G
 from fxpress.calibration import program_inputs
+from fxpress.execute import ChunkInputs, Executor
 from fxpress.passes.quantize.config import WeightQuant
-from fxpress.passes.quantize.gptq import QuantizedWeight, WeightSpec, gptq, hessian, rtn
+from fxpress.passes.quantize.gptq import QuantizedWeight, WeightSpec, gptq, rtn
 
 if TYPE_CHECKING:
     from fxpress.program import Program
@@ -25,65 +33,81 @@ def weight_spec(weights: WeightQuant) -> WeightSpec:
 
 def gptq_weights(program: Program, targets: list[G.LinearUse], weights: WeightQuant
                  ) -> tuple[dict[str, QuantizedWeight], dict[str, Any]]:
-    """Run the calibration set through the graph once; each group of linears that read the same
-    input is quantized when the run reaches it, so later layers see earlier layers' quantized outputs."""
-    samples = program.calibration.batches
-    runner = _GPTQRunner(program.module, targets, weights)
-    with torch.no_grad():
-        try:
-            runner.run(*program_inputs(program, samples))
-        except _Done:
-            pass
+    """Run the calibration set through the graph once (this rank's share of its chunks); each group of
+    linears that read the same input is quantized when the run reaches it, so later layers see earlier
+    layers' quantized outputs. Every rank gets the same weights: the Hessians are all-reduced."""
+    calibration = program.calibration
+    assert calibration is not None
+    chunks = distributed.shard(list(calibration.chunks()))
+    runner = _GPTQRunner(program, targets, weights)
+    runner.run([program_inputs(program, chunk) for chunk in chunks], until=[u.node for u in targets])
+    runner.bar.close()
+    samples = calibration.batches
     stats = {"calibration_samples": int(samples.shape[0]), "calibration_tokens": int(samples.numel()),
              "gptq_groups": runner.groups_done, "warnings": runner.warnings}
     return runner.results, stats
 
 
-class _Done(Exception):
-    """Raised by the GPTQ runner after the last quantized linear: the rest of the graph is not needed."""
+def chunk_hessian(inputs: ChunkInputs, width: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """(2/n) X^T X over the first argument of every chunk and every rank, and n (0 gives a zero matrix).
+
+    Each chunk's X^T X is computed in float32 (as `gptq.hessian` does) and summed in float64, so the
+    total does not depend on how chunks are spread over ranks; then it is all-reduced with the row count.
+    """
+    total = torch.zeros(width, width, dtype=torch.float64, device=device)
+    rows = 0
+    for args, _ in inputs:
+        x = args[0].detach().reshape(-1, width).float()
+        total += (x.T @ x).to(torch.float64)
+        rows += x.shape[0]
+    distributed.all_reduce_sum(total)
+    count = int(distributed.all_reduce_sum(torch.tensor([rows], dtype=torch.int64)).item())
+    return (total * (2.0 / count) if count else total), count
 
 
-class _GPTQRunner(torch.fx.Interpreter):
-    """Interprets the graph on the calibration set; at each group of linears sharing an input it builds
-    the Hessian from that input, quantizes the group's weights together (one GPTQ over stacked rows,
-    they share H) and continues with the dequantized weights."""
+class _GPTQRunner(Executor):
+    """Takes over the target linears: the first of each group quantizes the group from every chunk's input
+    (one GPTQ over the stacked rows: they share H); each chunk's output uses the dequantized weights."""
 
-    def __init__(self, gm: GraphModule, targets: list[G.LinearUse], weights: WeightQuant):
-        super().__init__(gm)
+    def __init__(self, program: Program, targets: list[G.LinearUse], weights: WeightQuant):
+        super().__init__(program.module, device=program.device, activation_budget=program.activation_budget)
         self.config = weights
         self.by_node = {u.node: u for u in targets}
+        self.hooked = set(self.by_node)
         self.groups: dict[Node, list[G.LinearUse]] = {}
         for u in targets:
             self.groups.setdefault(u.node.args[0], []).append(u)
-        self.last = targets[-1].node if targets else None
         self.results: dict[str, QuantizedWeight] = {}
-        self.dequantized: dict[str, torch.Tensor] = {}
+        self.dequantized: dict[str, torch.Tensor] = {}  # kept from a group's quantization to its weight's last use
+        self.uses_left: dict[str, int] = {}
+        for u in targets:
+            self.uses_left[u.name] = self.uses_left.get(u.name, 0) + 1
         self.warnings: list[str] = []
         self.groups_done = 0
-        self.bar = tqdm(total=len(self.groups), desc="gptq", leave=False)
+        self.bar = tqdm(total=len(self.groups), desc="gptq", leave=False, disable=not distributed.is_main())
 
-    def run_node(self, n: Node) -> Any:
-        use = self.by_node.get(n)
-        if use is None:
-            return super().run_node(n)
-        args, kwargs = self.fetch_args_kwargs_from_env(n)
+    def prepare(self, node: Node, inputs: ChunkInputs) -> None:
+        if self.by_node[node].name not in self.results:
+            self._quantize_group(self.groups[node.args[0]], inputs)
+
+    def call(self, node: Node, index: int, args: tuple, kwargs: dict) -> Any:
         x = args[0]
-        if use.name not in self.results:
-            self._quantize_group(self.groups[n.args[0]], x)
         bias = args[2] if len(args) > 2 else kwargs.get("bias")
-        out = F.linear(x, self.dequantized[use.name].to(x.dtype), bias)
-        if n is self.last:
-            self.bar.close()
-            raise _Done
-        return out
+        return F.linear(x, self.dequantized[self.by_node[node].name].to(x.dtype), bias)
 
-    def _quantize_group(self, group: list[G.LinearUse], x: torch.Tensor) -> None:
+    def finish(self, node: Node) -> None:
+        name = self.by_node[node].name
+        self.uses_left[name] -= 1
+        if not self.uses_left[name]:
+            del self.dequantized[name]
+
+    def _quantize_group(self, group: list[G.LinearUse], inputs: ChunkInputs) -> None:
         names, weights = [], []
         for u in group:
             if u.name not in names and u.name not in self.results:
                 names.append(u.name)
-                weights.append(G.get_param(self.module, u.weight).detach().float())
-        h, tokens = hessian(x)
+                weights.append(self.fetch(u.weight).detach().float())
+        h, tokens = chunk_hessian(inputs, weights[0].shape[1], weights[0].device)
         spec = weight_spec(self.config)
         if tokens == 0:
             self.warnings.append(f"{', '.join(names)}: no calibration tokens reached these linears; used RTN")
@@ -93,8 +117,8 @@ class _GPTQRunner(torch.fx.Interpreter):
                            name=", ".join(names))
             quantized = _split_rows(stacked, [w.shape[0] for w in weights])
         for name, qw in zip(names, quantized):
-            self.results[name] = qw
             self.dequantized[name] = qw.dequantize()
+            self.results[name] = qw.to("cpu")
         self.groups_done += 1
         self.bar.update(1)
 
