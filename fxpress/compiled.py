@@ -208,15 +208,6 @@ def _plan_budget(program: Program, max_memory: int | None, passes: list[Pass], c
     program.metadata["memory_plan"] = asdict(plan)
 
 
-def _placed(calib: Calibration | None, program: Program) -> Calibration | None:
-    """The calibration set told where and within how much memory it runs, when it has those fields (the engine)."""
-    from dataclasses import fields, replace
-
-    if calib is None or not {"device", "activation_budget"} <= {f.name for f in fields(calib)}:
-        return calib
-    return replace(calib, device=program.device, activation_budget=program.activation_budget)
-
-
 def compile(
     model: torch.nn.Module | str | os.PathLike,
     passes: Sequence[Any] = (),
@@ -247,7 +238,7 @@ def compile(
     program = _capture(model, example_inputs, cast, budget is not None)
     program.device = str(where)
     _plan_budget(program, budget, pass_list, calib)
-    program.calibration = _placed(calib, program)
+    program.calibration = calib
     run_passes(program, pass_list, verify=verify, progress=progress)
     return CompiledModel(program, pass_list)
 
