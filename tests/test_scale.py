@@ -113,8 +113,6 @@ def test_cli_refuses_bad_budgets_and_devices_in_one_line(small_checkpoint, tmp_p
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(reason="saving a store-backed program needs the streaming save of branch 'artifacts' (issue 13 "
-                   "item 5); remove this mark once it is merged", strict=False)
 def test_cli_compiles_a_checkpoint_directory_under_a_budget(small_checkpoint, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["compile", "--model", small_checkpoint, "--passes", "quantize", "--max-memory", "3GiB", "--out", str(out)]

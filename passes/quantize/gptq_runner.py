@@ -32,7 +32,7 @@ def weight_spec(weights: WeightQuant) -> WeightSpec:
 
 
 def gptq_weights(program: Program, targets: list[G.LinearUse], weights: WeightQuant
-                 ) -> tuple[dict[str, QuantizedWeight], dict[str, Any]]:
+                 ) -> tuple[dict[str, QuantizedWeight] | ParkedWeights, dict[str, Any]]:
     """Run the calibration set through the graph once (this rank's share of its chunks); each group of
     linears that read the same input is quantized when the run reaches it, so later layers see earlier
     layers' quantized outputs. Every rank gets the same weights: the Hessians are all-reduced."""
@@ -77,7 +77,8 @@ class _GPTQRunner(Executor):
         self.groups: dict[Node, list[G.LinearUse]] = {}
         for u in targets:
             self.groups.setdefault(u.node.args[0], []).append(u)
-        self.results: dict[str, QuantizedWeight] = {}
+        store = program.weights
+        self.results: dict[str, QuantizedWeight] | ParkedWeights = {} if store is None else ParkedWeights(store)
         self.dequantized: dict[str, torch.Tensor] = {}  # kept from a group's quantization to its weight's last use
         self.uses_left: dict[str, int] = {}
         for u in targets:
@@ -121,6 +122,36 @@ class _GPTQRunner(Executor):
             self.results[name] = qw.to("cpu")
         self.groups_done += 1
         self.bar.update(1)
+
+
+class ParkedWeights:
+    """GPTQ results of a store-backed program, kept in its weight store (which spills) until the pass rewrites
+    each linear: the codes of a large model do not fit in memory (one byte per weight before packing)."""
+
+    PARTS = ("codes", "scales", "zeros")
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.specs: dict[str, tuple[WeightSpec, int]] = {}
+
+    def __setitem__(self, name: str, qw: QuantizedWeight) -> None:
+        for part in self.PARTS:
+            self.store.set(f"gptq_result.{name}.{part}", getattr(qw, part))
+        self.specs[name] = (qw.spec, qw.block_size)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.specs
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def pop(self, name: str) -> QuantizedWeight:
+        """The result for `name`, read back and dropped from the store."""
+        spec, block_size = self.specs.pop(name)
+        parts = [self.store.get(f"gptq_result.{name}.{part}") for part in self.PARTS]
+        for part in self.PARTS:
+            self.store.drop(f"gptq_result.{name}.{part}")
+        return QuantizedWeight(*parts, spec, block_size)
 
 
 def _split_rows(qw: QuantizedWeight, rows: list[int]) -> list[QuantizedWeight]:
