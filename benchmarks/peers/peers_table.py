@@ -22,7 +22,8 @@ def load_rows(folder: Path) -> tuple[dict, dict]:
         rows.setdefault(tool, {}).update(data["rows"])
         fp[tool] = data["fp32"] or fp.get(tool)
         fp["tokens"] = data["tokens_per_window"]
-    reference = next(v for k, v in fp.items() if k.startswith("fxpress") and v)
+    with_fp = [v for k, v in sorted(fp.items(), key=lambda kv: not kv[0].startswith("fxpress")) if k != "tokens" and v]
+    reference = with_fp[0]  # fxpress's fp32 windows, else any tool's: the same weights
     return rows, {k: v or reference for k, v in fp.items()}
 
 
@@ -59,7 +60,8 @@ def text_table(text: str, rows: dict, fp: dict) -> list[str]:
                     continue
                 variant = name.partition("+")[2] or "-"
                 if "error" in entry:
-                    lines.append(f"| {setting} | {tool} | {variant} | cannot run: {entry['error']} | |\n")
+                    first = entry["error"].split(". ")[0][:200]  # the JSON keeps the whole message
+                    lines.append(f"| {setting} | {tool} | {variant} | cannot run: {first} | |\n")
                     continue
                 r, lo, hi = ratio_interval(entry["nll"][text], fp[tool][text], tokens)
                 lines.append(f"| {setting} | {tool} | {variant} | {ppl(entry['nll'][text], tokens):.3f} | "

@@ -29,20 +29,21 @@ def cli(model_dir: str, calib: torch.Tensor, setting: str, rotation: bool) -> li
     if a is not None:
         argv += ["--input-bit-width", str(a), "--input-quant-granularity", "per_row", "--input-scale-type",
                  "dynamic", "--input-quant-type", "asym"]
-    return argv + (["--rotation", "fused_no_fx"] if rotation else [])
+    return argv + (["--rotation", "fused_no_fx", "--replace-rmsnorm"] if rotation else [])
 
 
 def make(name: str, model_dir: str):
     setting, _, variant = name.partition("+")
 
     def quantize(_model, calib: torch.Tensor):
+        from brevitas_examples.common.parse_utils import override_defaults, parse_args
         from brevitas_examples.llm import main as llm_main
-        from brevitas_examples.llm.llm_args import create_args_parser, parse_args
+        from brevitas_examples.llm.llm_args import create_args_parser
         from datasets import Dataset
 
         llm_main.get_dataset_for_model = lambda **_: Dataset.from_dict({"input_ids": calib.tolist()})
         argv = cli(model_dir, calib, setting, variant == "rotation")
-        args, extra = parse_args(create_args_parser(), argv)
+        args, extra = parse_args(create_args_parser(), argv, override_defaults=override_defaults(argv))
         _, model = llm_main.quantize_llm(args, extra)
         return model.float().eval()
 

@@ -2,7 +2,8 @@
 
 Settings are 'SETTING' (GPTQ alone) or 'SETTING+TRANSFORM': '+quip' is its QuIP-style random-Hadamard
 transform (U and V around every linear) before GPTQ, '+spinquant' its SpinQuant-style R1+R2 Hadamards,
-'+smoothquant' SmoothQuant (strength 0.8) before GPTQ. GPTQ: static act-order, its default dampening,
+'+smoothquant' SmoothQuant (strength 0.8) before GPTQ, '+rtn' round-to-nearest (its QuantizationModifier,
+no GPTQ). GPTQ: static act-order, its default dampening,
 symmetric weights (its presets) unless '+asym'; activations per token, dynamic, symmetric (its presets).
 """
 
@@ -22,16 +23,16 @@ SETTINGS = {"W4A16_g128": (4, 128, None, None), "W4A16_g64": (4, 64, None, None)
             "W4A4": (4, 128, 4, None), "W4A4KV4": (4, 128, 4, 4),
             # its groups must divide SmolLM2's 576 columns, so 128 fails: the 4-bit-activation rows at g64
             "W4A8_g64": (4, 64, 8, None), "W4A4_g64": (4, 64, 4, None), "W4A4KV4_g64": (4, 64, 4, 4)}
-TRANSFORMS = ("", "quip", "spinquant", "smoothquant", "asym")
+TRANSFORMS = ("", "quip", "spinquant", "smoothquant", "asym", "rtn")
 
 
-def scheme(w: int, group: int, a: int | None, symmetric: bool):
+def scheme(w: int, group: int, a: int | None, symmetric: bool, gptq: bool = True):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     weights = QuantizationArgs(num_bits=w, type="int", symmetric=symmetric, dynamic=False,
                                strategy="channel" if group == -1 else "group",
                                group_size=None if group == -1 else group,
-                               actorder="static" if group != -1 else None)
+                               actorder="static" if gptq and group != -1 else None)
     acts = None if a is None else QuantizationArgs(num_bits=a, type="int", strategy="token", symmetric=True,
                                                    dynamic=True)
     return QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts)
@@ -40,6 +41,7 @@ def scheme(w: int, group: int, a: int | None, symmetric: bool):
 def recipe(setting: str, transform: str) -> list:
     from compressed_tensors.quantization import QuantizationArgs
     from llmcompressor.modifiers.gptq import GPTQModifier
+    from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
     from llmcompressor.modifiers.transform import QuIPModifier, SpinQuantModifier
 
@@ -49,8 +51,9 @@ def recipe(setting: str, transform: str) -> list:
     mods: list = {"quip": [QuIPModifier(rotations=["v", "u"], transform_type="random-hadamard")],
                   "spinquant": [SpinQuantModifier(rotations=["R1", "R2"], transform_type="hadamard")],
                   "smoothquant": [SmoothQuantModifier(smoothing_strength=0.8)]}.get(transform, [])
-    mods.append(GPTQModifier(config_groups={"group_0": scheme(w, group, a, transform != "asym")},
-                             ignore=["lm_head"], kv_cache_scheme=kv_args))
+    kind = QuantizationModifier if transform == "rtn" else GPTQModifier
+    mods.append(kind(config_groups={"group_0": scheme(w, group, a, transform != "asym", transform != "rtn")},
+                     ignore=["lm_head"], kv_cache_scheme=kv_args))
     return mods
 
 
