@@ -104,7 +104,8 @@ def verdicts(texts: list[str], rows: dict, fp: dict) -> list[str]:
 def write_table(folder: Path, texts: dict, out: str | None) -> str:
     rows, fp = load_rows(folder)
     lines = ["## Perplexity by tool and setting\n\nEach ratio is to the tool's own fp32 run on the same windows "
-             "(they agree to 1e-4; transformers versions differ between venvs).\n"]
+             "(tools that skipped it with --no-fp32 are paired with fxpress's, else another tool's: the same weights; "
+             "llm-compressor's venv (transformers 5.17) and HQQ's (5.24) gave identical fp32 window NLLs).\n"]
     for text in texts:
         lines += text_table(text, rows, fp)
     lines += verdicts(list(texts), rows, fp)
