@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fxpress-installed
-APT_PACKAGES := python3-doc yosys nextpnr-ice40 fpga-icestorm iverilog verilator g++
+APT_PACKAGES := python3-doc bible-kjv yosys nextpnr-ice40 fpga-icestorm iverilog verilator g++
 SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
 DEMO_OUT ?= out/demo
 

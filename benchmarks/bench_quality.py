@@ -9,6 +9,7 @@ g32 sits on the grid the weights came from, and the main table uses g128 (or wha
     python benchmarks/bench_quality.py              # full: 16 x 256 eval tokens, GPTQ on 64 x 128 calib
     python benchmarks/bench_quality.py --quick      # 4 x 256 eval, 8 x 128 calib, rotation none+hadamard
     python benchmarks/bench_quality.py --out benchmarks/results/quality.md
+    python benchmarks/bench_quality.py --eval-split prose_eval   # the second text (prose, another domain)
     # the W4A4KV4 headline: asymmetric per-token activations with a clip ratio searched per quantizer
     python benchmarks/bench_quality.py --threads 1 --rows W4A4KV4 --act-clip-search --act-asym --clip-ratio 1.0 \
         --no-group-table --rotations dfrot,hadamard,orthogonal --methods gptq --out /tmp/q.md
@@ -37,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small run: 4 eval windows, 8 calib windows, none+hadamard")
     ap.add_argument("--eval-windows", type=int, default=None)
+    ap.add_argument("--eval-split", default="eval", choices=("eval", "prose_eval"),
+                    help="evaluation text: the Python tutorial, or Genesis (King James Bible, held out by domain)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--calib-windows", type=int, default=None)
     ap.add_argument("--calib-len", type=int, default=128)
@@ -142,7 +145,8 @@ def markdown(results: dict, args, command: str, seconds: float) -> str:
     head = "| | " + " | ".join(f"{r} {m.upper()}" for r, m in cols) + " |\n|---|" + "---|" * len(cols) + "\n"
     out = [f"# SmolLM2-135M-Instruct quantization quality\n\nCommand: `{command}` ({seconds / 60:.1f} min, "
            f"{getattr(args, 'threads', None) or torch.get_num_threads()} torch threads per process)\n",
-           f"Eval: {args.eval_windows} windows x {args.seq_len} tokens of the \"eval\" split (Python tutorial); "
+           f"Eval: {args.eval_windows} windows x {args.seq_len} tokens of the \"{getattr(args, 'eval_split', 'eval')}\" split "
+           f"({'Genesis, King James Bible' if getattr(args, 'eval_split', 'eval') == 'prose_eval' else 'Python tutorial'}); "
            f"GPTQ calibration: {args.calib_windows} x {args.calib_len} tokens of \"calib\" (HOWTOs); weights "
            f"asymmetric, group size {args.group_size} (576 = 4.5 x 128: each row's last group has 64 columns), "
            f"GPTQ with act-order {'off' if args.no_act_order else 'on'}, clipping search on; activations "
@@ -254,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
     base = capture(model, source="smollm2")
     del model
     base.calibration = Calibration(token_windows(tokenizer, "calib", args.calib_len, args.calib_windows))
-    windows = token_windows(tokenizer, "eval", args.seq_len, args.eval_windows)
+    windows = token_windows(tokenizer, args.eval_split, args.seq_len, args.eval_windows)
     reference = Reference(base, windows, args.batch_size)
     results: dict = {"fp": reference.score(base), "rotated_fp": {}, "cells": {}, "rotation_seconds": {}}
     print(f"fp32 ppl {results['fp']['ppl']:.3f}  ({time.perf_counter() - start:.0f}s)", flush=True)

@@ -1,26 +1,41 @@
-"""Real text for calibration, evaluation and training: the Python documentation that Debian ships.
+"""Real text for calibration, evaluation and training, shipped by Debian packages (written by people).
 
 The Debian package `python3-doc` installs the reStructuredText sources of the CPython manual
-(written by people, about 12 MB of English). Splits are disjoint directories, so calibration
-never sees evaluation text:
+(about 12 MB of English). Splits are disjoint directories, so calibration never sees evaluation text:
 
 - "eval": the tutorial (perplexity, KL, top-1 agreement)
 - "calib": the HOWTOs (calibration for GPTQ, DFRot, routers)
 - "heldout": the FAQ (schedules and model selection)
 - "train": the library reference (training small models such as the MoE)
+
+A second text from another domain, narrative prose rather than technical writing about code, keeps a
+headline from being tuned to one corpus: the King James Bible of the Debian package `bible-kjv-text`,
+read through its `bible` program (package `bible-kjv`). Its splits are disjoint books with no parallel
+passages between them:
+
+- "prose_eval": Genesis
+- "prose_calib": the Gospel of Luke
+- "prose_heldout": the Acts of the Apostles
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import re
+import shutil
+import subprocess
 from functools import lru_cache
 
 import torch
 
 from fxpress.errors import FxpressError
 
-SPLITS = {"eval": ["tutorial"], "calib": ["howto"], "heldout": ["faq"], "train": ["library"]}
+DOC_SPLITS = {"eval": ["tutorial"], "calib": ["howto"], "heldout": ["faq"], "train": ["library"]}
+# split -> the `bible` program's verse range of one whole book
+PROSE_SPLITS = {"prose_eval": "Genesis1:1-50:26", "prose_calib": "Luke1:1-24:53", "prose_heldout": "Acts1:1-28:31"}
+SPLITS = {**DOC_SPLITS, **PROSE_SPLITS}
+VERSE_LABEL = re.compile(r"^\S+?\d+:\d+ ", re.MULTILINE)
 DOC_GLOB = "/usr/share/doc/python3*/html/_sources"
 
 
@@ -38,14 +53,33 @@ def docs_root() -> str:
     )
 
 
+def prose_text(verses: str) -> str:
+    """One book of the King James Bible as plain prose: a verse per line, verse labels removed."""
+    program = shutil.which("bible")
+    if program is None:
+        raise FxpressError(
+            "no prose evaluation text found: the \"prose_*\" splits read the King James Bible shipped by the "
+            "Debian packages bible-kjv and bible-kjv-text; install them with `apt-get install bible-kjv` "
+            "(or `make install`)"
+        )
+    run = subprocess.run([program, "-f", "-l1000000", verses], capture_output=True, text=True)
+    text = VERSE_LABEL.sub("", run.stdout).strip()
+    if run.returncode != 0 or not text:
+        raise FxpressError(f"the `bible` program gave no text for '{verses}' ({run.stderr.strip()[:200]}): "
+                           "reinstall the Debian packages bible-kjv and bible-kjv-text")
+    return text
+
+
 @lru_cache(maxsize=8)
 def corpus_text(split: str) -> str:
-    """All text of one split, files in sorted order, joined by blank lines."""
+    """All text of one split: for the manual, files in sorted order joined by blank lines."""
     if split not in SPLITS:
         raise FxpressError(f"unknown text split '{split}': choose one of {', '.join(SPLITS)}")
+    if split in PROSE_SPLITS:
+        return prose_text(PROSE_SPLITS[split])
     root = docs_root()
     files: list[str] = []
-    for sub in SPLITS[split]:
+    for sub in DOC_SPLITS[split]:
         files += sorted(glob.glob(os.path.join(root, sub, "**", "*.rst.txt"), recursive=True))
     parts = []
     for path in files:

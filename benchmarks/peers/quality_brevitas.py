@@ -1,0 +1,60 @@
+"""brevitas's LLM entry point (brevitas_ptq_llm) on SmolLM2-135M with fxpress's protocol (venv .venvs/brevitas).
+
+brevitas_ptq_llm reads its calibration text from the Hugging Face Hub (wikitext2, c4), which this
+machine cannot reach; its dataset loader is replaced by the same 64 x 128 "calib" windows every tool
+gets, and everything else is its own code path (`quantize_llm`), which returns the quantized model.
+Rows: weights per group (GPTQ with act-order), activations per row (token), dynamic; '+rotation' adds
+its fused Hadamard rotation (QuaRot-style, `--rotation fused_no_fx`).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import quality_protocol as protocol  # noqa: E402
+
+# setting -> (weight bits, group size, activation bits or None)
+SETTINGS = {"W4A16_g64": (4, 64, None), "W4A8_g64": (4, 64, 8), "W4A4_g64": (4, 64, 4), "W8A8": (8, 64, 8)}
+
+
+def cli(model_dir: str, calib: torch.Tensor, setting: str, rotation: bool) -> list[str]:
+    w, group, a = SETTINGS[setting]
+    argv = ["--model", model_dir, "--dtype", "float32", "--nsamples", str(len(calib)), "--seqlen",
+            str(calib.shape[1]), "--weight-bit-width", str(w), "--weight-quant-granularity", "per_group",
+            "--weight-group-size", str(group), "--gptq", "--gpxq-act-order"]
+    if a is not None:
+        argv += ["--input-bit-width", str(a), "--input-quant-granularity", "per_row", "--input-scale-type",
+                 "dynamic", "--input-quant-type", "asym"]
+    return argv + (["--rotation", "fused_no_fx", "--replace-rmsnorm"] if rotation else [])
+
+
+def make(name: str, model_dir: str):
+    setting, _, variant = name.partition("+")
+
+    def quantize(_model, calib: torch.Tensor):
+        from brevitas_examples.common.parse_utils import override_defaults, parse_args
+        from brevitas_examples.llm import main as llm_main
+        from brevitas_examples.llm.llm_args import create_args_parser
+        from datasets import Dataset
+
+        llm_main.get_dataset_for_model = lambda **_: Dataset.from_dict({"input_ids": calib.tolist()})
+        argv = cli(model_dir, calib, setting, variant == "rotation")
+        args, extra = parse_args(create_args_parser(), argv, override_defaults=override_defaults(argv))
+        _, model = llm_main.quantize_llm(args, extra)
+        return model.float().eval()
+
+    return quantize
+
+
+if __name__ == "__main__":
+    import json
+    from importlib.metadata import version
+
+    windows = sys.argv[sys.argv.index("--windows") + 1]
+    model_dir = json.loads(Path(windows).read_text())["model_dir"]
+    names = [s + v for s in SETTINGS for v in ("", "+rotation")]
+    protocol.run("brevitas", version("brevitas"), {n: make(n, model_dir) for n in names})
