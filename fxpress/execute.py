@@ -278,8 +278,11 @@ class Executor:
         self._values[node] = values
         if node.op == "placeholder":
             k = self._plan.placeholders[node]
-            for chunk in self._chunks:
-                self._keep(node, values, self._to_device(chunk[k]))
+            for i, chunk in enumerate(self._chunks):
+                value = self._to_device(chunk[k])
+                self._keep(node, values, value)
+                if node in self._observed:  # a graph input can be wanted too (the first linear's input)
+                    self.observe(node, i, value)
             return
         hooked = node in self._hooked
         if hooked:

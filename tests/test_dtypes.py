@@ -131,5 +131,6 @@ def test_fp16_runs_in_onnx_runtime_and_tvm_and_bf16_names_the_float32_export(tmp
         bf16.export("tvm", tmp_path / "bf16_tvm")
     assert not (tmp_path / "bf16_tvm").exists()
     run_passes(bf16.program, [Precision(dtype="float32")], progress=False)  # the fix the error names
-    runner = load_runner(bf16.export("onnx", tmp_path / "bf16_as_fp32.onnx"))
+    (tmp_path / "fp32").mkdir()  # one ONNX model per folder: its genai_config.json describes it
+    runner = load_runner(bf16.export("onnx", tmp_path / "fp32" / "bf16_as_fp32.onnx"))
     assert _rel(runner(IDS), bf16(IDS)) < 1e-5
