@@ -277,7 +277,7 @@ def test_composes_with_rotate_and_quantize_and_exports_to_onnx(tmp_path):
     from fxpress.lowering.onnx import export_onnx
 
     path = tmp_path / "composed.onnx"
-    export_onnx(cm.program, path)
+    export_onnx(cm.program, path, fused=False)  # the stacked-cache signature fed below
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     kh, kd = cm.program.info.key_shape
