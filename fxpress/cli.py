@@ -250,12 +250,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def _memory_rows(cm: CompiledModel) -> list[tuple[str, str]]:
     """Weight bytes, the memory plan under --max-memory, and this process's peak resident memory so far."""
-    import resource
-
-    from fxpress.budget import plan_rows
+    from fxpress.budget import peak_resident_bytes, plan_rows
     from fxpress.weights import format_bytes
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_resident_bytes()
     return [("weight bytes", f"{cm.program.weight_bytes():,}"), *plan_rows(cm.program.metadata.get("memory_plan", {})),
             ("peak resident memory", format_bytes(peak))]
 

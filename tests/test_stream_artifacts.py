@@ -159,17 +159,18 @@ def test_store_backed_onnx_export_streams_and_matches_the_in_memory_export(progr
     from fxpress.runtime.runners import OnnxRunner
 
     in_memory, stored = programs
-    export_onnx(in_memory, tmp_path / "memory.onnx")
+    (tmp_path / "memory").mkdir(), (tmp_path / "stored").mkdir()  # one model (and genai_config.json) a folder
+    export_onnx(in_memory, tmp_path / "memory" / "memory.onnx")
     reads = stored.weights.stats["reads"]
-    stats = export_onnx(stored, tmp_path / "stored.onnx")
+    stats = export_onnx(stored, tmp_path / "stored" / "stored.onnx")
     assert stats["external_data"] is True and stats["matmulnbits"] >= 14
     assert stats["streamed"]["tensors"] >= 14 and stats["streamed"]["largest"] <= 300 * 64 * 4
     assert stored.weights.stats["reads"] > reads  # read from the store, not from memory
     assert stored.weights.memory_bytes() <= BUDGET  # the export put nothing in the store's memory
-    data = list(tmp_path.glob("stored.onnx.*.data"))
+    data = list((tmp_path / "stored").glob("stored.onnx.*.data"))
     assert len(data) == 1 and data[0].stat().st_size >= stats["streamed"]["bytes"]
-    expected = OnnxRunner(tmp_path / "memory.onnx")(IDS)
-    actual = OnnxRunner(tmp_path / "stored.onnx")(IDS)
+    expected = OnnxRunner(tmp_path / "memory" / "memory.onnx")(IDS)
+    actual = OnnxRunner(tmp_path / "stored" / "stored.onnx")(IDS)
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(actual, in_memory(IDS), rtol=1e-4, atol=1e-4)
     with pytest.raises(ConfigError, match="external_data=False"):
