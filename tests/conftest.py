@@ -53,3 +53,26 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+_SESSION: dict[str, int] = {}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _SESSION["status"] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """Leave with pytest's own status and no interpreter teardown.
+
+    Why: in stop 12's fresh-clone CI run the test process segfaulted after pytest had printed its summary,
+    while native libraries (TVM's and ONNX Runtime's thread pools, torch.distributed) were torn down at exit,
+    and make reported the crash instead of the result. Known issue, to be found and removed.
+    """
+    if "status" in _SESSION:
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_SESSION["status"])
