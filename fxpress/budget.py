@@ -21,7 +21,7 @@ import torch
 from fxpress import graph as G
 from fxpress.errors import ConfigError
 from fxpress.program import Program
-from fxpress.weights import format_bytes, parse_memory
+from fxpress.weights import format_bytes, parse_memory, spec_bytes
 
 HESSIAN_COPIES = 2  # GPTQ holds a Hessian and its inverse Cholesky factor, both float64
 _ZERO = re.compile(r"\s*0*\.?0+\s*[a-zA-Z]*\s*")  # "0", "0GiB", "0.0 MB"
@@ -98,10 +98,6 @@ def peak_resident_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _size(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-
-
 def _weight_specs(program: Program) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """(shape, dtype) of every weight the graph reads, from the store's specs or the module's tensors."""
     store = program.weights
@@ -129,9 +125,9 @@ def block_weights(program: Program, hessians: bool) -> int:
     and write its rewrite)."""
     dtype = program.info.torch_activation_dtype
     specs = _weight_specs(program)
-    need = 2 * max((_size(shape, dtype) for shape, _ in specs.values()), default=0)
+    need = 2 * max((spec_bytes(shape, dtype) for shape, _ in specs.values()), default=0)
     for uses in _block_linears(program):
-        weights = sum(_size(specs[name][0], dtype) for name in {u.name for u in uses} if name in specs)
+        weights = sum(spec_bytes(specs[name][0], dtype) for name in {u.name for u in uses} if name in specs)
         widest = max((u.in_features() for u in uses), default=0) if hessians else 0
         need = max(need, weights + HESSIAN_COPIES * widest * widest * 8)
     return need

@@ -26,11 +26,10 @@ from fxpress.shards import (
     read_shards,
     single_file_map,
     store_from_shards,
-    tensor_bytes,
     write_shards,
 )
 from fxpress.signature import signature
-from fxpress.weights import WeightStore, attach_store, is_placeholder, placeholder
+from fxpress.weights import WeightStore, attach_store, is_placeholder, nbytes, placeholder
 
 FORMAT = PROGRAM_FORMAT
 FORMAT_VERSION = 2  # 2: weights in shards listed by the manifest's weight_map; 1: one weights.safetensors
@@ -125,7 +124,7 @@ def save_program(program: Program, directory: str | os.PathLike, extra: dict[str
         "example_dtypes": [str(t.dtype) for t in program.example_inputs],
         **(extra or {}),
     }
-    sizes = {name: tensor_bytes(t.shape, t.dtype) for name, t in unique.items()}
+    sizes = {name: nbytes(t) for name, t in unique.items()}
     with staged_dir(directory, overwrite=overwrite) as tmp:
         (tmp / GRAPH_FILE).write_bytes(graph_json)
         manifest["weight_map"] = write_shards(tmp, sizes, _reader(program, unique), shard_bytes)

@@ -27,10 +27,6 @@ def shard_name(index: int, count: int) -> str:
     return SINGLE_FILE if count == 1 else f"weights-{index:05d}-of-{count:05d}.safetensors"
 
 
-def tensor_bytes(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> int:
-    return torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-
-
 def plan_shards(sizes: dict[str, int], limit: int = SHARD_BYTES) -> list[list[str]]:
     """Consecutive groups of names whose bytes add up to at most `limit` (one name alone may exceed it)."""
     groups: list[list[str]] = []

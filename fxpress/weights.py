@@ -70,6 +70,11 @@ def nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+def spec_bytes(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> int:
+    """Bytes of a tensor of this shape and dtype, without making one."""
+    return torch.Size(shape).numel() * dtype.itemsize
+
+
 @dataclass(frozen=True)
 class FileEntry:
     """Where a stored tensor lies on disk, and the dtype the program reads it in."""
@@ -222,11 +227,7 @@ class WeightStore:
 
     def total_bytes(self) -> int:
         """Bytes of every stored tensor in the dtype the program reads it in."""
-        total = 0
-        for name in self.names():
-            shape, dtype = self.spec(name)
-            total += torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        return total
+        return sum(spec_bytes(*self.spec(name)) for name in self.names())
 
     # -- copies ------------------------------------------------------------------------------------
     def clone(self) -> WeightStore:
