@@ -1,6 +1,7 @@
 """Scale benchmark (issue 13): compile time and peak memory against model size, each compile in a child process.
 
-Each job runs in a child whose peak resident memory the parent reads when it exits (`os.wait4`'s rusage):
+Each job runs in a child whose peak resident memory the parent reads when it exits (`os.wait4`'s rusage; on
+Linux that counts the parent's own peak at fork too, so the parent prints its peak, which stays below the rows):
 compile under `max_memory`, export ONNX, run it in ONNX Runtime and compare greedy tokens of a short prompt
 with the PyTorch program. Checkpoints are random-init bf16 shards written once (benchmarks/scale_models.py).
 
@@ -227,7 +228,10 @@ def main() -> None:
         rows.append(_row("SmolLM2-135M streamed vs in memory", 134_515_008, job))
     if "torchrun" in parts:
         rows += _torchrun_rows(args)
-    print(f"load average {os.getloadavg()[0]:.1f}")
+    from fxpress.budget import peak_resident_bytes
+
+    print(f"load average {os.getloadavg()[0]:.1f}; this parent's own peak {peak_resident_bytes() / 2**30:.2f} GiB "
+          "(a child's peak below is its own where it is above this)")
     print(_table(rows))
 
 
