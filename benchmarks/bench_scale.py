@@ -142,8 +142,10 @@ def _job(name: str, args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
 def _row(label: str, params: int, job: dict[str, Any]) -> dict[str, Any]:
     code, wall, peak, stdout, error = run_child([sys.executable, __file__, "--child", json.dumps(job)])
     result = json.loads(stdout.strip().splitlines()[-1]) if code == 0 and stdout.strip() else {"error": error}
-    return {"model": label, "params": params, "budget": job["max_memory"], "ok": code == 0, "wall": wall,
-            "peak": peak, **result}
+    row = {"model": label, "params": params, "budget": job["max_memory"], "ok": code == 0, "wall": wall,
+           "peak": peak, **result}
+    print(_table([row]).splitlines()[-1], flush=True)  # each row as it finishes: the full run takes hours
+    return row
 
 
 def _cli_row(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,7 +1,6 @@
 """Peak RSS of save / lazy load + ONNX export / ONNX Runtime: store-backed vs in-memory, each phase in a fresh child
 process (156M-parameter Llama, bf16 checkpoint written once). Usage: python benchmarks/bench_stream_artifacts.py main WORKDIR"""
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -25,11 +24,13 @@ def phase(mode, stored):
 
     import torch
 
+    from fxpress.budget import peak_resident_bytes
     from fxpress.lowering.onnx import export_onnx
     from fxpress.passes import Quantize
     from fxpress.passes.manager import run_passes
     from fxpress.passes.quantize.config import WeightQuant
     from fxpress.serialize import load_program, save_program
+
     cap = importlib.import_module("fxpress.capture")
     out = ROOT / ("stored" if stored else "memory")
     t = time.time()
@@ -50,7 +51,7 @@ def phase(mode, stored):
         logits = OnnxRunner(out / "model.onnx")(ids)
         torch.save(logits, out / "ort_logits.pt")
     print(json.dumps({"mode": mode, "stored": stored, "seconds": round(time.time() - t, 1),
-                      "peak_rss_MiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
+                      "peak_rss_MiB": round(peak_resident_bytes() / 2**20)}))
 
 
 if __name__ == "__main__":

@@ -20,13 +20,14 @@ import torch
 
 from fxpress import graph as G
 from fxpress.errors import ConfigError
+from fxpress.heap import return_freed_memory, trim_heap
 from fxpress.program import Program
 from fxpress.weights import format_bytes, parse_memory, spec_bytes
 
-HESSIAN_COPIES = 2  # GPTQ holds a Hessian and its inverse Cholesky factor, both float64
+REWRITE_SLICE_BYTES = 32 * 2**20  # the float64 slice rotate rewrites a large weight in (a vocabulary table)
+HESSIAN_COPIES = 2  # GPTQ holds a group's float64 Hessian and two float32 K x K matrices while it factorises
 _ZERO = re.compile(r"\s*0*\.?0+\s*[a-zA-Z]*\s*")  # "0", "0GiB", "0.0 MB"
 ROUND = 0.05 * 2**30  # the smallest budget named in errors is rounded up to 0.05 GiB
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,8 @@ class MemoryPlan:
 
     max_memory: int
     resident: int  # the process before compiling (torch, fxpress, the captured graph)
-    block: int  # weights and Hessians of the largest block (or twice the largest tensor, for weight-only work)
+    block: int  # one decoder block's weights and Hessians (what rewriting the largest weight needs beyond it is
+    # counted in `activations`: weight-only passes and calibration take turns)
     activations: int  # the calibration engine's activation budget
     overlay: int  # the weight store's in-memory budget
 
@@ -54,26 +56,6 @@ def requested_budget(value: str | int | float | None, what: str = "max_memory") 
         if isinstance(value, (int, float, str)) and not isinstance(value, bool) and _ZERO.fullmatch(str(value)):
             return 0
         raise
-
-
-def return_freed_memory() -> None:
-    """Make glibc hand large freed blocks back to the OS at once (what a memory budget relies on).
-
-    glibc raises its mmap threshold each time a large mmapped block is freed, so later tensors of a few MB
-    come from the heap, whose freed space stays resident: streaming a model tensor by tensor then grows the
-    process by about the model's size. A fixed threshold (128 KiB, glibc's default start) keeps every tensor
-    above it in its own mapping, returned on free. Elsewhere than glibc this does nothing.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "mallopt"):
-            libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
-    except OSError:
-        return
 
 
 def resident_bytes() -> int:
@@ -119,13 +101,21 @@ def _block_linears(program: Program) -> list[list[G.LinearUse]]:
     return [[u for p in block for u in (*p.readers, *p.writers)] for block in parts]
 
 
+def largest_rewrite(program: Program) -> int:
+    """Bytes a weight-only pass needs beyond what is resident: the largest weight in the compute dtype, the
+    half-precision copy it is read from (a checkpoint's bf16), and the float64 slice rotate works in
+    (REWRITE_SLICE_BYTES). Rotate rewrites a weight read from disk in place, so no second full copy is made."""
+    dtype = program.info.torch_activation_dtype
+    largest = max((spec_bytes(shape, dtype) for shape, _ in _weight_specs(program).values()), default=0)
+    return largest + largest // 2 + min(largest * 2, REWRITE_SLICE_BYTES)
+
+
 def block_weights(program: Program, hessians: bool) -> int:
     """Bytes to work on the largest decoder block: its weights in the compute dtype plus, with GPTQ, its
-    largest Hessian (K x K float64, twice); at least twice the largest tensor (weight-only passes read one
-    and write its rewrite)."""
+    largest Hessian (K x K float64, twice)."""
     dtype = program.info.torch_activation_dtype
     specs = _weight_specs(program)
-    need = 2 * max((spec_bytes(shape, dtype) for shape, _ in specs.values()), default=0)
+    need = 0
     for uses in _block_linears(program):
         weights = sum(spec_bytes(specs[name][0], dtype) for name in {u.name for u in uses} if name in specs)
         widest = max((u.in_features() for u in uses), default=0) if hessians else 0
@@ -152,17 +142,20 @@ def plan_memory(program: Program, max_memory: int, calibration_tokens: int, hess
     activations and the overlay.
     """
     return_freed_memory()
+    trim_heap()  # what capture and tokenizing freed is not held: measure without it
     resident = resident_bytes() if resident is None else resident
-    block = block_weights(program, hessians)
+    rewrite, calibrate = largest_rewrite(program), block_weights(program, hessians)
     activations = block_activations(program, calibration_tokens)
-    need = resident + block + activations
+    need = resident + max(rewrite, calibrate + activations)  # weight-only passes and calibration take turns
     if max_memory < need:
         smallest = math.ceil(need * 1.1 / ROUND) * ROUND  # room for what the next capture adds
         raise ConfigError(
             f"max_memory={format_bytes(max_memory)} is below what one decoder block needs ({format_bytes(need)} with "
-            f"torch loaded: {format_bytes(resident)} resident, {format_bytes(block)} for the block's weights"
-            f"{' and Hessians' if hessians else ''}, {format_bytes(activations)} of calibration activations): use at "
-            f"least {smallest / 2**30:.2f}GiB, or fewer calibration samples"
+            f"torch loaded: {format_bytes(resident)} resident, then the larger of {format_bytes(rewrite)} to rewrite "
+            f"the largest weight and {format_bytes(calibrate)} for one block's weights"
+            f"{' and Hessians' if hessians else ''} with {format_bytes(activations)} of calibration activations): use "
+            f"at least {smallest / 2**30:.2f}GiB, or fewer calibration samples"
         )
     surplus = max_memory - need
-    return MemoryPlan(max_memory, resident, block, activations + surplus // 2, surplus - surplus // 2)
+    activations = max(activations, rewrite - calibrate)  # what rewriting needs beyond a block is free while calibrating
+    return MemoryPlan(max_memory, resident, calibrate, activations + surplus // 2, surplus - surplus // 2)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -200,6 +202,9 @@ def _plan_budget(program: Program, max_memory: int | None, passes: list[Pass], c
 
     from fxpress.budget import plan_memory
 
+    for module in {m for p in passes for m in getattr(p, "runtime_modules", ())}:
+        with contextlib.suppress(ImportError):  # an optional extra: absent, the pass runs without it
+            importlib.import_module(module)
     calibrates = any(p.needs_calibration for p in passes)
     tokens = calib.batches.numel() if calib is not None and calibrates else 0
     plan = plan_memory(program, max_memory, tokens, hessians=calibrates)

@@ -30,6 +30,7 @@ from functools import lru_cache
 import torch
 
 from fxpress.errors import FxpressError
+from fxpress.heap import trim_heap
 
 DOC_SPLITS = {"eval": ["tutorial"], "calib": ["howto"], "heldout": ["faq"], "train": ["library"]}
 # split -> the `bible` program's verse range of one whole book
@@ -90,8 +91,9 @@ def corpus_text(split: str) -> str:
 
 def token_stream(tokenizer, split: str) -> torch.Tensor:
     """The split tokenized once as one long 1-D LongTensor."""
-    ids = tokenizer(corpus_text(split), return_tensors="pt", add_special_tokens=False).input_ids[0]
-    return ids.long()
+    ids = tokenizer(corpus_text(split), return_tensors="pt", add_special_tokens=False).input_ids[0].long()
+    trim_heap()  # the tokenizer's per-token records are freed: give their pages back (a memory budget counts them)
+    return ids
 
 
 def token_windows(tokenizer, split: str = "eval", seq_len: int = 256, max_windows: int | None = None) -> torch.Tensor:

@@ -36,6 +36,7 @@ from torch.utils._pytree import tree_map_only
 
 from fxpress import graph as G
 from fxpress.errors import ConfigError
+from fxpress.heap import trim_heap
 from fxpress.spill import Spilled, SpillFolder, spillable
 
 Device = str | torch.device | None
@@ -245,6 +246,7 @@ class Executor:
             self.stats.spilled_files, self.stats.spilled_bytes = self._spill.files, self._spill.bytes
             self._spill.close()
             self._shared, self._values, self._files, self._chunks = {}, {}, {}, []
+            trim_heap()
 
     def _loop(self) -> list[Any] | None:
         plan = self._plan

@@ -29,7 +29,7 @@ from fxpress.shards import (
     write_shards,
 )
 from fxpress.signature import signature
-from fxpress.weights import WeightStore, attach_store, is_placeholder, nbytes, placeholder
+from fxpress.weights import WeightStore, attach_store, is_placeholder, placeholder
 
 FORMAT = PROGRAM_FORMAT
 FORMAT_VERSION = 2  # 2: weights in shards listed by the manifest's weight_map; 1: one weights.safetensors
@@ -124,10 +124,10 @@ def save_program(program: Program, directory: str | os.PathLike, extra: dict[str
         "example_dtypes": [str(t.dtype) for t in program.example_inputs],
         **(extra or {}),
     }
-    sizes = {name: nbytes(t) for name, t in unique.items()}
+    specs = {name: (tuple(t.shape), t.dtype) for name, t in unique.items()}
     with staged_dir(directory, overwrite=overwrite) as tmp:
         (tmp / GRAPH_FILE).write_bytes(graph_json)
-        manifest["weight_map"] = write_shards(tmp, sizes, _reader(program, unique), shard_bytes)
+        manifest["weight_map"] = write_shards(tmp, specs, _reader(program, unique), shard_bytes)
         shards = list(dict.fromkeys(manifest["weight_map"].values()))
         manifest["integrity"] = record_digests(tmp, (GRAPH_FILE, *shards))
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str))

@@ -1,8 +1,8 @@
-"""A saved program's weights as safetensors shards, written and read one shard at a time.
+"""A saved program's weights as safetensors shards, written one tensor at a time, read a shard or a tensor at a time.
 
 A model larger than memory cannot be saved from one dict of tensors: the writer groups tensors into shards of at
 most `SHARD_BYTES` (by their specs, nothing read), then reads only one shard's tensors (from the weight store or the
-module) and writes them with safetensors' `save_file`. The reader loads shards whole (small programs) or serves
+module) and writes them one at a time (`fxpress.tensorfile`). The reader loads shards whole (small programs) or serves
 them through a `WeightStore` that reads each tensor when the program asks for it (store-backed load).
 """
 
@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from fxpress.errors import ArtifactError
-from fxpress.weights import WeightStore
+from fxpress.tensorfile import Spec, write_tensors
+from fxpress.weights import WeightStore, spec_bytes
 
 SINGLE_FILE = "weights.safetensors"
 SHARD_BYTES = 2**30  # at most this many bytes of tensors per shard file (a single larger tensor gets its own)
@@ -40,18 +41,15 @@ def plan_shards(sizes: dict[str, int], limit: int = SHARD_BYTES) -> list[list[st
     return [g for g in groups if g]
 
 
-def write_shards(directory: Path, sizes: dict[str, int], read: Callable[[str], torch.Tensor],
+def write_shards(directory: Path, specs: dict[str, Spec], read: Callable[[str], torch.Tensor],
                  limit: int = SHARD_BYTES) -> dict[str, str]:
-    """Write the tensors named in `sizes` (read by `read`, one shard's worth at a time); returns name -> shard file."""
-    from safetensors.torch import save_file
-
-    groups = plan_shards(sizes, limit)
+    """Write the tensors named in `specs` (name -> (shape, dtype)), each read by `read` just before it is written
+    (one tensor in memory at a time, fxpress.tensorfile); returns name -> shard file."""
+    groups = plan_shards({name: spec_bytes(*spec) for name, spec in specs.items()}, limit)
     weight_map: dict[str, str] = {}
     for i, group in enumerate(groups, start=1):
         file = shard_name(i, len(groups))
-        shard = {name: read(name).detach().contiguous() for name in group}
-        save_file(shard, str(directory / file))
-        del shard
+        write_tensors(directory / file, {name: specs[name] for name in group}, read)
         weight_map.update(dict.fromkeys(group, file))
     return weight_map
 

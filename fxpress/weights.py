@@ -8,15 +8,11 @@ tensors in memory up to a budget and spills the oldest to safetensors files in a
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
-import shutil
-import tempfile
-import weakref
+import struct
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +20,8 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from fxpress.checks import non_finite
 from fxpress.errors import ArtifactError, ConfigError, FxpressError
+from fxpress.spill import SpillFolder
+from fxpress.tensorfile import read_tensor
 
 # One mode for every placeholder: torch.export accepts a module whose fake parameters share one mode.
 FAKE_MODE = FakeTensorMode(allow_non_fake_inputs=True)
@@ -96,18 +94,6 @@ class StackedEntry:
     shape: tuple[int, ...]
 
 
-class _SpillFolder:
-    """A temporary folder for spilled tensors, removed when the last store using it is gone."""
-
-    def __init__(self, parent: str | None) -> None:
-        self.path = Path(tempfile.mkdtemp(prefix="fxpress-spill-", dir=parent))
-        self.counter = itertools.count()
-        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.path), True)
-
-    def new_file(self) -> Path:
-        return self.path / f"spill-{next(self.counter):05d}.safetensors"
-
-
 class WeightStore:
     """Tensors by name: files read on demand (checkpoint shards, spilled tensors) and an in-memory overlay.
 
@@ -123,7 +109,7 @@ class WeightStore:
         self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._pinned: dict[str, torch.dtype] = {}  # the caller's own tensors (an in-memory model): never spilled or
         # counted; read in the dtype given here
-        self._spill: _SpillFolder | None = None
+        self._spill: SpillFolder | None = None
         self.stats = {"reads": 0, "bytes_read": 0, "spilled_tensors": 0, "spilled_bytes": 0,
                       "peak_memory_bytes": 0}  # the most the overlay held: just after a set, before spilling
 
@@ -212,6 +198,10 @@ class WeightStore:
     def placeholder(self, name: str) -> torch.Tensor:
         return placeholder(*self.spec(name))
 
+    def in_memory(self, name: str) -> bool:
+        """Whether `name` is held in memory (the overlay or the caller's own tensor), not read from a file."""
+        return name in self._memory
+
     def names(self) -> list[str]:
         return list(self._files) + [n for n in self._memory if n not in self._files]
 
@@ -244,20 +234,14 @@ class WeightStore:
 
     # -- internals ---------------------------------------------------------------------------------
     def _read(self, entry: FileEntry, name: str) -> torch.Tensor:
-        from safetensors import SafetensorError, safe_open
-
         try:
-            with safe_open(entry.path, framework="pt") as f:
-                tensor = f.get_tensor(entry.key)
-        except (SafetensorError, OSError) as err:
-            raise ArtifactError(f"could not read weight '{name}' from {entry.path}: {err}; the file is missing or "
+            tensor = read_tensor(entry.path, entry.key)  # 64-byte aligned, as the in-memory program's tensors are
+        except (OSError, KeyError, ValueError, struct.error) as err:
+            raise ArtifactError(f"could not read weight '{name}' from {entry.path}: {err!r}; the file is missing or "
                                 "corrupt: restore it, or load the model again") from err
         self.stats["reads"] += 1
         self.stats["bytes_read"] += nbytes(tensor)
-        tensor = tensor.to(entry.dtype) if tensor.dtype != entry.dtype else tensor
-        # safetensors may hand back a buffer at any 8-byte offset; CPU GEMMs round differently on unaligned
-        # data (float64 logits moved), so an aligned copy keeps a stored program's bits those of the in-memory one
-        return tensor.clone() if tensor.data_ptr() % 64 else tensor
+        return tensor.to(entry.dtype) if tensor.dtype != entry.dtype else tensor
 
     def _evict(self) -> None:
         """Write the overlay's oldest tensors to one spill file until what stays fits the budget."""
@@ -277,21 +261,17 @@ class WeightStore:
         self._write_spill(chosen)
 
     def _write_spill(self, tensors: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
-
         if not tensors:
             return
         if self._spill is None:
-            self._spill = _SpillFolder(self.spill_dir)
-        path = self._spill.new_file()
-        keys = {name: f"t{i}" for i, name in enumerate(tensors)}
+            self._spill = SpillFolder(self.spill_dir)
         try:
-            save_file({keys[n]: t for n, t in tensors.items()}, str(path))
+            path, refs = self._spill.write(tensors)
         except OSError as err:
-            raise FxpressError(f"could not spill weights to {path}: {err}; free disk space there or pass a larger "
-                               "max_memory (or spill_dir= elsewhere)") from err
+            raise FxpressError(f"could not spill weights under {self._spill.folder}: {err}; free disk space there or "
+                               "pass a larger max_memory (or spill_dir= elsewhere)") from err
         for name, tensor in tensors.items():
-            self._files[name] = FileEntry(str(path), keys[name], tensor.dtype, tuple(tensor.shape))
+            self._files[name] = FileEntry(path, refs[name].key, tensor.dtype, tuple(tensor.shape))
             del self._memory[name]
             self.stats["spilled_tensors"] += 1
             self.stats["spilled_bytes"] += nbytes(tensor)

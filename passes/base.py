@@ -59,6 +59,9 @@ class Pass(ABC):
     establishes: ClassVar[frozenset[str]] = frozenset()
     invalidates: ClassVar[frozenset[str]] = frozenset()
     tolerance: ClassVar[float] = 1e-4
+    # optional modules the rewritten program runs with: a memory budget loads them before it measures what
+    # the process holds (TVM's libraries are ~170 MB)
+    runtime_modules: ClassVar[tuple[str, ...]] = ()
 
     def validate(self) -> None:  # noqa: B027  (an optional hook: a pass without field rules keeps it)
         """Raise ConfigError for a bad field value. Called before any pass runs."""

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from fxpress.calibration import validate_calibration
 from fxpress.checks import check_finite, graph_tensors
 from fxpress.errors import ConfigError, FxpressError, PassError, PassOrderError
+from fxpress.heap import trim_heap
 from fxpress.passes.base import FACTS, PASS_REGISTRY, UNCOMPRESSED, Pass, PassResult
 
 if TYPE_CHECKING:
@@ -108,6 +109,8 @@ def run_passes(program: Program, passes: Sequence[Pass], verify: bool = True, pr
         if verify and p.preserves_function:
             reference = latest if latest is not None else program.reference_logits()
         result = _run_one(program, p, ran_before)
+        if program.weights is not None:  # under a memory budget: the next stage starts from what is really held
+            trim_heap()
         latest = _check_after(program, p, result, reference, ran_before, verify)
         if not result.modified:
             _warn_nothing_done(result)

@@ -307,3 +307,16 @@ def test_asymmetric_activations_use_a_zero_point_and_all_levels(tiny_llama):
     assert min(len(torch.unique(r)) for r in asym) == 8 and max(len(torch.unique(r)) for r in sym) <= 5
     assert float((asym - x).abs().max()) <= 4 / 7 / 2 + 1e-6
     assert float((asym - x).norm()) < 0.7 * float((sym - x).norm())
+
+
+def test_gptq_leaves_the_callers_hessian_as_it_is():
+    """A group's linears share one float64 Hessian: GPTQ factorises float32 copies and never writes it."""
+    from fxpress.passes.quantize.gptq import WeightSpec, gptq
+
+    x = torch.randn(256, 48)
+    x[:, 5] = 0  # a dead column
+    h = (x.T @ x).double() * (2 / 256)
+    kept = h.clone()
+    for act_order in (False, True):
+        q = gptq(torch.randn(16, 48), h, WeightSpec(4, 16, False, True), act_order=act_order)
+        assert torch.equal(h, kept) and tuple(q.codes.shape) == (16, 48) and (q.dequantize()[:, 5] == 0).all()

@@ -146,3 +146,33 @@ def test_torchrun_two_ranks_write_what_one_process_writes(small_checkpoint, tmp_
     assert two.stdout.count("fxpress compile report") == 1 and two.stdout.count(f"fxpress compile {small_checkpoint}") == 1
     a, b = _codes(tmp_path / "one" / "program"), _codes(tmp_path / "two" / "program")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _packed(program) -> dict[str, torch.Tensor]:
+    """The integer tensors (packed codes) of a compiled program, by attribute name."""
+    from fxpress import graph as G
+
+    return {str(n.target): value for n in program.graph.nodes if n.op == "get_attr"
+            if not (value := G.get_param(program.module, str(n.target))).is_floating_point()}
+
+
+def test_smollm2_streamed_from_its_checkpoint_equals_the_in_memory_compile(smollm2, calib_windows, eval_windows):
+    """SmolLM2 compiled from its checkpoint directory under a budget that makes the overlay spill (weights read
+    on demand, GPTQ on the block-wise engine) gives the packed codes and logits of the in-memory compile."""
+    from fxpress.budget import resident_bytes
+    from fxpress.models import resolve_model_path
+    from fxpress.passes import FoldHadamard, Quantize, Rotate
+    from fxpress.passes.quantize import WeightQuant
+
+    def passes():
+        return [Rotate(), FoldHadamard(), Quantize(weights=WeightQuant(bits=4, method="gptq", group_size=128))]
+
+    calibration = calib_windows[:4, :64]
+    memory = fxpress.compile(smollm2[0], passes=passes(), calibration=calibration, dtype="float32", progress=False)
+    streamed = fxpress.compile(resolve_model_path("smollm2"), passes=passes(), calibration=calibration,
+                               dtype="float32", max_memory=resident_bytes() + 800 * 2**20, progress=False)
+    assert streamed.program.weights.stats["spilled_tensors"] > 0  # the overlay spilled: the budget bound
+    ours, theirs = _packed(memory.program), _packed(streamed.program)
+    assert ours.keys() == theirs.keys() and len(ours) >= 7 * 30  # every linear of 30 blocks
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    torch.testing.assert_close(streamed(eval_windows[:2]), memory(eval_windows[:2]), rtol=0, atol=0)

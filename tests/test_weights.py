@@ -125,3 +125,46 @@ def test_moe_checkpoint_with_experts_saved_one_by_one(family, tmp_path):
     reference = capture_module.capture(type(model).from_pretrained(tmp_path, dtype=torch.float32).eval())(ids)
     program = capture_module.capture_stored(str(tmp_path), dtype=torch.float32, budget=10_000)
     torch.testing.assert_close(program(ids), reference, rtol=0, atol=0)
+
+
+def test_tensorfile_round_trip_is_aligned_and_readable_by_safetensors(tmp_path):
+    """fxpress.tensorfile writes ordinary safetensors files tensor by tensor and reads a tensor into a buffer at
+    the address modulo 64 asked for, bit-identical."""
+    from safetensors.torch import load_file
+
+    from fxpress.tensorfile import read_tensor, write_tensors
+
+    tensors = {"w": torch.randn(33, 7), "h": torch.randn(5).to(torch.bfloat16), "codes": torch.arange(9, dtype=torch.uint8),
+               "flag": torch.tensor(True), "empty": torch.zeros(0, 4)}
+    reads: list[str] = []
+    write_tensors(tmp_path / "t.safetensors", {k: (t.shape, t.dtype) for k, t in tensors.items()},
+                  lambda key: reads.append(key) or tensors[key])
+    assert reads == list(tensors)  # each read once, in order, just before it is written
+    theirs = load_file(tmp_path / "t.safetensors")
+    for key, tensor in tensors.items():
+        assert torch.equal(theirs[key], tensor)
+        for align in (0, 4 if tensor.element_size() <= 4 else 8, 32):
+            ours = read_tensor(tmp_path / "t.safetensors", key, align)
+            assert torch.equal(ours, tensor) and ours.dtype == tensor.dtype
+            if ours.numel():
+                assert ours.data_ptr() % 64 == align
+    with pytest.raises(ValueError, match="not the"):
+        write_tensors(tmp_path / "bad.safetensors", {"w": ((3,), torch.float32)}, lambda key: torch.zeros(4))
+
+
+def test_rotate_rewrites_large_weights_in_slices_with_the_same_bits(monkeypatch):
+    """A weight rewritten a float64 slice at a time (in place or not) equals the whole-tensor rewrite."""
+    from fxpress.runtime.hadamard import Rotation, random_hadamard_rotation
+
+    rotate = importlib.import_module("fxpress.passes.rotate.rotate")
+    weight = torch.randn(300, 64)
+    dense = Rotation(64, matrix=torch.linalg.qr(torch.randn(64, 64, dtype=torch.float64))[0])
+    for q in (random_hadamard_rotation(64), dense):
+        transforms = [rotate._scale_axis(1, torch.rand(64, dtype=torch.float64) + 0.5), rotate._rotate_axis(q, 1)]
+        with monkeypatch.context() as patch:
+            patch.setattr(rotate, "REWRITE_SLICE_BYTES", 2**30)
+            whole = rotate.rewrite(weight, transforms)
+            patch.setattr(rotate, "REWRITE_SLICE_BYTES", 64 * 8 * 7)  # 7 rows a slice
+            assert torch.equal(rotate.rewrite(weight, transforms), whole)
+            own = weight.clone()
+            assert rotate.rewrite(own, transforms, in_place=True) is own and torch.equal(own, whole)

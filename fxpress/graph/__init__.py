@@ -21,6 +21,7 @@ from fxpress.graph.editing import (
     insert_after,
     insert_before_use,
     is_stored,
+    read_is_private,
     replace_with_call,
     set_param,
     store_tensor,
@@ -60,5 +61,5 @@ __all__ = [
     "final_readers", "find_embeddings", "find_norms", "flat_nodes", "get_param", "insert_after", "insert_before_use",
     "is_cast", "is_op", "is_stored", "last_dim", "linear_use", "linear_uses", "linears_behind", "moe_at", "moe_blocks", "ndim",
     "norm_consumers", "norm_readers", "op_name", "param_source", "position", "replace_with_call", "reset_order_cache",
-    "residual_stream", "set_param", "shape", "store_tensor", "subgraph_function", "tensor_users", "untie", "val",
+    "read_is_private", "residual_stream", "set_param", "shape", "store_tensor", "subgraph_function", "tensor_users", "untie", "val",
 ]

@@ -34,6 +34,13 @@ def is_stored(gm: torch.nn.Module, target: str) -> bool:
     return is_placeholder(getattr(owner, name, None))
 
 
+def read_is_private(gm: torch.nn.Module, target: str) -> bool:
+    """Whether `get_param(gm, target)` hands back a tensor nothing else holds (a stored weight read from disk, not
+    the overlay's, which clones of the store share): a pass that replaces the weight may then overwrite it."""
+    store = weight_store(gm)
+    return is_stored(gm, target) and store is not None and not store.in_memory(target)
+
+
 def store_tensor(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
     """Put `value` (as is, any dtype) behind the attribute `target`, keeping its kind: parameter, buffer or plain.
 

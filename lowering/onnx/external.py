@@ -69,6 +69,20 @@ def optimize_streamed(model: Any) -> None:
     onnxscript.rewriter.onnx_fusions.fuse(model)
 
 
+_NUMPY_LAYOUT = frozenset({"FLOAT", "DOUBLE", "FLOAT16", "BFLOAT16", "INT8", "UINT8", "INT16", "UINT16", "INT32",
+                           "UINT32", "INT64", "UINT64", "BOOL"})  # dtypes whose bytes are their numpy array's bytes
+
+
+def _raw_bytes(tensor: Any) -> Any:
+    """The bytes of an onnx_ir tensor: a view of its numpy array where that is its layout (no copy of a vocabulary
+    table), else `tobytes()` (packed 4-bit types)."""
+    import numpy as np
+
+    if tensor.dtype.name in _NUMPY_LAYOUT:
+        return memoryview(np.ascontiguousarray(tensor.numpy()).reshape(-1).view(np.uint8))
+    return tensor.tobytes()
+
+
 class ExternalData:
     """One external data file, filled tensor by tensor; `digests` holds the SHA-256 of each tensor written."""
 
@@ -84,7 +98,7 @@ class ExternalData:
 
         if tensor.nbytes < INLINE_BYTES:
             return tensor
-        data = tensor.tobytes()
+        data = _raw_bytes(tensor)
         offset = -(-self.file.tell() // ALIGNMENT) * ALIGNMENT
         self.file.seek(offset)
         self.file.write(data)

@@ -97,6 +97,7 @@ class FoldHadamard(Pass):
     requires: ClassVar[frozenset[str]] = UNCOMPRESSED
     invalidates: ClassVar[frozenset[str]] = frozenset({HADAMARD_FREE})
     tolerance: ClassVar[float] = 1e-4
+    runtime_modules: ClassVar[tuple[str, ...]] = ("tvm",)  # the online Hadamards' generated kernel
 
     r4: bool = True
     r3: bool = True

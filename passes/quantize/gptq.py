@@ -175,14 +175,27 @@ def _check_finite(name: str, weight: torch.Tensor, h: torch.Tensor) -> None:
 
 def _inverse_cholesky(h: torch.Tensor, name: str, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of H^-1 (float32, as the reference GPTQ); a failure suggests a larger damp."""
-    try:
-        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    try:  # each intermediate freed as soon as the next exists: two K x K float32 matrices at a time
+        lower = torch.linalg.cholesky(h)
+        del h
+        inverse = torch.cholesky_inverse(lower)
+        del lower
+        return torch.linalg.cholesky(inverse, upper=True)
     except RuntimeError as err:  # torch.linalg.LinAlgError: not positive definite
         larger = min(1.0, damp * 10) if damp > 0 else 0.01
         raise ConfigError(
             f"GPTQ on {name}: the dampened Hessian is not positive definite ({type(err).__name__}), so Cholesky "
             f"failed: raise quantize.weights.damp (now {damp}, e.g. {larger}) or calibrate on more samples"
         ) from err
+
+
+def _dampened(h: torch.Tensor, diagonal: torch.Tensor, perm: torch.Tensor, damp: float) -> torch.Tensor:
+    """float32 H[perm][:, perm] + damp * mean(diag) I, the diagonal added in float64 and rounded once, and the
+    caller's float64 H left as it is: float32 copies only (a float64 copy of a 14k-wide Hessian is 1.5 GB, and
+    memory budgets count each one)."""
+    h32 = h.detach().float().index_select(0, perm).index_select(1, perm)
+    h32.diagonal().copy_(diagonal + damp * diagonal.mean())
+    return h32
 
 
 @torch.no_grad()
@@ -206,9 +219,9 @@ def gptq(
     _check_finite(name, weight, h)
     w = weight.detach().float().clone()
     n, k = w.shape
-    h = h.detach().to(torch.float64).clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
+    diagonal = torch.diagonal(h.detach()).to(torch.float64).clone()
+    dead = diagonal == 0
+    diagonal[dead] = 1.0
     w[:, dead] = 0.0
     gsize = spec.block_size(k)
     static = act_order or gsize >= k
@@ -218,12 +231,9 @@ def gptq(
         blocks = -(-k // gsize)
         scales = torch.zeros(n, blocks, device=w.device)
         zeros = torch.zeros(n, blocks, device=w.device)
-    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(k, device=w.device)
+    perm = torch.argsort(diagonal, descending=True) if act_order else torch.arange(k, device=w.device)
     w = w[:, perm]
-    h = h[perm][:, perm]
-    h += damp * torch.diagonal(h).mean() * torch.eye(k, dtype=h.dtype, device=h.device)
-    h = h.float()  # float32 factorisations, as the reference GPTQ: dampening keeps them well conditioned
-    hinv = _inverse_cholesky(h, name, damp)
+    hinv = _inverse_cholesky(_dampened(h, diagonal[perm], perm, damp), name, damp)
     order = perm.tolist()
     codes = torch.zeros(n, k, device=w.device)
     for i1 in range(0, k, block):

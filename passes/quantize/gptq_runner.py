@@ -58,7 +58,7 @@ def chunk_hessian(inputs: ChunkInputs, width: int, device: torch.device) -> tupl
     rows = 0
     for args, _ in inputs:
         x = args[0].detach().reshape(-1, width).float()
-        total += (x.T @ x).to(torch.float64)
+        total.add_(x.T @ x)  # promoted to float64 element by element: no float64 copy of the product
         rows += x.shape[0]
     distributed.all_reduce_sum(total)
     count = int(distributed.all_reduce_sum(torch.tensor([rows], dtype=torch.int64)).item())

@@ -23,6 +23,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from fxpress import graph as G
+from fxpress.budget import REWRITE_SLICE_BYTES
 from fxpress.errors import ConfigError
 from fxpress.passes.base import ROTATED, UNCOMPRESSED, Pass, check_choice, check_range, register_pass
 from fxpress.program import Program
@@ -251,15 +252,23 @@ def check_rotatable(stream: G.ResidualStream) -> None:
             )
 
 
-Transform = Callable[[torch.Tensor], torch.Tensor]
+@dataclass(frozen=True)
+class Transform:
+    """A float64 rewrite along one axis of a weight (a fold scale or a rotation): the other axes are
+    independent, so a weight can be rewritten a slice at a time along any of them."""
+
+    axis: int
+    fn: Callable[[torch.Tensor], torch.Tensor]
 
 
 class WeightPlan:
-    """Float64 rewrites of parameters, recorded per weight and applied one weight at a time.
+    """Float64 rewrites of parameters, recorded per weight and applied one weight at a time, a slice at a time.
 
     Why: holding a working copy of every touched weight until the end costs twice the fp32 model. Here each
     weight is read, put through its transforms in the order they were recorded (fold, R1, R2), rounded once
-    and written back (to the store, which spills), then released: the same bits, one tensor in memory.
+    and written back (to the store, which spills), then released: the same bits, one tensor in memory. A weight
+    whose transforms all act on one axis is rewritten in slices along another axis, so the float64 working copy
+    of a vocabulary table never exists (it would be twice the table).
     """
 
     def __init__(self, gm: GraphModule):
@@ -275,20 +284,40 @@ class WeightPlan:
         count = len(self.steps)
         while self.steps:
             node, transforms = self.steps.pop(next(iter(self.steps)))  # released once written
-            value = G.get_param(self.gm, node).detach().to(torch.float64)
-            for transform in transforms:
-                value = transform(value)
-            G.set_param(self.gm, node, value)
-            del value
+            value = G.get_param(self.gm, node).detach()
+            G.set_param(self.gm, node, rewrite(value, transforms, G.read_is_private(self.gm, str(node.target))))
         return count
 
 
+def rewrite(value: torch.Tensor, transforms: list[Transform], in_place: bool = False) -> torch.Tensor:
+    """`value` put through `transforms` in float64 and rounded once to its dtype, in slices along an axis no
+    transform touches (each slice's rows go through the same float64 arithmetic as the whole would); `in_place`:
+    the slices are written back into `value` (a tensor the caller owns), so no second copy of it exists."""
+    touched = {t.axis % value.ndim for t in transforms}
+    free = [a for a in range(value.ndim) if a not in touched]
+    if not free or value.numel() * 8 <= REWRITE_SLICE_BYTES:
+        return _through(value.to(torch.float64), transforms).to(value.dtype)
+    axis = max(free, key=lambda a: value.shape[a])
+    step = max(1, REWRITE_SLICE_BYTES // (8 * value.numel() // value.shape[axis]))
+    out = value if in_place else torch.empty_like(value)
+    for start in range(0, value.shape[axis], step):
+        piece = value.narrow(axis, start, min(step, value.shape[axis] - start)).to(torch.float64)
+        out.narrow(axis, start, piece.shape[axis]).copy_(_through(piece, transforms))
+    return out
+
+
+def _through(value: torch.Tensor, transforms: list[Transform]) -> torch.Tensor:
+    for transform in transforms:
+        value = transform.fn(value)
+    return value
+
+
 def _scale_axis(axis: int, scale: torch.Tensor) -> Transform:
-    return lambda w: (w.movedim(axis, -1) * scale).movedim(-1, axis)
+    return Transform(axis, lambda w: (w.movedim(axis, -1) * scale).movedim(-1, axis))
 
 
 def _rotate_axis(rotation: Rotation, axis: int = -1) -> Transform:
-    return lambda w: rotation.apply(w, axis)
+    return Transform(axis, lambda w: rotation.apply(w, axis))
 
 
 def _rotate_heads_axis(rotation: Rotation, axis: int, head_dim: int) -> Transform:
@@ -297,7 +326,7 @@ def _rotate_heads_axis(rotation: Rotation, axis: int, head_dim: int) -> Transfor
         moved = w.movedim(axis, -1)
         shape = moved.shape
         return rotation.apply(moved.reshape(*shape[:-1], -1, head_dim)).reshape(shape).movedim(-1, axis)
-    return transform
+    return Transform(axis, transform)
 
 
 def fold_norm_scales(gm: GraphModule, stream: G.ResidualStream, weights: WeightPlan) -> int:
