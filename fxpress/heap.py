@@ -6,11 +6,13 @@ its resident memory grows by what it once held. Elsewhere than glibc these do no
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 
 
+@cache  # find_library runs ldconfig: once per process, not at every pass and engine run
 def _libc() -> Any:
     import ctypes
     import ctypes.util

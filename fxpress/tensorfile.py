@@ -79,5 +79,3 @@ def read_tensor(path: str | os.PathLike, key: str, align: int = 0) -> torch.Tens
         if f.readinto(memoryview(data.numpy())) != last - first:
             raise ValueError(f"tensor '{key}' ends past the end of the file: the file is truncated")
     return data.view(dtype).view(entry["shape"])
-
-
