@@ -7,7 +7,7 @@ with the PyTorch program. Checkpoints are random-init bf16 shards written once (
 
     python benchmarks/bench_scale.py --quick                     # a minute-long smoke run (tiny model, RTN)
     python benchmarks/bench_scale.py --sizes 281m,0.5b --method rtn
-    python benchmarks/bench_scale.py --only sizes,cli,moe,w4a4,streamed,torchrun   # everything (hours)
+    python benchmarks/bench_scale.py --only sizes,cli,moe,moe-experts,w4a4,streamed,torchrun   # everything (hours)
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 PROMPT = "def fibonacci(n):\n    "
-PARTS = ("sizes", "cli", "moe", "w4a4", "streamed", "torchrun")
+PARTS = ("sizes", "cli", "moe", "moe-experts", "w4a4", "streamed", "torchrun")
 
 
 def _calibration(vocab: int, seq_len: int, samples: int):
@@ -41,15 +41,19 @@ def _calibration(vocab: int, seq_len: int, samples: int):
 
 
 def _passes(job: dict[str, Any]) -> list:
-    from fxpress.passes import FoldHadamard, Quantize, Rotate
+    from fxpress.passes import FoldHadamard, Precision, Quantize, QuantizeExperts, Rotate
     from fxpress.passes.quantize import ActQuant, KVQuant, WeightQuant
+    from fxpress.passes.quantize_experts.config import ExpertAnalysis, ExpertWeights
 
     weights = WeightQuant(bits=4, method=job["method"], group_size=128)
-    if job.get("w4a4kv4"):
+    if job.get("w4a4kv4"):  # float64 activations: ORT and PyTorch then compute the same 4-bit codes (Precision's doc)
         return [Rotate(), FoldHadamard(), Quantize(weights=weights, activations=ActQuant(bits=4, clip_search=True),
-                                                   kv_cache=KVQuant(bits=4))]
-    extra = ["quantize_experts"] if job.get("moe") else []
-    return [Rotate(), FoldHadamard(), *extra, Quantize(weights=weights)]
+                                                   kv_cache=KVQuant(bits=4)), Precision()]
+    # quantize_experts' default Fisher analysis back-propagates through the whole model (refused over budget);
+    # its output-error analysis runs block by block
+    experts = ([QuantizeExperts(analysis=ExpertAnalysis(sensitivity="output"), weights=ExpertWeights(method=job["method"]))]
+               if job.get("quantize_experts") else [])
+    return [Rotate(), FoldHadamard(), *experts, Quantize(weights=weights)]
 
 
 def child(job: dict[str, Any]) -> dict[str, Any]:
@@ -58,6 +62,7 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
 
     import fxpress
     from fxpress.runtime.generate import generate
+    from fxpress.runtime.runners import OnnxRunner
 
     torch.manual_seed(0)
     config = json.loads((Path(job["model"]) / "config.json").read_text())
@@ -76,7 +81,9 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     times["export onnx"] = time.perf_counter() - start
     start = time.perf_counter()
     ours = generate(cm, prompt, max_new_tokens=job["tokens"])
-    theirs = generate(str(path), prompt, max_new_tokens=job["tokens"])
+    # A float64 program's ONNX dequantizes its 4-bit weights in float64; ORT's constant folding would make them
+    # dense float64 initializers (8 bytes per parameter), so that session runs unoptimised.
+    theirs = generate(OnnxRunner(path, optimize=not job.get("w4a4kv4")), prompt, max_new_tokens=job["tokens"])
     times["generate (torch + ort)"] = time.perf_counter() - start
     return {**result, "greedy_equal": bool(torch.equal(ours, theirs))}
 
@@ -131,10 +138,26 @@ def run_child(argv: list[str], env: dict[str, str] | None = None) -> tuple[int, 
         return proc.returncode, time.perf_counter() - start, usage.ru_maxrss * 1024, out.read(), (lines or [""])[-1]
 
 
-def _job(name: str, args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+SMOLLM2_PARAMETERS = 134_515_008
+
+
+def _checkpoint(name: str) -> str:
+    """A size's checkpoint directory: SmolLM2-135M's (converted from its GGUF, fp32) or a random-init one."""
     from scale_models import write_checkpoint
 
-    model = str(write_checkpoint(name))
+    from fxpress.models import resolve_model_path
+
+    return resolve_model_path(name) if name == "smollm2" else str(write_checkpoint(name))
+
+
+def _parameters(name: str) -> int:
+    from scale_models import parameter_count
+
+    return SMOLLM2_PARAMETERS if name == "smollm2" else parameter_count(name)
+
+
+def _job(name: str, args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+    model = _checkpoint(name)
     return {"model": model, "method": args.method, "max_memory": args.max_memory, "seq_len": args.seq_len,
             "samples": args.samples, "tokens": args.tokens, "no_export": args.no_export, "out": tempfile.mkdtemp(prefix="bench-scale-"), **extra}
 
@@ -150,14 +173,12 @@ def _row(label: str, params: int, job: dict[str, Any]) -> dict[str, Any]:
 
 def _cli_row(args: argparse.Namespace) -> dict[str, Any]:
     """The 281M checkpoint through `python -m fxpress compile --max-memory 1GiB --export onnx` (target <= 1.25 GiB)."""
-    from scale_models import parameter_count, write_checkpoint
-
-    model, out = write_checkpoint("281m"), tempfile.mkdtemp(prefix="bench-scale-cli-")
+    model, out = _checkpoint("281m"), tempfile.mkdtemp(prefix="bench-scale-cli-")
     argv = [sys.executable, "-m", "fxpress", "compile", "--model", str(model), "--max-memory", "1GiB",
             "--passes", "rotate,fold_hadamard,quantize", "--set", "quantize.weights.method=gptq",
             "--seq-len", str(args.seq_len), "--calib-samples", str(args.samples), "--export", "onnx", "--out", out]
     code, wall, peak, _, error = run_child(argv)
-    return {"model": "281m (CLI)", "params": parameter_count("281m"), "budget": "1GiB", "ok": code == 0, "wall": wall,
+    return {"model": "281m (CLI)", "params": _parameters("281m"), "budget": "1GiB", "ok": code == 0, "wall": wall,
             "peak": peak, **({} if code == 0 else {"error": error})}
 
 
@@ -177,7 +198,7 @@ def _torchrun_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         code, wall, peak, _, error = run_child([*launcher, *compile_args, "--out", out], env)
         program = Path(out) / "program"
         saved.append({k: v for f in program.glob("*.safetensors") for k, v in load_file(f).items()} if code == 0 else {})
-        rows.append({"model": f"SmolLM2 {label}", "params": 134_515_008, "budget": "-", "ok": code == 0, "wall": wall,
+        rows.append({"model": f"SmolLM2 {label}", "params": SMOLLM2_PARAMETERS, "budget": "-", "ok": code == 0, "wall": wall,
                      "peak": peak, **({} if code == 0 else {"error": error})})
     a, b = saved
     rows[-1]["greedy_equal"] = f"codes equal: {a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)}"
@@ -197,7 +218,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--sizes", default="281m,0.5b,1.5b,2.5b")
+    parser.add_argument("--sizes", default="smollm2,281m,0.5b,1.5b,2.5b", help="smollm2 or random-init sizes of scale_models.py")
     parser.add_argument("--only", default="sizes,cli", help=f"parts to run, of {','.join(PARTS)}")
     parser.add_argument("--method", default="gptq", choices=("rtn", "gptq"))
     parser.add_argument("--max-memory", default="4GiB")
@@ -213,21 +234,22 @@ def main() -> None:
         return
     if args.quick:
         args.sizes, args.only, args.method, args.seq_len, args.samples, args.max_memory = "tiny", "sizes", "rtn", 64, 4, "2GiB"
-    from scale_models import parameter_count
-
     parts = set(args.only.split(","))
     rows = []
     if "sizes" in parts:
-        rows += [_row(name, parameter_count(name), _job(name, args)) for name in args.sizes.split(",")]
+        rows += [_row(name, _parameters(name), _job(name, args)) for name in args.sizes.split(",")]
     if "cli" in parts:
         rows.append(_cli_row(args))
     if "moe" in parts:
-        rows.append(_row("moe-1.2b", parameter_count("moe-1.2b"), _job("moe-1.2b", args, moe=True)))
+        rows.append(_row("moe-1.2b", _parameters("moe-1.2b"), _job("moe-1.2b", args)))
+    if "moe-experts" in parts:
+        rows.append(_row("moe-1.2b + quantize_experts", _parameters("moe-1.2b"),
+                         _job("moe-1.2b", args, quantize_experts=True)))
     if "w4a4" in parts:
-        rows.append(_row("0.5b W4A4KV4", parameter_count("0.5b"), _job("0.5b", args, w4a4kv4=True)))
+        rows.append(_row("0.5b W4A4KV4", _parameters("0.5b"), _job("0.5b", args, w4a4kv4=True)))
     if "streamed" in parts:
         job = {**_job("tiny", args, streamed=True), "model": "smollm2"}
-        rows.append(_row("SmolLM2-135M streamed vs in memory", 134_515_008, job))
+        rows.append(_row("SmolLM2-135M streamed vs in memory", SMOLLM2_PARAMETERS, job))
     if "torchrun" in parts:
         rows += _torchrun_rows(args)
     from fxpress.budget import peak_resident_bytes

@@ -34,6 +34,8 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
                              "num_attention_heads": 32}),
     "2.5b": ("LlamaConfig", {**_LLAMA, "hidden_size": 2560, "intermediate_size": 6912, "num_hidden_layers": 34,
                              "num_attention_heads": 40}),
+    "3b": ("LlamaConfig", {**_LLAMA, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 30,
+                           "num_attention_heads": 48}),
     "moe-1.2b": ("MixtralConfig", {**_LLAMA, "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 16,
                                    "num_attention_heads": 16, "num_local_experts": 8, "num_experts_per_tok": 2}),
 }

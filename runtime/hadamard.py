@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -304,6 +305,19 @@ HADAMARD = define_op(
     "Orthogonal Hadamard transform of the last dim n = K*2^m: y = x @ (base ⊗ H_{2^m}/sqrt(2^m)), base K x K "
     "orthogonal (a normalised Hadamard, or a fallback). Butterfly, O(n log n + nK).",
 )
+
+
+def _keep_base(ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor], output: torch.Tensor) -> None:
+    ctx.base = inputs[1]
+
+
+def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    """dL/dx = dL/dy @ Q^T, and Q^T = base^T ⊗ H_M / sqrt(M) (Sylvester H_M is symmetric): the same op on base^T.
+    Gradients reach through online Hadamards (e.g. the Fisher sensitivities of quantize_experts)."""
+    return torch.ops.fxpress.hadamard(grad.contiguous(), ctx.base.T.contiguous()), None
+
+
+torch.library.register_autograd("fxpress::hadamard", _backward, setup_context=_keep_base)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -87,6 +87,17 @@ def test_op_runs_in_half_precision_and_rejects_bad_sizes():
         H.plan(0)
 
 
+def test_gradient_flows_through_the_op_as_its_transpose():
+    """Backward is the transform by Q^T (a non-symmetric orthogonal base too): gradcheck in float64."""
+    base = H.random_orthogonal(12, torch.Generator().manual_seed(0))
+    x = torch.randn(3, 48, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: torch.ops.fxpress.hadamard(t, base), (x,))
+    dense = H.hadamard_transform(torch.eye(48, dtype=torch.float64), base)
+    grad = torch.randn(3, 48, dtype=torch.float64)
+    (torch.ops.fxpress.hadamard(x, base) * grad).sum().backward()
+    torch.testing.assert_close(x.grad, grad @ dense.T)
+
+
 def test_op_exports_again_with_a_dynamic_batch():
     base = H.base_matrix(H.plan(576)).float()
 

@@ -9,7 +9,7 @@ import torch.fx
 from torch.fx import GraphModule, Node
 
 from fxpress.graph.nodes import GraphPatternError, ancestors, val
-from fxpress.weights import attach_store, is_placeholder, placeholder, require_store, weight_store
+from fxpress.weights import is_placeholder, placeholder, require_store, weight_store
 
 
 def _resolve(gm: torch.nn.Module, target: str) -> tuple[torch.nn.Module, str]:
@@ -155,6 +155,8 @@ def insert_before_use(gm: GraphModule, user: Node, arg: Node, target: Any, extra
 def subgraph_function(gm: GraphModule, inputs: list[Node], output: Node) -> GraphModule:
     """A GraphModule computing `output` from `inputs` (e.g. an expert's activation between its matmuls).
 
+    The piece holds its own tensors: a store-backed module's stored ones it reads are read into it, so it runs
+    as `piece(*xs)` (its generated code reads attributes, not the store). Meant for small pieces.
     Raises GraphPatternError if `output` depends on anything other than `inputs` and parameters.
     """
     graph = torch.fx.Graph()
@@ -170,7 +172,7 @@ def subgraph_function(gm: GraphModule, inputs: list[Node], output: Node) -> Grap
         env[node] = graph.node_copy(node, lambda n: env[n])
     graph.output(env[output])
     sub = GraphModule(gm, graph)
-    store = weight_store(gm)
-    if store is not None:  # the piece reads the same stored weights
-        attach_store(sub, store)
+    for node in graph.nodes:
+        if node.op == "get_attr" and is_stored(sub, str(node.target)):
+            store_tensor(sub, str(node.target), get_param(gm, node))
     return sub
