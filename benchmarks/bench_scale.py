@@ -43,7 +43,7 @@ def _calibration(vocab: int, seq_len: int, samples: int):
 def _passes(job: dict[str, Any]) -> list:
     from fxpress.passes import FoldHadamard, Precision, Quantize, QuantizeExperts, Rotate
     from fxpress.passes.quantize import ActQuant, KVQuant, WeightQuant
-    from fxpress.passes.quantize_experts.config import ExpertAnalysis, ExpertWeights
+    from fxpress.passes.quantize_experts.config import ExpertAnalysis, ExpertBudget, ExpertWeights
 
     weights = WeightQuant(bits=4, method=job["method"], group_size=128)
     if job.get("w4a4kv4"):  # float64 activations: ORT and PyTorch then compute the same 4-bit codes (Precision's doc)
@@ -51,8 +51,16 @@ def _passes(job: dict[str, Any]) -> list:
                                                    kv_cache=KVQuant(bits=4)), Precision()]
     # quantize_experts' default Fisher analysis back-propagates through the whole model (refused over budget);
     # its output-error analysis runs block by block
-    experts = ([QuantizeExperts(analysis=ExpertAnalysis(sensitivity="output"), weights=ExpertWeights(method=job["method"]))]
-               if job.get("quantize_experts") else [])
+    # Quantize leaves fused [E, out, in] expert weights to quantize_experts: uniform W4 here (the Llama rows'
+    # recipe), or its mixed-precision allocation; its default Fisher analysis back-propagates through the whole
+    # model (refused over budget), its output-error analysis runs block by block
+    if job.get("experts") == "uniform":
+        budget = ExpertBudget(avg_bits=4, bit_choices=(4,), allocation="uniform")
+    else:
+        budget = ExpertBudget()
+    experts = ([QuantizeExperts(budget=budget, analysis=ExpertAnalysis(sensitivity="output"),
+                                weights=ExpertWeights(method=job["method"], group_size=128))]
+               if job.get("experts") else [])
     return [Rotate(), FoldHadamard(), *experts, Quantize(weights=weights)]
 
 
@@ -61,6 +69,7 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     import fxpress
+    from fxpress.budget import peak_resident_bytes
     from fxpress.runtime.generate import generate
     from fxpress.runtime.runners import OnnxRunner
 
@@ -71,8 +80,9 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     cm = fxpress.compile(job["model"], passes=_passes(job), calibration=calib, dtype="float32",
                          max_memory=job["max_memory"], progress=False)
     times = {"compile": time.perf_counter() - start}
+    compile_peak = peak_resident_bytes()  # the whole child's peak also counts ONNX Runtime holding the artifact
     times.update({f"pass {r.name}": r.seconds for r in cm.report})
-    result = {"times": times, "plan": cm.program.metadata.get("memory_plan")}
+    result = {"times": times, "plan": cm.program.metadata.get("memory_plan"), "compile_peak": compile_peak}
     if job.get("no_export"):
         return result
     out = Path(job["out"])
@@ -206,12 +216,13 @@ def _torchrun_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model | parameters | budget | ok | greedy ORT = torch | wall s | peak RSS GiB | stages (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | parameters | budget | ok | greedy ORT = torch | wall s | peak RSS GiB | compile peak GiB | stages (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        compile_peak = f"{r['compile_peak'] / 2**30:.2f}" if "compile_peak" in r else "-"
         stages = ", ".join(f"{k} {v:.1f}" for k, v in r.get("times", {}).items()) or r.get("error", "")[:160]
         lines.append(f"| {r['model']} | {r['params'] / 1e6:.0f}M | {r['budget']} | {r['ok']} | "
-                     f"{r.get('greedy_equal', '-')} | {r['wall']:.1f} | {r['peak'] / 2**30:.2f} | {stages} |")
+                     f"{r.get('greedy_equal', '-')} | {r['wall']:.1f} | {r['peak'] / 2**30:.2f} | {compile_peak} | {stages} |")
     return "\n".join(lines)
 
 
@@ -241,10 +252,10 @@ def main() -> None:
     if "cli" in parts:
         rows.append(_cli_row(args))
     if "moe" in parts:
-        rows.append(_row("moe-1.2b", _parameters("moe-1.2b"), _job("moe-1.2b", args)))
+        rows.append(_row("moe-1.2b W4", _parameters("moe-1.2b"), _job("moe-1.2b", args, experts="uniform")))
     if "moe-experts" in parts:
-        rows.append(_row("moe-1.2b + quantize_experts", _parameters("moe-1.2b"),
-                         _job("moe-1.2b", args, quantize_experts=True)))
+        rows.append(_row("moe-1.2b mixed 2-4 bit experts", _parameters("moe-1.2b"),
+                         _job("moe-1.2b", args, experts="mixed")))
     if "w4a4" in parts:
         rows.append(_row("0.5b W4A4KV4", _parameters("0.5b"), _job("0.5b", args, w4a4kv4=True)))
     if "streamed" in parts:

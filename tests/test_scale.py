@@ -181,7 +181,8 @@ def test_smollm2_streamed_from_its_checkpoint_equals_the_in_memory_compile(smoll
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 def test_a_moe_checkpoint_streamed_equals_the_in_memory_compile(family, tmp_path):
     """Rotate + FoldHadamard + QuantizeExperts + GPTQ on a MoE checkpoint read on demand gives the in-memory compile's
-    codes and logits (the expert analysis runs the experts' activation pieces, whose stored tensors it reads)."""
+    codes and logits (the expert analysis runs the experts' activation pieces, whose stored tensors it reads; the
+    candidate matrices of the measured plan selection go to disk)."""
     from transformers import AutoModelForCausalLM
 
     from fxpress.passes import FoldHadamard, Quantize, QuantizeExperts, Rotate
@@ -197,6 +198,8 @@ def test_a_moe_checkpoint_streamed_equals_the_in_memory_compile(family, tmp_path
     memory = fxpress.compile(model, passes=passes(), calibration=calibration, dtype="float32", progress=False)
     streamed = fxpress.compile(str(tmp_path), passes=passes(), calibration=calibration, dtype="float32",
                                max_memory="2GiB", progress=False)
+    spilled = {r.name: r.stats.get("candidates_spilled_bytes") for r in streamed.report}["quantize_experts"]
+    assert spilled > 0  # the plans' candidate matrices went to disk and came back for the rewrite
     ours, theirs = _packed(memory.program), _packed(streamed.program)
     assert ours.keys() == theirs.keys() and ours and all(torch.equal(ours[k], theirs[k]) for k in ours)
     torch.testing.assert_close(streamed(calibration[:2]), memory(calibration[:2]), rtol=0, atol=0)

@@ -12,7 +12,7 @@ table and saved in `program.metadata["quantize_experts"]`. The configuration gro
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -56,7 +56,8 @@ from fxpress.passes.quantize_experts.solver import (
     solve_allocation,
     trust_region_items,
 )
-from fxpress.passes.quantize_experts.stored import check_streams
+from fxpress.passes.quantize_experts.stored import SpilledCandidates, check_streams
+from fxpress.spill import SpillFolder
 
 if TYPE_CHECKING:
     from fxpress.program import Program
@@ -166,13 +167,29 @@ class QuantizeExperts(Pass):
             check_streams(program, self.analysis.sensitivity)
         samples, select = self._split_calibration(program)
         keep = self._keeps_quantized(program)
+        # a store-backed program keeps each layer's candidates on disk, not every layer's in memory
+        spill = SpillFolder(program.weights.spill_dir) if keep and program.weights is not None else None
 
         def analyse(i: int, d: LayerData) -> tuple[LayerAnalysis, LayerData | None]:  # once the run passed layer i
             a = analyse_layer(expert_functions(gm, layers[i]), d, layers[i].index, tuple(self.budget.bit_choices),
                               self.weights.group_size, self.analysis.min_rows, prior_rows=self.analysis.prior_rows,
                               method=self.weights.method, keep_quantized=keep)
+            if spill is not None:
+                a.quantized = SpilledCandidates(a.quantized, spill)
             return a, self._kept_data(program, d)
 
+        try:
+            stats = self._run(program, layers, samples, select, analyse)
+        finally:
+            if spill is not None:
+                spill.close()
+        return {**stats, "candidates_spilled_bytes": spill.bytes if spill is not None else 0}
+
+    def _run(self, program: Program, layers: list[ExpertLayer], samples: torch.Tensor | None,
+             select: torch.Tensor | None, analyse: Callable[[int, LayerData], tuple[LayerAnalysis, LayerData | None]]
+             ) -> dict[str, Any]:
+        """Record routing (analysing each layer as the run passes it), measure, allocate, rewrite."""
+        gm = program.module
         recorded = record_routing(program, layers, samples, fisher=self._fisher,
                                   fisher_samples=self.analysis.fisher_samples,
                                   text_gradient=self.analysis.sensitivity == "loss", on_layer=analyse)

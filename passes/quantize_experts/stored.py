@@ -15,6 +15,8 @@ import torch
 
 from fxpress.errors import ConfigError
 from fxpress.graph import ExpertLayer, LinearUse, get_param, set_param
+from fxpress.passes.quantize.gptq import QuantizedWeight, WeightSpec
+from fxpress.spill import SpillFolder
 from fxpress.weights import attach_store, format_bytes, weight_store
 
 
@@ -109,3 +111,38 @@ def check_streams(program, sensitivity: str) -> None:
         f"({format_bytes(store.budget)}): use analysis.sensitivity='output' (or 'kl', slower), or "
         "budget.allocation='frequency' or 'uniform', which run block by block; or raise max_memory above "
         f"{format_bytes(total)}")
+
+
+class SpilledCandidates(Mapping):
+    """One layer's kept candidate matrices ((expert, projection, bits) -> QuantizedWeight) in one spill file.
+
+    Measured plan selection keeps every layer's matrices at every bit width until the plan is chosen: for a
+    store-backed program that is bit-widths x the experts' parameters in bytes (3.3 GB on a 1.2B Mixtral),
+    more than its budget. On disk, a plan reads them back one layer at a time, as the rewrite does.
+    """
+
+    def __init__(self, kept: Mapping[tuple[int, str, int], QuantizedWeight], folder: SpillFolder) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        self._meta: dict[tuple[int, str, int], tuple[int, WeightSpec, int]] = {}
+        for i, (key, qw) in enumerate(kept.items()):
+            for part in ("codes", "scales", "zeros"):
+                tensors[f"{i}.{part}"] = getattr(qw, part).contiguous()
+            self._meta[key] = (i, qw.spec, qw.block_size)
+        self._path, self._refs = folder.write(tensors) if tensors else (None, {})
+
+    def __getitem__(self, key: tuple[int, str, int]) -> QuantizedWeight:
+        i, spec, block_size = self._meta[key]
+        codes, scales, zeros = (SpillFolder.load(self._refs[f"{i}.{part}"]) for part in ("codes", "scales", "zeros"))
+        return QuantizedWeight(codes, scales, zeros, spec, block_size)
+
+    def __iter__(self) -> Iterator[tuple[int, str, int]]:
+        return iter(self._meta)
+
+    def __len__(self) -> int:
+        return len(self._meta)
+
+    def clear(self) -> None:
+        """Forget the matrices and delete their file."""
+        if self._path is not None:
+            SpillFolder.remove(self._path)
+        self._meta, self._refs, self._path = {}, {}, None
