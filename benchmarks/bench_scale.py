@@ -49,8 +49,6 @@ def _passes(job: dict[str, Any]) -> list:
     if job.get("w4a4kv4"):  # float64 activations: ORT and PyTorch then compute the same 4-bit codes (Precision's doc)
         return [Rotate(), FoldHadamard(), Quantize(weights=weights, activations=ActQuant(bits=4, clip_search=True),
                                                    kv_cache=KVQuant(bits=4)), Precision()]
-    # quantize_experts' default Fisher analysis back-propagates through the whole model (refused over budget);
-    # its output-error analysis runs block by block
     # Quantize leaves fused [E, out, in] expert weights to quantize_experts: uniform W4 here (the Llama rows'
     # recipe), or its mixed-precision allocation; its default Fisher analysis back-propagates through the whole
     # model (refused over budget), its output-error analysis runs block by block
