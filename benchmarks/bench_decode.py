@@ -3,9 +3,14 @@
     benchmarks/peers/build_genai.sh                 # once: the builder's model (side venv)
     python benchmarks/bench_decode.py               # W4A16 g32 and rotated W4 vs the builder, 1 thread, 7 rounds
 
-Artifacts: fxpress W4A16 = `Quantize(weights=WeightQuant(bits=4, group_size=32), tables=TableQuant(4, 4, 32))` (RTN)
-and rotated W4 = `Rotate(), FoldHadamard()` then the same Quantize, exported with `accuracy_level="auto"` (timed
-on this CPU). Every model runs in one plain ONNX Runtime session through the same loop (all three have the GenAI
+Artifacts (weights GPTQ with act-order on 64 x 128 calibration tokens of the HOWTOs, `--method rtn` for RTN; the
+tied embedding / lm_head table int4 g32 as the builder's):
+- fxpress W4A16 g32 = `Quantize(weights=WeightQuant(bits=4, group_size=32), tables=TableQuant(4, 4, 32))`;
+- rotated W4 (R1+R2) = `Rotate()` then the same Quantize: both rotations fold into the weights, so the graph is
+  the unrotated one (the weight-only recipe: online Hadamards only pay off when activations are quantized);
+- rotated W4 (R1-R4) = `Rotate(), FoldHadamard()` then the same Quantize: the online Hadamards (R3 after RoPE,
+  R4 before down_proj) that 4-bit activations need, timed here for what they cost (`--no-online` skips it).
+Each is exported with `accuracy_level="auto"` (timed on this CPU). Every model runs in one plain ONNX Runtime session through the same loop (all three have the GenAI
 I/O: input_ids, attention_mask, per-layer past_key_values / present), alternately in each round: decode ms/token
 (a 128-token prompt, then 64 greedy tokens, each one call with the cache), prefill of 512 tokens, node counts,
 size, perplexity on the same eval windows, and the greedy tokens of onnxruntime-genai's Generator on the fxpress
@@ -79,21 +84,27 @@ class GenaiSession:
         return torch.from_numpy(self.forward(ids.numpy().astype(np.int64), self.empty(ids.shape[0]))[0])
 
 
-def build_fxpress(out: Path, rotated: bool, program) -> tuple[Path, float, dict]:
+ARTIFACTS = {"fxpress W4A16 g32": "w4", "fxpress W4 rotated R1+R2": "w4-r12", "fxpress W4 rotated R1-R4": "w4-r1234"}
+
+
+def build_fxpress(out: Path, name: str, program, method: str) -> tuple[Path, dict]:
+    """Compile and export one artifact; returns its path and stage seconds (compile, export) with the export stats."""
     from fxpress.lowering.onnx import export_onnx
     from fxpress.passes import FoldHadamard, Quantize, Rotate
     from fxpress.passes.manager import run_passes
     from fxpress.passes.quantize import TableQuant, WeightQuant
 
     program = copy.deepcopy(program)
-    passes = [Rotate(), FoldHadamard()] if rotated else []
-    passes.append(Quantize(weights=WeightQuant(bits=4, group_size=32),
+    passes = {"w4": [], "w4-r12": [Rotate()], "w4-r1234": [Rotate(), FoldHadamard()]}[ARTIFACTS[name]]
+    passes.append(Quantize(weights=WeightQuant(bits=4, group_size=32, method=method, act_order=method == "gptq"),
                            tables=TableQuant(embedding_bits=4, lm_head_bits=4, group_size=32)))
-    run_passes(program, passes, progress=False)
-    path = out / ("w4-rotated" if rotated else "w4") / "model.onnx"
     start = time.perf_counter()
+    run_passes(program, passes, progress=False)
+    compiled = time.perf_counter()
+    path = out / ARTIFACTS[name] / "model.onnx"
     stats = export_onnx(program, path, accuracy_level="auto", overwrite=True)
-    return path, time.perf_counter() - start, stats
+    stats["compile_s"], stats["export_s"] = compiled - start, time.perf_counter() - compiled
+    return path, stats
 
 
 def model_facts(path: Path) -> dict:
@@ -140,7 +151,10 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=8)
-    parser.add_argument("--no-rotated", action="store_true")
+    parser.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="fxpress's weight quantizer")
+    parser.add_argument("--calib-windows", type=int, default=64, help="GPTQ calibration windows of 128 tokens")
+    parser.add_argument("--no-rotated", action="store_true", help="only the unrotated fxpress artifact")
+    parser.add_argument("--no-online", action="store_true", help="skip the R1-R4 artifact (online Hadamards)")
     parser.add_argument("--skip-build", action="store_true", help="measure the artifacts already in --out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -153,15 +167,20 @@ def main() -> None:
     start = time.perf_counter()
     program = None if args.skip_build else capture(model, source="smollm2")
     print(f"capture {time.perf_counter() - start:.1f} s")
+    if program is not None and args.method == "gptq":
+        from fxpress.calibration import Calibration
+
+        program.calibration = Calibration(token_windows(tokenizer, "calib", 128, args.calib_windows))
+    names = list(ARTIFACTS)[:1] if args.no_rotated else [n for n in ARTIFACTS if not (args.no_online and "R4" in n)]
     paths = {"genai builder": args.peer / "model.onnx"}
-    for rotated in ([False] if args.no_rotated else [False, True]):
-        name = "fxpress W4 rotated" if rotated else "fxpress W4A16 g32"
+    for name in names:
         if args.skip_build:
-            paths[name] = args.out / ("w4-rotated" if rotated else "w4") / "model.onnx"
+            paths[name] = args.out / ARTIFACTS[name] / "model.onnx"
             continue
-        path, seconds, stats = build_fxpress(args.out, rotated, program)
+        path, stats = build_fxpress(args.out, name, program, args.method)
         paths[name] = path
-        print(f"{name}: export {seconds:.1f} s, accuracy_level {stats['accuracy_level']} "
+        print(f"{name}: compile {stats['compile_s']:.1f} s, export {stats['export_s']:.1f} s, "
+              f"accuracy_level {stats['accuracy_level']} "
               f"({stats['accuracy_level_ms']} ms), GQA {stats.get('group_query_attention')}, "
               f"rotary inside {stats.get('rotary_in_attention')}, fused away {stats.get('matmulnbits_fused_away')}, "
               f"unfused {stats.get('attention_unfused')}, stage seconds {stats.get('seconds')}")

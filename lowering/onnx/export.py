@@ -23,6 +23,8 @@ from fxpress.lowering.onnx.fusion import fuse, gqa_translations
 from fxpress.lowering.onnx.genai import genai_rewriter
 from fxpress.lowering.onnx.genai_config import check_config_target, write_genai_config
 from fxpress.lowering.onnx.registry import ONNX_OPS, translation_table
+from fxpress.lowering.onnx.translate import decompose_only_when_needed
+from fxpress.lowering.onnx.translate import optimize as optimize_model
 from fxpress.program import Program
 
 WEIGHT_FORMATS = ("matmulnbits", "dequantizelinear")
@@ -81,16 +83,18 @@ def to_onnx_model(program: Program, weights: str = "matmulnbits", opset: int = 2
     ep, sig = reexport(program, additive_masks=additive_masks, rewrite=rewrite)
     lap("reexport")
     table = {**translation_table(), **gqa_translations()}
+    path_taken: dict[str, Any] = {}
     try:
-        onnx_program = torch.onnx.export(
-            ep, sig.example_args, dynamo=True, opset_version=opset, input_names=list(sig.input_names),
-            output_names=list(sig.output_names), custom_translation_table=table, optimize=False, verbose=False,
-        )
+        with decompose_only_when_needed(path_taken):
+            onnx_program = torch.onnx.export(
+                ep, sig.example_args, dynamo=True, opset_version=opset, input_names=list(sig.input_names),
+                output_names=list(sig.output_names), custom_translation_table=table, optimize=False, verbose=False,
+            )
         lazy_store_initializers(onnx_program.model, program.weights)
         if optimize and program.weights is not None:  # after the placeholders read the store
             optimize_streamed(onnx_program.model)
         elif optimize:
-            onnx_program.optimize()
+            optimize_model(onnx_program.model)
     except LoweringError:
         raise
     except Exception as err:
@@ -102,6 +106,7 @@ def to_onnx_model(program: Program, weights: str = "matmulnbits", opset: int = 2
         node.metadata_props.clear()
     materializer = Materializer(model, weights, opset, accuracy_level, sink)
     stats = materializer.run(ONNX_OPS)
+    stats.update(path_taken)
     lap("materialize")
     extra = {"weights": weights, "opset": opset, "accuracy_level": accuracy_level, "io": "stacked"}
     if fused:

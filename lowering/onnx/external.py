@@ -62,11 +62,9 @@ def _no_large_store_reads(node: Any) -> bool | None:
 
 def optimize_streamed(model: Any) -> None:
     """torch.onnx's optimization (onnxscript's optimizer, then its ONNX fusions) without folding large store tensors."""
-    import onnxscript.optimizer
-    import onnxscript.rewriter.onnx_fusions
+    from fxpress.lowering.onnx.translate import optimize
 
-    onnxscript.optimizer.optimize_ir(model, should_fold=_no_large_store_reads)
-    onnxscript.rewriter.onnx_fusions.fuse(model)
+    optimize(model, should_fold=_no_large_store_reads)
 
 
 _NUMPY_LAYOUT = frozenset({"FLOAT", "DOUBLE", "FLOAT16", "BFLOAT16", "INT8", "UINT8", "INT16", "UINT16", "INT32",
