@@ -50,7 +50,7 @@ def _rename_dims(model: Any, names: dict[str, str]) -> None:
 
 
 def _validate(program: Program, path: str | os.PathLike, weights: str, opset: int, accuracy_level: int | str,
-              int8: str = "all") -> Path:
+              int8: str = "exact") -> Path:
     if not isinstance(program, Program):
         raise ConfigError(f"export_onnx needs an fxpress Program (e.g. compiled.program), got {type(program).__name__}")
     if weights not in WEIGHT_FORMATS:
@@ -71,7 +71,7 @@ def _validate(program: Program, path: str | os.PathLike, weights: str, opset: in
 
 def to_onnx_model(program: Program, weights: str = "matmulnbits", opset: int = 21, accuracy_level: int = 0,
                   optimize: bool = True, additive_masks: bool = True, fused: bool = True,
-                  sink: ExternalData | None = None, int8_activations: str = "all") -> tuple[Any, dict[str, Any]]:
+                  sink: ExternalData | None = None, int8_activations: str = "exact") -> tuple[Any, dict[str, Any]]:
     """The materialized onnx_ir Model and export statistics.
 
     fused: a causal LM gets onnxruntime-genai's I/O and ONNX Runtime's fused kernels (genai.py, fusion.py).
@@ -146,7 +146,7 @@ def _initializer_bytes(model: Any) -> int:
 def export_onnx(program: Program, path: str | os.PathLike, weights: str = "matmulnbits", opset: int = 21,
                 accuracy_level: int | str = 0, external_data: bool | None = None, optimize: bool = True,
                 check: bool = True, additive_masks: bool = True, overwrite: bool = False,
-                fused: bool = True, int8_activations: str = "all") -> dict[str, Any]:
+                fused: bool = True, int8_activations: str = "exact") -> dict[str, Any]:
     """Write `program` as an ONNX model at `path` (atomically); returns statistics (sizes, kernels used).
 
     weights: "matmulnbits" (ONNX Runtime's int kernels) or "dequantizelinear" (standard ONNX, opset >= 21).
@@ -163,13 +163,14 @@ def export_onnx(program: Program, path: str | os.PathLike, weights: str = "matmu
     genai_config.json written beside it) and ONNX Runtime's fused kernels (GroupQueryAttention,
     SkipSimplifiedLayerNormalization, fused q/k/v and gate/up MatMulNBits); False keeps the plain form.
     int8_activations: what an 8-bit symmetric per-row activation quantizer (ActQuant(bits=8)) lowers to (fusion.py):
-    "exact" = fed to 8-bit per-channel weights (W8A8), MatMulInteger on the same int8 codes (ONNX Runtime's
-    int8 GEMM; the integer products are exact, so logits equal PyTorch's up to float rounding); "all" (default)
-    = that, and fed to 4-bit weights (W4A8), no fake quant: MatMulNBits at accuracy_level 4 quantizes the
-    activations itself per block of K (finer than per row: not PyTorch's codes, perplexity within noise of the
-    PyTorch program on SmolLM2, benchmarks/bench_int8.py); "none" = the fake quant around float compute
-    everywhere (exact to PyTorch). Counts in the statistics: int8_matmulinteger, int8_matmulnbits_level4,
-    int8_quantizers_kept (8-bit quantizers left as fake quant: asymmetric, group-wise 8-bit weights, ...).
+    "exact" (default) = fed to 8-bit per-channel weights (W8A8), MatMulInteger on the same int8 codes (ONNX
+    Runtime's int8 GEMM, ~4x a float32 MatMul; the integer products are exact, so each linear equals PyTorch's up
+    to float rounding), elsewhere the fake quant around float compute; "all" = that, and fed to 4-bit weights
+    (W4A8) no fake quant: MatMulNBits at accuracy_level 4 quantizes the activations itself per block of K, finer
+    than per row, so it is not the PyTorch program's numerics (SmolLM2: decode 0.7x W4A16, perplexity 2.7% *lower*
+    than the PyTorch W4A8 program, outside bootstrap noise: benchmarks/bench_int8.py), hence opt-in; "none" = the
+    fake quant everywhere. Counts in the statistics: int8_matmulinteger, int8_matmulnbits_level4,
+    int8_quantizers_kept (8-bit quantizers left as fake quant: asymmetric, group-wise 8-bit weights, float64...).
     A store-backed (streamed) export keeps W8A8 as MatMulNBits (its weights are written already).
     """
     path = _validate(program, path, weights, opset, accuracy_level, int8_activations)

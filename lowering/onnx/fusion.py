@@ -291,7 +291,7 @@ def _to_matmulinteger(b: Any, node: Any, codes: Any, row_scale: Any, weight: tup
     b.replace(node, b.node(node, "", "Mul", [out, row_scale]))
 
 
-def fuse_int8_activations(model: Any, b: Any, mode: str = "all", new_weights: bool = True) -> dict[str, int]:
+def fuse_int8_activations(model: Any, b: Any, mode: str = "exact", new_weights: bool = True) -> dict[str, int]:
     """8-bit symmetric activation quantizers become the compute instead of a fake quant around float:
 
     - mode "exact" and "all": feeding a per-channel 8-bit MatMulNBits (W8A8), MatMulInteger on the same codes
