@@ -82,14 +82,17 @@ class Materializer:
         old.replace_all_uses_with(out, replace_graph_outputs=True)
         self.graph.remove(node, safe=True)
 
-    def call_function(self, node: Any, name: str, build: Callable[[], Any], inputs: list) -> None:
-        """Replace `node` by a call of the fxpress function `name`, built (once per model) by `build`."""
+    def call_function(self, node: Any, name: str, build: Callable[[], Any], inputs: list) -> Any:
+        """Replace `node` by a call of the fxpress function `name`, built (once per model) by `build`; returns
+        the call node."""
         if name not in self.functions:
             function = self.ir.serde.deserialize_function(build())
             self.model.functions[function.identifier()] = function
             self.functions[name] = function
             self.stats["functions"] += 1
-        self.replace(node, self.node(node, DOMAIN, name, inputs))
+        out = self.node(node, DOMAIN, name, inputs)
+        self.replace(node, out)
+        return out.producer()
 
     def run(self, lowerings: Mapping[str, Any]) -> dict:
         """Materialize every placeholder with its lowering (placeholder op type -> OnnxOp); returns statistics.

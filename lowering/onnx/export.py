@@ -19,7 +19,7 @@ from fxpress.lowering.export import reexport, refuse_bfloat16
 from fxpress.lowering.onnx.accuracy import measure_accuracy_level
 from fxpress.lowering.onnx.builder import Materializer
 from fxpress.lowering.onnx.external import ExternalData, lazy_store_initializers, optimize_streamed
-from fxpress.lowering.onnx.fusion import fuse, gqa_translations
+from fxpress.lowering.onnx.fusion import INT8_MODES, fuse, fuse_int8_activations, gqa_translations
 from fxpress.lowering.onnx.genai import genai_rewriter
 from fxpress.lowering.onnx.genai_config import check_config_target, write_genai_config
 from fxpress.lowering.onnx.registry import ONNX_OPS, translation_table
@@ -51,7 +51,8 @@ def _rename_dims(model: Any, names: dict[str, str]) -> None:
         value.shape = ir.Shape(dims)
 
 
-def _validate(program: Program, path: str | os.PathLike, weights: str, opset: int, accuracy_level: int | str) -> Path:
+def _validate(program: Program, path: str | os.PathLike, weights: str, opset: int, accuracy_level: int | str,
+              int8: str = "exact") -> Path:
     if not isinstance(program, Program):
         raise ConfigError(f"export_onnx needs an fxpress Program (e.g. compiled.program), got {type(program).__name__}")
     if weights not in WEIGHT_FORMATS:
@@ -65,12 +66,14 @@ def _validate(program: Program, path: str | os.PathLike, weights: str, opset: in
     if accuracy_level not in (0, 1, 2, 3, 4, "auto"):
         raise ConfigError(f"accuracy_level = {accuracy_level!r}: MatMulNBits takes 0 (float), 1 (fp32), 2 (fp16), 3 (bf16), "
                           "4 (int8) or 'auto' (timed on this CPU)")
+    if int8 not in INT8_MODES:
+        raise ConfigError(f"int8_activations = {int8!r}: choose one of {', '.join(INT8_MODES)}")
     return path
 
 
 def to_onnx_model(program: Program, weights: str = "matmulnbits", opset: int = 21, accuracy_level: int = 0,
                   optimize: bool = True, additive_masks: bool = True, fused: bool = True,
-                  sink: ExternalData | None = None) -> tuple[Any, dict[str, Any]]:
+                  sink: ExternalData | None = None, int8_activations: str = "exact") -> tuple[Any, dict[str, Any]]:
     """The materialized onnx_ir Model and export statistics.
 
     fused: a causal LM gets onnxruntime-genai's I/O and ONNX Runtime's fused kernels (genai.py, fusion.py).
@@ -114,6 +117,7 @@ def to_onnx_model(program: Program, weights: str = "matmulnbits", opset: int = 2
         stats.update(done.stats() if done else {})
         extra["io"] = stats.get("io", "stacked")
         lap("fuse")
+    stats.update(fuse_int8_activations(model, materializer, int8_activations, new_weights=sink is None))
     if sink is not None:
         sink.put_initializers(model.graph)
         stats["streamed"] = dict(sink.stats)
@@ -147,7 +151,7 @@ def _initializer_bytes(model: Any) -> int:
 def export_onnx(program: Program, path: str | os.PathLike, weights: str = "matmulnbits", opset: int = 21,
                 accuracy_level: int | str = 0, external_data: bool | None = None, optimize: bool = True,
                 check: bool = True, additive_masks: bool = True, overwrite: bool = False,
-                fused: bool = True) -> dict[str, Any]:
+                fused: bool = True, int8_activations: str = "exact") -> dict[str, Any]:
     """Write `program` as an ONNX model at `path` (atomically); returns statistics (sizes, kernels used).
 
     weights: "matmulnbits" (ONNX Runtime's int kernels) or "dequantizelinear" (standard ONNX, opset >= 21).
@@ -163,8 +167,18 @@ def export_onnx(program: Program, path: str | os.PathLike, weights: str = "matmu
     fused: a causal LM gets onnxruntime-genai's I/O (per-layer past_key_values.{i}.key/value, attention_mask,
     genai_config.json written beside it) and ONNX Runtime's fused kernels (GroupQueryAttention,
     SkipSimplifiedLayerNormalization, fused q/k/v and gate/up MatMulNBits); False keeps the plain form.
+    int8_activations: what an 8-bit symmetric per-row activation quantizer (ActQuant(bits=8)) lowers to (fusion.py):
+    "exact" (default) = fed to 8-bit per-channel weights (W8A8), MatMulInteger on the same int8 codes (ONNX
+    Runtime's int8 GEMM, ~4x a float32 MatMul; the integer products are exact, so each linear equals PyTorch's up
+    to float rounding), elsewhere the fake quant around float compute; "all" = that, and fed to 4-bit weights
+    (W4A8) no fake quant: MatMulNBits at accuracy_level 4 quantizes the activations itself per block of K, finer
+    than per row, so it is not the PyTorch program's numerics (SmolLM2: decode 0.7x W4A16, perplexity 2.7% *lower*
+    than the PyTorch W4A8 program, outside bootstrap noise: benchmarks/bench_int8.py), hence opt-in; "none" = the
+    fake quant everywhere. Counts in the statistics: int8_matmulinteger, int8_matmulnbits_level4,
+    int8_quantizers_kept (8-bit quantizers left as fake quant: asymmetric, group-wise 8-bit weights, float64...).
+    A store-backed (streamed) export keeps W8A8 as MatMulNBits (its weights are written already).
     """
-    path = _validate(program, path, weights, opset, accuracy_level)
+    path = _validate(program, path, weights, opset, accuracy_level, int8_activations)
     check_target(path, directory=False, overwrite=overwrite)
     if fused and program.is_causal_lm:
         check_config_target(path, overwrite)
@@ -174,13 +188,14 @@ def export_onnx(program: Program, path: str | os.PathLike, weights: str = "matmu
     timings = None
     if accuracy_level == "auto":
         accuracy_level, timings = measure_accuracy_level()
-    args = (weights, opset, accuracy_level, optimize, additive_masks, fused)
+    options = {"weights": weights, "opset": opset, "accuracy_level": accuracy_level, "optimize": optimize,
+               "additive_masks": additive_masks, "fused": fused, "int8_activations": int8_activations}
     start = time.perf_counter()
     if program.weights is not None:  # store-backed: weights streamed from the store to external data
-        files, stats = _write_streamed(program, path, args, check, overwrite)
+        files, stats = _write_streamed(program, path, options, check, overwrite)
         external_data = True
     else:
-        model, stats = to_onnx_model(program, *args)
+        model, stats = to_onnx_model(program, **options)
         if external_data is None:
             external_data = _initializer_bytes(model) > EXTERNAL_DATA_BYTES
         start = time.perf_counter()
@@ -194,7 +209,7 @@ def export_onnx(program: Program, path: str | os.PathLike, weights: str = "matmu
     return stats
 
 
-def _write_streamed(program: Program, path: Path, args: tuple, check: bool,
+def _write_streamed(program: Program, path: Path, options: dict[str, Any], check: bool,
                     overwrite: bool) -> tuple[list[Path], dict[str, Any]]:
     """Export into a staging folder, each initializer written to `<path>.<id>.data` as it is made; then publish."""
     import onnx_ir as ir
@@ -203,7 +218,7 @@ def _write_streamed(program: Program, path: Path, args: tuple, check: bool,
     with staged_file(path, overwrite=overwrite) as tmp:
         sink = ExternalData(tmp.parent / data_name)
         try:
-            model, stats = to_onnx_model(program, *args, sink=sink)
+            model, stats = to_onnx_model(program, **options, sink=sink)
         finally:
             sink.close()
         ir.save(model, tmp)

@@ -5,12 +5,16 @@
 - MatMulNBits reading the same input with the same layout (q/k/v, gate/up) become one MatMulNBits over the
   concatenated packed rows, split after: one int4 kernel launch instead of two or three;
 - RMSNorm (Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul) becomes SimplifiedLayerNormalization, and a residual
-  Add before it SkipSimplifiedLayerNormalization, with onnxscript's ORT fusion rules.
+  Add before it SkipSimplifiedLayerNormalization, with onnxscript's ORT fusion rules;
+- an 8-bit symmetric activation quantizer (a fake quant) feeding 8-bit per-channel MatMulNBits becomes
+  MatMulInteger on the same int8 codes, and feeding 4-bit MatMulNBits is dropped for accuracy_level 4
+  (`fuse_int8_activations`).
 Each fusion counts what it did; what does not match stays in today's form.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from typing import Any
 
@@ -261,4 +265,127 @@ def fuse(model: Any, b: Any, merge_weights: bool = True) -> dict[str, Any]:
     _drop_unused_initializers(b.graph)
     if stats["group_query_attention_ops"] or stats["skip_simplified_layer_norm"]:
         model.opset_imports[MS_DOMAIN] = 1
+    return stats
+
+
+# -- real int8 activation compute (W8A8, W4A8) --------------------------------------------------------------
+INT8_MODES = ("all", "exact", "none")
+
+
+def _quantizer(node: Any) -> dict | None:
+    """The attributes of a quantize_act call (None for any other node)."""
+    from fxpress.lowering.onnx.ops.quantize_act import QUANTIZER_META
+
+    return node.meta.get(QUANTIZER_META) if node.domain == DOMAIN else None
+
+
+def _int8_quantizer(node: Any) -> dict | None:
+    """A quantize_act call int8 kernels reproduce: 8 bits, symmetric per row, float32 (else None)."""
+    meta = _quantizer(node)
+    if meta is None or meta["bits"] != 8 or not meta["symmetric"] or meta["dtype"] != 1:  # 1: FLOAT
+        return None
+    return meta
+
+
+def _nbits_readers(value: Any, bits: int) -> list:
+    """The MatMulNBits of `bits` whose activation input is `value` (plain layout: no g_idx or bias input)."""
+    return [node for node, index in value.uses() if index == 0 and node.domain == MS_DOMAIN
+            and node.op_type == "MatMulNBits" and node.attributes["bits"].value == bits and len(node.inputs) <= 4]
+
+
+def _per_channel_int8(node: Any) -> tuple | None:
+    """An 8-bit MatMulNBits weight as int8 (code - 128) [K, N], int8 (zero - 128) [N] (None: symmetric) and
+    float32 scales [N]; None unless each output column has one scale and one zero point (group-wise weights
+    would need one MatMulInteger per group: they stay MatMulNBits)."""
+    k, n = int(node.attributes["K"].value), int(node.attributes["N"].value)
+    values = [v.const_value for v in node.inputs[1:]]
+    if any(v is None for v in values):
+        return None
+    codes, scales, *zeros = (v.numpy() for v in values)
+    scales = scales.reshape(n, -1)
+    zeros = zeros[0].reshape(n, -1) if zeros else None
+    if scales.dtype != np.float32 or (scales != scales[:, :1]).any() or (
+            zeros is not None and (zeros.dtype != np.uint8 or (zeros != zeros[:, :1]).any())):
+        return None
+    weight = (codes.reshape(n, -1)[:, :k].T.astype(np.int16) - 128).astype(np.int8)
+    zero = None if zeros is None or (zeros == 128).all() else (zeros[:, 0].astype(np.int16) - 128).astype(np.int8)
+    return np.ascontiguousarray(weight), zero, np.ascontiguousarray(scales[:, 0])
+
+
+def _int8_const(b: Any, name: str, array: np.ndarray) -> Any:
+    """One initializer per small constant for the whole model."""
+    cached = b.shared.setdefault("int8.constants", {})
+    if name not in cached:
+        cached[name] = b.initializer(f"int8.{name}", array)
+    return cached[name]
+
+
+def _uint8_codes(b: Any, call: Any, clip: float) -> tuple[Any, Any]:
+    """(uint8 codes + 128, row scales) of the quantizer's input, computed with quantize_act's formulas, so the
+    codes are PyTorch's: scale = max|x| * clip / 127 (1 where 0), code = round(clip(x / scale, -128, 127)).
+    QuantizeLinear(x / scale, 1, 128) is that + 128: round half to even, then saturate to [0, 255], which for
+    integers is the same as clipping to [-128, 127] first."""
+    x = call.inputs[0]
+    const = functools.partial(_int8_const, b)
+    amax = b.node(call, "", "ReduceMax", [b.node(call, "", "Abs", [x]), const("axes", np.array([-1], np.int64))],
+                  {"keepdims": 1})
+    scale0 = b.node(call, "", "Mul", [amax, const(f"factor_{clip!r}", np.array(clip / 127, np.float32))])
+    positive = b.node(call, "", "Greater", [scale0, const("zero", np.array(0, np.float32))])
+    scale = b.node(call, "", "Where", [positive, scale0, const("one", np.array(1, np.float32))])
+    ratio = b.node(call, "", "Div", [x, scale])
+    offset = const("offset", np.array(128, np.uint8))
+    return b.node(call, "", "QuantizeLinear", [ratio, const("one", np.array(1, np.float32)), offset]), scale
+
+
+def _to_matmulinteger(b: Any, node: Any, codes: Any, row_scale: Any, weight: tuple) -> None:
+    """MatMulNBits -> MatMulInteger(uint8 codes + 128, int8 weight codes) -> int32 -> float x column x row scale."""
+    tag = node.inputs[1].name
+    w, zero, scales = weight
+    inputs = [codes, b.initializer(f"{tag}.int8", w), _int8_const(b, "offset", np.array(128, np.uint8))]
+    if zero is not None:
+        inputs.append(b.initializer(f"{tag}.int8_zero", zero))
+    acc = b.node(node, "", "MatMulInteger", inputs)
+    out = b.node(node, "", "Cast", [acc], {"to": b.ir.DataType.FLOAT})
+    out = b.node(node, "", "Mul", [out, b.initializer(f"{tag}.column_scales", scales)])
+    b.replace(node, b.node(node, "", "Mul", [out, row_scale]))
+
+
+def fuse_int8_activations(model: Any, b: Any, mode: str = "exact", new_weights: bool = True) -> dict[str, int]:
+    """8-bit symmetric activation quantizers become the compute instead of a fake quant around float:
+
+    - mode "exact" and "all": feeding a per-channel 8-bit MatMulNBits (W8A8), MatMulInteger on the same codes
+      (uint8 codes + 128 with zero point 128, int8 weights: ONNX Runtime's fastest exact int8 combination on
+      CPU), equal to PyTorch up to float rounding of the final scale multiply;
+    - mode "all": feeding a 4-bit MatMulNBits (W4A8), the fake quant is dropped and that MatMulNBits runs at
+      accuracy_level 4 (MLAS quantizes activations to int8 per block of K: finer than per row, not exact).
+    Anything else (asymmetric or 4-bit activations, group-wise 8-bit weights) stays as it is, counted.
+    new_weights=False (a streamed export, weights already written) skips W8A8, which writes new int8 weights.
+    """
+    stats = {"int8_matmulinteger": 0, "int8_matmulnbits_level4": 0, "int8_quantizers_kept": 0}
+    level4 = b.ir.convenience.convert_attribute("accuracy_level", 4)
+    calls = [] if mode == "none" else [n for n in model.graph if _int8_quantizer(n) is not None]
+    for call in calls:
+        out = call.outputs[0]
+        if mode == "all":
+            for node in _nbits_readers(out, 4):
+                node.replace_input_with(0, call.inputs[0])
+                node.attributes["accuracy_level"] = level4
+                stats["int8_matmulnbits_level4"] += 1
+        readers = [(n, w) for n in (_nbits_readers(out, 8) if new_weights else [])
+                   if (w := _per_channel_int8(n)) is not None]
+        if readers:
+            codes, row_scale = _uint8_codes(b, call, _int8_quantizer(call)["clip_ratio"])
+            for node, weight in readers:
+                _to_matmulinteger(b, node, codes, row_scale, weight)
+                stats["int8_matmulinteger"] += 1
+        if not out.uses() and not out.is_graph_output():
+            b.graph.remove(call, safe=True)
+    from fxpress.lowering.onnx.builder import _drop_unused_initializers
+
+    _drop_unused_initializers(b.graph)  # the replaced MatMulNBits' weights
+    stats["int8_quantizers_kept"] = sum(1 for n in model.graph if (_quantizer(n) or {}).get("bits") == 8)
+    used = {n.op_type for n in model.graph if n.domain == DOMAIN}
+    for key in [k for k, f in model.functions.items()
+                if f.domain == DOMAIN and f.name.startswith("QuantizeAct_") and f.name not in used]:
+        del model.functions[key]
     return stats

@@ -11,6 +11,8 @@ import torch
 from fxpress.lowering.onnx.builder import Materializer, constant, function_proto, node_attributes, numpy_dtype
 from fxpress.lowering.onnx.registry import OnnxOp, like, onnx_lowering, placeholders
 
+QUANTIZER_META = "fxpress.quantize_act"  # in-memory node metadata: what the int8 fusions (fusion.py) read
+
 
 @onnx_lowering
 class QuantizeAct(OnnxOp):
@@ -29,8 +31,9 @@ class QuantizeAct(OnnxOp):
         clip, sym = float(clip), bool(sym)
         dtype = node.inputs[0].dtype.value
         name = f"QuantizeAct_{'s' if sym else 'a'}{bits}_c{_float_tag(clip)}_t{dtype}"
-        b.call_function(node, name, lambda: _quantize_act_function(name, bits, clip, sym, dtype, b.opset),
-                        [node.inputs[0]])
+        call = b.call_function(node, name, lambda: _quantize_act_function(name, bits, clip, sym, dtype, b.opset),
+                               [node.inputs[0]])
+        call.meta[QUANTIZER_META] = {"bits": int(bits), "clip_ratio": clip, "symmetric": sym, "dtype": dtype}
 
 
 def _float_tag(value: float) -> str:
