@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -54,19 +55,34 @@ class _ActClipSearch(Executor):
 
     def prepare(self, node: Node, inputs: ChunkInputs) -> None:
         # its readers are still aten.linear here: weights are quantized after the search
-        mat = sum(w.T @ w for w in (self.fetch(u.args[1]).detach().float() for u in node.users))
+        output_error = _output_error([self.fetch(u.args[1]).detach().float() for u in node.users])
+        bits, symmetric = node.args[1], node.args[3]
+        sampled = [self._sampled(args[0]) for args, _ in inputs]
         errors = torch.zeros(len(self.grid), dtype=torch.float64)
-        for args, _ in inputs:
-            x, bits, _, symmetric = args
-            rows = x.detach().float().reshape(-1, x.shape[-1])
-            if rows.shape[0] > self.max_rows:  # an even subsample keeps the cost per chunk bounded
-                rows = rows[torch.linspace(0, rows.shape[0] - 1, self.max_rows, device=rows.device).long()]
+        if sampled:  # every chunk's rows at once: one GEMM per ratio, not one per chunk and ratio (~16 rows each)
+            rows = torch.cat(sampled)
             for i, ratio in enumerate(self.grid):
-                e = QUANTIZE_ACT(rows, bits, ratio, symmetric) - rows
-                errors[i] += float(((e @ mat) * e).sum())
+                errors[i] = output_error(QUANTIZE_ACT(rows, bits, ratio, symmetric) - rows)
         distributed.all_reduce_sum(errors)
         self.chosen[node] = self.grid[int(errors.argmin())]
+
+    def _sampled(self, x: torch.Tensor) -> torch.Tensor:
+        """A chunk's token rows, evenly subsampled to `max_rows`: keeps the cost per chunk bounded."""
+        rows = x.detach().float().reshape(-1, x.shape[-1])
+        if rows.shape[0] > self.max_rows:
+            rows = rows[torch.linspace(0, rows.shape[0] - 1, self.max_rows, device=rows.device).long()]
+        return rows
 
     def call(self, node: Node, index: int, args: tuple, kwargs: dict) -> Any:
         x, bits, _, symmetric = args
         return QUANTIZE_ACT(x, bits, self.chosen[node], symmetric)
+
+
+def _output_error(weights: list[torch.Tensor]) -> Callable[[torch.Tensor], float]:
+    """e -> sum over the readers W of ||e W^T||^2 = tr(e M e^T) with M = sum W^T W, by the cheaper product:
+    through M (K x K) when the readers' outputs are more than K (q/k/v, gate/up), else through the weights
+    (down_proj: 576 outputs for K = 1536, 2.7x fewer flops)."""
+    if sum(w.shape[0] for w in weights) >= weights[0].shape[1]:
+        mat = sum(w.T @ w for w in weights)
+        return lambda e: float(((e @ mat) * e).sum(dtype=torch.float64))
+    return lambda e: sum(float((e @ w.T).square().sum(dtype=torch.float64)) for w in weights)
