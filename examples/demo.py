@@ -33,6 +33,16 @@ from fxpress.runtime.runners import load_runner
 PROMPT = "Python is a programming language that"
 
 
+def demo_passes(rotation: str = "hadamard") -> list:
+    """The W4A4KV4 recipe `make demo` compiles (benchmarks/bench_compile.py times it stage by stage)."""
+    return [
+        Rotate(mode=rotation), FoldHadamard(),
+        Quantize(weights=WeightQuant(bits=4, method="gptq", act_order=True),
+                 activations=ActQuant(bits=4, clip_search=True, symmetric=False),
+                 kv_cache=KVQuant(bits=4, clip_ratio=0.95)),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="out/demo")
@@ -53,14 +63,8 @@ def main() -> None:
         with torch.no_grad():
             return model(ids).logits
 
-    passes = [
-        Rotate(mode=args.rotation), FoldHadamard(),
-        Quantize(weights=WeightQuant(bits=4, method="gptq", act_order=True),
-                 activations=ActQuant(bits=4, clip_search=True, symmetric=False),
-                 kv_cache=KVQuant(bits=4, clip_ratio=0.95)),
-    ]
     start = time.perf_counter()
-    cm = fxpress.compile(model, passes=passes, calibration=calib)
+    cm = fxpress.compile(model, passes=demo_passes(args.rotation), calibration=calib)
     rows.append(("compile (capture + passes)", f"{time.perf_counter() - start:.0f} s"))
     console.print(cm.report.table())
 

@@ -3,8 +3,22 @@
 from __future__ import annotations
 
 import io
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+
+def stopwatch() -> Any:
+    """lap(name) records the seconds since the previous lap under `name` in lap.times (stage times in stats)."""
+    last = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        lap.times[name] = round(now - last[0], 3)
+        last[0] = now
+
+    lap.times = {}
+    return lap
 
 
 @dataclass

@@ -26,6 +26,7 @@ from fxpress.lowering.onnx.registry import ONNX_OPS, translation_table
 from fxpress.lowering.onnx.translate import decompose_only_when_needed
 from fxpress.lowering.onnx.translate import optimize as optimize_model
 from fxpress.program import Program
+from fxpress.report import stopwatch
 
 WEIGHT_FORMATS = ("matmulnbits", "dequantizelinear")
 EXTERNAL_DATA_BYTES = 2**31 - 2**26  # protobuf's 2 GB limit, with margin for the graph itself
@@ -81,7 +82,7 @@ def to_onnx_model(program: Program, weights: str = "matmulnbits", opset: int = 2
     export_onnx gives such a program) every large initializer is written to its external data file as it is made,
     so the q/k/v and gate/up MatMulNBits stay separate there (merging them would write their weights twice).
     """
-    lap = _stopwatch()
+    lap = stopwatch()
     rewrite, done = genai_rewriter(program) if fused else (None, None)
     ep, sig = reexport(program, additive_masks=additive_masks, rewrite=rewrite)
     lap("reexport")
@@ -129,19 +130,6 @@ def to_onnx_model(program: Program, weights: str = "matmulnbits", opset: int = 2
     lap("digests")
     stats["seconds"] = lap.times
     return model, stats
-
-
-def _stopwatch() -> Any:
-    """lap(name) records the seconds since the previous lap under `name` in lap.times (export statistics)."""
-    last = [time.perf_counter()]
-
-    def lap(name: str) -> None:
-        now = time.perf_counter()
-        lap.times[name] = round(now - last[0], 3)
-        last[0] = now
-
-    lap.times = {}
-    return lap
 
 
 def _initializer_bytes(model: Any) -> int:

@@ -33,6 +33,7 @@ from fxpress.passes.quantize.config import (
 from fxpress.passes.quantize.gptq import QuantizedWeight, rtn
 from fxpress.passes.quantize.gptq_runner import gptq_weights, weight_spec
 from fxpress.passes.quantize.tables import add_packed, bias_of, packed_bytes, rewrite_tables, select_tables
+from fxpress.report import stopwatch
 from fxpress.runtime import quant  # noqa: F401  (define the fxpress ops)
 
 if TYPE_CHECKING:
@@ -105,10 +106,13 @@ class Quantize(Pass):
             "method": self.weights.method, "activation_quantizers": len(act_nodes), "kv_quantizers": len(sites),
             "skipped": skipped,
         }
+        lap = stopwatch()
         if self.activations.clip_search and act_nodes:
             stats["act_clip_ratios"] = search_act_clips(program, act_nodes, self.activations.clip_ratio)
+            lap("act_clip_search")
         if self.weights.bits is not None and targets:
             quantized = self._quantized_weights(program, targets, stats)
+            lap(f"weights_{self.weights.method}")
             warnings += stats.pop("warnings", [])
             stats.update(self._rewrite(gm, targets, quantized))
         stats["linears_quantized"] = len(targets) if self.weights.bits is not None else 0
@@ -119,7 +123,8 @@ class Quantize(Pass):
         if not targets and not sites and not (lookups or heads):  # e.g. a conv net: nothing here is a linear
             stats["modified"] = False
             warnings.append(f"no linear layer, KV cache or embedding table to quantize ({len(skipped)} linears skipped)")
-        stats["warnings"] = warnings
+        lap("rewrite")
+        stats["warnings"], stats["seconds"] = warnings, lap.times
         return stats
 
     def _select_linears(self, gm: GraphModule, heads: list[G.LinearUse]) -> tuple[list[G.LinearUse], dict[str, str]]:
