@@ -193,8 +193,19 @@ def learn(gm: GraphModule, stream: G.ResidualStream, r1_start: torch.Tensor, r2_
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    return {"r1": r1.exact(), "r2": {i: m.exact() for i, m in r2.items()}, "loss_start": loss_start,
-            "loss_end": loss_end, "step_losses": losses, "seconds_per_step": seconds / max(opts.steps, 1), **counts}
+    rotations = [r1, *r2.values()]
+    exact = [m.exact() for m in rotations]
+    return {"r1": exact[0], "r2": dict(zip(r2, exact[1:])), "loss_start": loss_start, "loss_end": loss_end,
+            "step_losses": losses, "seconds_per_step": seconds / max(opts.steps, 1), **counts,
+            "orthogonality_fp32": max(_off_identity(m.matrix().detach()) for m in rotations),
+            "orthogonality_f64": max(_off_identity(e) for e in exact),
+            "projection_change": max(float((e - m.matrix().detach().double()).abs().max()) for e, m in zip(exact, rotations)),
+            "r1_change": float((exact[0] - r1_start.double()).norm())}
+
+
+def _off_identity(r: torch.Tensor) -> float:
+    """max |R^T R - I|: how far R is from orthogonal."""
+    return float((r.T @ r - torch.eye(r.shape[0], dtype=r.dtype)).abs().max())
 
 
 def _mean_loss(train: GraphModule, batches: list[tuple[torch.Tensor, ...]]) -> float:
