@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROWS = {"W8A8": (8, 8, None), "W6A6": (6, 6, None), "W4A8": (4, 8, None), "W4A4": (4, 4, None), "W4A4KV4": (4, 4, 4)}
+ROWS = {"W8A8": (8, 8, None), "W6A6": (6, 6, None), "W4A8": (4, 8, None), "W4A4": (4, 4, None), "W4A4KV4": (4, 4, 4),
+        "W16A4KV4": (None, 4, 4)}  # activations and KV only: what rotation 'learned' is trained on
 ROTATIONS = ("none", "hadamard", "orthogonal", "dfrot", "learned")
 METHODS = ("rtn", "gptq")
 
@@ -122,7 +123,7 @@ def quantize_cell(program, row: str, method: str, args) -> tuple[object, dict]:
 
     w, a, kv = ROWS[row]
     q = copy.deepcopy(program)
-    cfg = Quantize(weights=WeightQuant(bits=w, group_size=args.group_size, method=method, act_order=method == "gptq" and not args.no_act_order, seed=args.seed),
+    cfg = Quantize(weights=WeightQuant(bits=w, group_size=args.group_size, method=method, act_order=method == "gptq" and w is not None and not args.no_act_order, seed=args.seed),
                    activations=ActQuant(bits=a, clip_ratio=args.clip_ratio if a <= 4 else 1.0, clip_search=getattr(args, "act_clip_search", False) and a <= 4, symmetric=not getattr(args, "act_asym", False)),
                    kv_cache=KVQuant(bits=kv, clip_ratio=args.kv_clip_ratio))
     result = run_passes(q, [cfg], progress=False)[0]
