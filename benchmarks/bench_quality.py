@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--learned-steps", type=int, default=100, help="Cayley steps of rotation 'learned' (SpinQuant)")
     ap.add_argument("--learned-lr", type=float, default=2e-3)
     ap.add_argument("--no-act-order", action="store_true", help="GPTQ without act-order")
-    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--rows", default="W8A8,W6A6,W4A8,W4A4,W4A4KV4", help=f"comma list of {', '.join(ROWS)}")
     ap.add_argument("--rotations", default=None, help=f"comma list of {', '.join(ROTATIONS)}")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--no-group-table", action="store_true", help="skip the W4 group-size table")
