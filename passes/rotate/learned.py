@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -213,7 +213,8 @@ def _mean_loss(train: GraphModule, batches: list[tuple[torch.Tensor, ...]]) -> f
         return sum(float(_loss(train, b)) for b in batches) / len(batches)
 
 
-def calibration_batches(samples: torch.Tensor, batch: int, inputs) -> Iterator[tuple[torch.Tensor, ...]]:
+def calibration_batches(samples: torch.Tensor, batch: int,
+                        inputs: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]) -> Iterator[tuple[torch.Tensor, ...]]:
     """Graph inputs for `batch` calibration windows at a time (`inputs`: ids -> the graph's full inputs)."""
     for chunk in samples.split(batch):
         yield inputs(chunk)
