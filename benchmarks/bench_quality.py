@@ -1,7 +1,7 @@
 """Quality of quantized SmolLM2: perplexity, KL divergence and top-1 agreement against the fp model.
 
 Rows W8A8, W6A6, W4A8, W4A4, W4A4KV4 (every linear but lm_head); columns rotation none / hadamard /
-orthogonal / dfrot (`Rotate` + `FoldHadamard`), weights RTN and GPTQ. Perplexity over fixed
+orthogonal / dfrot / learned (`Rotate` + `FoldHadamard`), weights RTN and GPTQ. Perplexity over fixed
 non-overlapping windows of the "eval" split, GPTQ calibrated on the disjoint "calib" split. A second
 table shows W4 weight-only at several group sizes: SmolLM2 ships as Q4_1 (4-bit, blocks of 32), so
 g32 sits on the grid the weights came from, and the main table uses g128 (or what --group-size says).
@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROWS = {"W8A8": (8, 8, None), "W6A6": (6, 6, None), "W4A8": (4, 8, None), "W4A4": (4, 4, None), "W4A4KV4": (4, 4, 4)}
-ROTATIONS = ("none", "hadamard", "orthogonal", "dfrot")
+ROWS = {"W8A8": (8, 8, None), "W6A6": (6, 6, None), "W4A8": (4, 8, None), "W4A4": (4, 4, None), "W4A4KV4": (4, 4, 4),
+        "W16A4KV4": (None, 4, 4)}  # activations and KV only: what rotation 'learned' is trained on
+ROTATIONS = ("none", "hadamard", "orthogonal", "dfrot", "learned")
 METHODS = ("rtn", "gptq")
 
 
@@ -50,8 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--act-clip-search", action="store_true",
                     help="search each activation quantizer's clip ratio (<= --clip-ratio) on the calibration set")
     ap.add_argument("--act-asym", action="store_true", help="asymmetric activations (integer zero point per token)")
+    ap.add_argument("--learned-steps", type=int, default=100, help="Cayley steps of rotation 'learned' (SpinQuant)")
+    ap.add_argument("--learned-lr", type=float, default=2e-3)
     ap.add_argument("--no-act-order", action="store_true", help="GPTQ without act-order")
-    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--rows", default="W8A8,W6A6,W4A8,W4A4,W4A4KV4", help=f"comma list of {', '.join(ROWS)}")
     ap.add_argument("--rotations", default=None, help=f"comma list of {', '.join(ROTATIONS)}")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--no-group-table", action="store_true", help="skip the W4 group-size table")
@@ -91,8 +94,9 @@ class Reference:
         return {"ppl": math.exp(nll / tokens), "kl": kl / positions, "top1": agree / positions}
 
 
-def rotated(base, rotation: str, seed: int):
-    """A copy of the captured program with the rotation passes applied (none: a plain copy)."""
+def rotated(base, rotation: str, seed: int, args=None):
+    """A copy of the captured program with the rotation passes applied (none: a plain copy). `learned` trains
+    with the row's quantizers: 4-bit per-token activations (asymmetric with --act-asym) and the 4-bit KV clip."""
     from fxpress.passes import run_passes
 
     program = copy.deepcopy(base)
@@ -101,8 +105,16 @@ def rotated(base, rotation: str, seed: int):
     from fxpress.passes.fold_hadamard.fold_hadamard import FoldHadamard
     from fxpress.passes.rotate.rotate import Rotate
 
-    results = run_passes(program, [Rotate(mode=rotation, seed=seed), FoldHadamard()], progress=False)
-    return program, {r.name: round(r.seconds, 1) for r in results}
+    extra = {}
+    if rotation == "learned" and args is not None:
+        extra = {"learned_steps": args.learned_steps, "learned_lr": args.learned_lr,
+                 "learned_act_asym": bool(getattr(args, "act_asym", False)), "learned_kv_clip": args.kv_clip_ratio}
+    results = run_passes(program, [Rotate(mode=rotation, seed=seed, **extra), FoldHadamard()], progress=False)
+    secs: dict = {r.name: round(r.seconds, 1) for r in results}
+    if rotation == "learned":
+        secs["learned"] = results[0].stats["learned"]
+        print(f"learned: {secs['learned']}", flush=True)
+    return program, secs
 
 
 def quantize_cell(program, row: str, method: str, args) -> tuple[object, dict]:
@@ -111,7 +123,7 @@ def quantize_cell(program, row: str, method: str, args) -> tuple[object, dict]:
 
     w, a, kv = ROWS[row]
     q = copy.deepcopy(program)
-    cfg = Quantize(weights=WeightQuant(bits=w, group_size=args.group_size, method=method, act_order=method == "gptq" and not args.no_act_order, seed=args.seed),
+    cfg = Quantize(weights=WeightQuant(bits=w, group_size=args.group_size, method=method, act_order=method == "gptq" and w is not None and not args.no_act_order, seed=args.seed),
                    activations=ActQuant(bits=a, clip_ratio=args.clip_ratio if a <= 4 else 1.0, clip_search=getattr(args, "act_clip_search", False) and a <= 4, symmetric=not getattr(args, "act_asym", False)),
                    kv_cache=KVQuant(bits=kv, clip_ratio=args.kv_clip_ratio))
     result = run_passes(q, [cfg], progress=False)[0]
@@ -265,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_group_table:
         results["groups"] = group_table(base, reference, args)
     for rotation in args.rotations.split(","):
-        program, secs = rotated(base, rotation, args.seed)
+        program, secs = rotated(base, rotation, args.seed, args)
         results["rotation_seconds"][rotation] = secs
         if rotation != "none":
             results["rotated_fp"][rotation] = reference.score(program)

@@ -9,7 +9,9 @@ once its scale is folded into the readers. R2 (head_dim) rotates v_proj outputs 
 Modes: "hadamard" (random signs times a Hadamard, the default), "orthogonal" (Haar random, QR with
 sign fix) and "dfrot" (start from the random Hadamard, then alternate B = quant(A R) and the
 orthogonal Procrustes step R = U V^T from svd(A^T W B), rows of massive-activation tokens weighted
-by alpha, on the RMSNorm outputs of calibration text).
+by alpha, on the RMSNorm outputs of calibration text) and "learned" (SpinQuant: R1 and one R2 per layer
+start from the random Hadamards and are trained by Cayley optimisation to minimise the next-token loss on
+calibration text with the activation and value-cache quantizers in the loop; `learned.py`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from fxpress.runtime.hadamard import (
     random_orthogonal_rotation,
 )
 
-MODES = ("hadamard", "orthogonal", "dfrot")
+MODES = ("hadamard", "orthogonal", "dfrot", "learned")
 
 
 def quantize_rtn(x: torch.Tensor, bits: int, group_size: int = 0, clip_ratio: float = 1.0,
@@ -78,10 +80,20 @@ class Rotate(Pass):
     dfrot_clip_ratio: float = 1.0
     dfrot_samples: int = 1
     dfrot_massive_ratio: float = 20.0  # a token is "massive" when its max |h| exceeds this x the median
+    learned_steps: int = 100
+    learned_lr: float = 2e-3  # Adam on the Cayley parameters
+    learned_samples: int = 32  # calibration windows trained on (one per step, cycled)
+    learned_batch: int = 1  # windows per step
+    learned_act_bits: int = 4
+    learned_act_group: int = 0  # 0 = per token
+    learned_act_clip: float = 1.0
+    learned_act_asym: bool = False
+    learned_kv_bits: int = 4  # 0 = values not quantized in training
+    learned_kv_clip: float = 1.0
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
-        return self.mode == "dfrot"
+        return self.mode in ("dfrot", "learned")
 
     def validate(self) -> None:
         check_choice(self.name, "mode", self.mode, MODES)
@@ -97,22 +109,50 @@ class Rotate(Pass):
         check_range(self.name, "dfrot_clip_ratio", self.dfrot_clip_ratio, 0.05, 1.0)
         check_range(self.name, "dfrot_samples", self.dfrot_samples, 1, 1 << 16)
         check_range(self.name, "dfrot_massive_ratio", self.dfrot_massive_ratio, 1.0, 1e6)
+        for name in ("learned_steps", "learned_samples", "learned_batch", "learned_act_group", "learned_act_bits",
+                     "learned_kv_bits"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                raise ConfigError(f"rotate.{name} = {getattr(self, name)!r} must be an integer")
+        check_range(self.name, "learned_steps", self.learned_steps, 0, 100_000)
+        check_range(self.name, "learned_lr", self.learned_lr, 1e-7, 10.0)
+        check_range(self.name, "learned_samples", self.learned_samples, 1, 1 << 16)
+        check_range(self.name, "learned_batch", self.learned_batch, 1, 1 << 10)
+        check_range(self.name, "learned_act_bits", self.learned_act_bits, 2, 8)
+        check_range(self.name, "learned_act_group", self.learned_act_group, 0, 1 << 20)
+        check_range(self.name, "learned_act_clip", self.learned_act_clip, 0.05, 1.0)
+        if not isinstance(self.learned_act_asym, bool):
+            raise ConfigError(f"rotate.learned_act_asym = {self.learned_act_asym!r} must be True or False")
+        if self.learned_kv_bits != 0:
+            check_range(self.name, "learned_kv_bits", self.learned_kv_bits, 2, 8)
+        check_range(self.name, "learned_kv_clip", self.learned_kv_clip, 0.05, 1.0)
+        if self.mode == "learned" and self.learned_batch > self.learned_samples:
+            raise ConfigError(f"rotate.learned_batch = {self.learned_batch} is more than learned_samples = "
+                              f"{self.learned_samples}: a step cannot use more windows than there are")
 
     def run(self, program: Program) -> dict[str, Any]:
         gm = program.module
         before = G.residual_stream(gm, strict=True, allow_scales=True)  # every structural error before any change
         check_rotatable(before)
         calib = self._dfrot_activations(program, before) if self.mode == "dfrot" else None
+        if self.mode == "learned":
+            self._check_learnable(program)
         weights = WeightPlan(gm)
         untied = untie_embeddings(gm, before)
         folded = fold_norm_scales(gm, before, weights)
         stream = G.residual_stream(gm, strict=True)
         stats: dict[str, Any] = {"mode": self.mode, "seed": self.seed, "hidden": stream.hidden,
                                  "untied_embeddings": untied, "norms_folded": folded}
-        rotation, stats["r1"] = self._rotation(stream.hidden, calib, stats)
+        learned_r2 = None
+        if self.mode == "learned":
+            weights.apply()  # train on the folded weights (the norm scales must sit before the rotation)
+            gm.recompile()
+            rotation, learned_r2, stats["learned"] = self._learn(program, stream)
+            stats["r1"] = f"learned (Cayley, {self.learned_steps} steps) from {stats['learned'].pop('start')}"
+        else:
+            rotation, stats["r1"] = self._rotation(stream.hidden, calib, stats)
         stats.update(apply_r1(stream, rotation, weights))
         if self.r2:
-            stats.update(self._apply_r2(gm, stream, weights))
+            stats.update(self._apply_r2(gm, stream, weights, learned_r2))
         stats["weights_rewritten"] = weights.apply()
         gm.recompile()
         G.reset_order_cache(gm.graph)
@@ -168,21 +208,63 @@ class Rotate(Pass):
         self._quantizer = fn
         return self
 
+    # -- learned (SpinQuant) ----------------------------------------------------------------------
+    def _check_learnable(self, program: Program) -> None:
+        if program.calibration is None:
+            raise ConfigError("rotate(mode='learned') needs calibration data: pass calibration=... to fxpress.compile")
+        if program.weights is not None:
+            raise ConfigError("rotate(mode='learned') trains through the graph and needs the weights in memory; "
+                              "this program's weights are store-backed: use mode='dfrot' or 'hadamard' for it")
+        if not program.is_causal_lm:
+            raise ConfigError("rotate(mode='learned') minimises the next-token loss: it needs a causal LM")
+
+    def _learn(self, program: Program, stream: G.ResidualStream) -> tuple[Rotation, dict[int, Rotation], dict]:
+        """Train R1 (from the random Hadamard) and one R2 per attention layer (from the shared random head
+        Hadamard): per layer because the value/o_proj statistics differ by layer and 64x64 costs nothing."""
+        from fxpress.calibration import program_inputs
+        from fxpress.passes.rotate import learned as L
+
+        start = random_hadamard_rotation(stream.hidden, self.seed, self.fallback)
+        r2_start: dict[int, torch.Tensor] = {}
+        head_start: dict[int, Rotation] = {}
+        if self.r2:
+            for block, att in _r2_attentions(program.module, stream):
+                hd = att.v_head_dim
+                head_start.setdefault(hd, self._head_rotation(hd))
+                r2_start[block] = head_start[hd].dense().to(torch.float32)
+        samples = program.calibration.batches[: self.learned_samples]
+        batches = list(L.calibration_batches(samples, self.learned_batch, lambda ids: program_inputs(program, ids)))
+        opts = L.Options(
+            steps=self.learned_steps, lr=self.learned_lr,
+            act=L.QuantSpec(self.learned_act_bits, self.learned_act_clip, not self.learned_act_asym, self.learned_act_group),
+            kv=L.QuantSpec(self.learned_kv_bits, self.learned_kv_clip, False) if self.learned_kv_bits else None)
+        out = L.learn(program.module, stream, start.dense().to(torch.float32), r2_start, batches, opts, self.seed)
+        r2 = {i: Rotation(m.shape[0], matrix=m, plan=head_start[m.shape[0]].plan) for i, m in out.pop("r2").items()}
+        r1 = Rotation(stream.hidden, matrix=out.pop("r1"), plan=start.plan)
+        losses = out.pop("step_losses")
+        out.update(start=start.describe(), windows=int(samples.shape[0]), steps=self.learned_steps,
+                   loss_first_steps=sum(losses[:5]) / max(len(losses[:5]), 1) if losses else None,
+                   loss_last_steps=sum(losses[-5:]) / max(len(losses[-5:]), 1) if losses else None)
+        return r1, r2, out
+
     # -- R2 -------------------------------------------------------------------------------------
-    def _apply_r2(self, gm: GraphModule, stream: G.ResidualStream, weights: WeightPlan) -> dict[str, Any]:
+    def _apply_r2(self, gm: GraphModule, stream: G.ResidualStream, weights: WeightPlan,
+                  learned: dict[int, Rotation] | None = None) -> dict[str, Any]:
+        """One R2 per head size shared by every layer, or (learned) each layer's own."""
         done, skipped, head_dim = 0, [], None
         rotations: dict[int, Rotation] = {}
         for block in G.decoder_blocks(gm, stream):
             att = block.attention.attention if block.attention else None
             if att is None:
                 continue
-            if not (att.v_simple and att.o_simple and att.o_proj is not None and att.v_head_dim):
+            if not _r2_ok(att):
                 skipped.append(block.index)
                 continue
             hd = head_dim = att.v_head_dim
             if hd not in rotations:
                 rotations[hd] = self._head_rotation(hd)
-            rotate_heads(att.v_proj[0], att.o_proj, rotations[hd], hd, weights)
+            r2 = learned[block.index] if learned is not None else rotations[hd]
+            rotate_heads(att.v_proj[0], att.o_proj, r2, hd, weights)
             done += 1
         out: dict[str, Any] = {"r2_layers": done, "r2_head_dim": head_dim}
         if skipped:
@@ -195,6 +277,21 @@ class Rotate(Pass):
         if self.mode == "orthogonal":
             return random_orthogonal_rotation(hd, self.seed + 1)
         return random_hadamard_rotation(hd, self.seed + 1, self.fallback)
+
+
+def _r2_ok(att: Any) -> bool:
+    """Values reach attention by a plain per-head reshape and o_proj reads the heads: R2 can be folded."""
+    return bool(att.v_simple and att.o_simple and att.o_proj is not None and att.v_head_dim)
+
+
+def _r2_attentions(gm: GraphModule, stream: G.ResidualStream) -> list[tuple[int, Any]]:
+    """(block index, attention) of every block whose values R2 can rotate."""
+    out = []
+    for block in G.decoder_blocks(gm, stream):
+        att = block.attention.attention if block.attention else None
+        if att is not None and _r2_ok(att):
+            out.append((block.index, att))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
