@@ -59,6 +59,8 @@ def test_w4_llama_runs_on_fused_kernels_and_matches_pytorch(tmp_path, w4_llama):
     # per layer: one q/k/v and one gate/up kernel instead of five, plus o and down (the head stays float)
     assert kinds[("com.microsoft", "MatMulNBits")] == 2 * 4 and stats["matmulnbits_fused_away"] == 2 * 3
     assert not {("", "Softmax"), ("", "Expand")} & set(kinds)  # no decomposed attention, no KV heads expanded
+    # o_proj reads GroupQueryAttention's [b, s, h*d] as it is: no trip through SDPA's [b, h, s, d] and back
+    assert stats["attention_layout_round_trips_removed"] == 2 and kinds[("", "Transpose")] == 0
     model = onnx.load(str(path))
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     assert all(len(n.input) == 3 for n in nbits)  # symmetric int4: no zero points

@@ -22,6 +22,7 @@ import torch
 import torch.fx
 
 from fxpress import graph as G
+from fxpress.lowering.export import view_through_flat
 from fxpress.signature import Signature
 
 GQA_DTYPES = (torch.float32, torch.float16)  # ONNX Runtime's CPU GroupQueryAttention kernels
@@ -87,11 +88,13 @@ class GenaiRewrite:
     per_layer_io: bool = False
     fused: int = 0
     rotary_inside: int = 0
+    layout_round_trips: int = 0  # attention outputs handed to o_proj as GroupQueryAttention's own layout
     unfused: list[str] = field(default_factory=list)
 
     def stats(self) -> dict[str, Any]:
         return {"io": "genai" if self.per_layer_io else "stacked", "group_query_attention": self.fused,
-                "rotary_in_attention": self.rotary_inside, "attention_unfused": list(self.unfused)}
+                "rotary_in_attention": self.rotary_inside, "attention_layout_round_trips_removed": self.layout_round_trips,
+                "attention_unfused": list(self.unfused)}
 
 
 def _layer_reads(cache: torch.fx.Node, layers: int) -> dict[int, list[torch.fx.Node]] | None:
@@ -243,7 +246,8 @@ def _rotary_caches(gm: torch.fx.GraphModule, cos: Any, sin: Any, positions: int,
     return tuple(t[:, :half].contiguous() for t in tables)
 
 
-def _fuse(gm: torch.fx.GraphModule, att: Any, mask: Any, rotary: dict, positions: int, sig: Signature) -> bool:
+def _fuse(gm: torch.fx.GraphModule, att: Any, mask: Any, rotary: dict, positions: int, sig: Signature,
+          done: GenaiRewrite) -> bool:
     """Replace one attention by fused_attention (RoPE inside when both q and k are plainly RoPE'd); returns
     whether RoPE went inside. Presents go where the cache concatenations went."""
     graph = gm.graph
@@ -274,9 +278,55 @@ def _fuse(gm: torch.fx.GraphModule, att: Any, mask: Any, rotary: dict, positions
         heads = graph.call_function(torch.ops.aten.view.default, (out, [b, s, h, d]))
         sdpa_like = graph.call_function(torch.ops.aten.transpose.int, (heads, 1, 2))
     att.sdpa.replace_all_uses_with(sdpa_like)
+    end = _layout_round_trip_end(sdpa_like, getattr(att.q_in.meta.get("val"), "shape", None))
+    if end is not None:  # the program turns SDPA's [b, h, s, d] back into [b, s, h*d]: GQA's output is that
+        end.replace_all_uses_with(out)
+        done.layout_round_trips += 1
     for cat, present in ((att.k_cache, present_k), (att.v_cache, present_v)):  # other readers stay on the cat
         cat.replace_all_uses_with(present, delete_user_cb=lambda user: user.op == "output")
     return q is not att.q_in
+
+
+_RESHAPES = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
+             view_through_flat)
+
+
+def _only_user(node: torch.fx.Node) -> torch.fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _is_dim(arg: Any, dim: Any) -> bool:
+    """A shape argument (int, or a node whose traced value is a SymInt) equal to a traced dimension."""
+    value = arg.meta.get("val") if isinstance(arg, torch.fx.Node) else arg
+    return value is not None and str(value) == str(dim)
+
+
+def _is_shape(size: Any, dims: tuple, free: int) -> bool:
+    """`size` (a view's shape argument) equals `dims`, entry `free` also matching as -1."""
+    return isinstance(size, (list, tuple)) and len(size) == len(dims) and all(
+        (i == free and a == -1) or _is_dim(a, d) for i, (a, d) in enumerate(zip(size, dims)))
+
+
+def _layout_round_trip_end(sdpa_like: torch.fx.Node, q_shape: Any) -> torch.fx.Node | None:
+    """The program's node that turns SDPA's output layout back into [b, s, h*d] (HF attention: an optional
+    same-shape view, transpose(1, 2), reshape(b, s, -1)), when nothing else reads the chain; None otherwise.
+    Without this the ONNX graph goes from GroupQueryAttention's [b, s, h*d] to [b, h, s, d] and back: six
+    Reshape/Transpose kernels per layer, an identity."""
+    if q_shape is None or len(q_shape) != 4:
+        return None
+    b, h, s, d = q_shape
+    node = _only_user(sdpa_like)
+    if node is not None and node.target in _RESHAPES:
+        if not _is_shape(node.args[1], (b, h, s, d), free=1):
+            return None
+        node = _only_user(node)
+    if node is None or node.target != torch.ops.aten.transpose.int or sorted(node.args[1:3]) != [1, 2]:
+        return None
+    end = _only_user(node)
+    if end is None or end.target not in _RESHAPES or not _is_shape(end.args[1], (b, s, h * d), free=2):
+        return None
+    return end
 
 
 def _attentions(gm: torch.fx.GraphModule, done: GenaiRewrite) -> list:
@@ -303,7 +353,7 @@ def rewrite_for_genai(gm: torch.fx.GraphModule, sig: Signature, layers: int, dty
         for att in _attentions(gm, done):
             reason = _why_not(att, past, dtype)
             if reason is None:
-                done.rotary_inside += _fuse(gm, att, mask, rotary, positions, new_sig)
+                done.rotary_inside += _fuse(gm, att, mask, rotary, positions, new_sig, done)
                 done.fused += 1
             else:
                 done.unfused.append(f"{att.sdpa.name}: {reason}")
