@@ -25,6 +25,9 @@ import torch
 
 _DROPPED = (torch.ops.aten.detach_.default, torch.ops.aten.detach.default)
 _TO = (torch.ops.aten.to.dtype, torch.ops.aten.to.device, torch.ops.aten.to.dtype_layout)
+_ASSERTIONS = frozenset({torch.ops.aten.sym_constrain_range_for_size.default, torch.ops.aten._assert_async.default,
+                         torch.ops.aten._assert_async.msg, torch.ops.aten._assert_scalar.default,
+                         torch.ops.aten._assert_tensor_metadata.default})  # what the exporter removes
 
 
 def untranslatable_ops(graph: torch.fx.Graph, registry: Any) -> set[Any]:
@@ -33,7 +36,7 @@ def untranslatable_ops(graph: torch.fx.Graph, registry: Any) -> set[Any]:
     from torch.onnx._internal.exporter import _decomp
 
     known = set(_decomp.get_onnx_implemented_overloads(registry))
-    ignored = {*_DROPPED, *_TO, *_assertions()}
+    ignored = {*_DROPPED, *_TO, *_ASSERTIONS}
     return {n.target for n in graph.nodes
             if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target not in ignored
             and (n.target not in known or _needs_functional_form(n.target))}
@@ -46,12 +49,6 @@ def _needs_functional_form(op: torch._ops.OpOverload) -> bool:
     return schema.is_mutable or any(str(r.type) == "List[Tensor]" for r in schema.returns)
 
 
-def _assertions() -> set[Any]:
-    aten = torch.ops.aten
-    return {aten.sym_constrain_range_for_size.default, aten._assert_async.default, aten._assert_async.msg,
-            aten._assert_scalar.default, aten._assert_tensor_metadata.default}
-
-
 def rewrite_training_forms(gm: torch.fx.GraphModule) -> int:
     """`to` -> `_to_copy`, drop `detach_`/`detach`, drop assertions; returns how many nodes changed."""
     changed = 0
@@ -61,7 +58,7 @@ def rewrite_training_forms(gm: torch.fx.GraphModule) -> int:
         if node.target in _DROPPED:
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
-        elif node.target in _assertions() and not node.users:
+        elif node.target in _ASSERTIONS and not node.users:
             gm.graph.erase_node(node)
         elif node.target in _TO:
             _to_copy(node)
