@@ -53,6 +53,13 @@ def round_clamped(v: torch.Tensor, low: float, high: float, offset: float = 0.0)
     return (v + magic) - magic
 
 
+def round_clamped_(v: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """`round_clamped` in place (no offset), the same float operations: for GPTQ's loop, which runs it once per column."""
+    v.clamp_(low, high)
+    magic = _MAGIC.get(v.dtype)
+    return v.round_() if magic is None else v.add_(magic).sub_(magic)
+
+
 # --- bit packing ------------------------------------------------------------------------------------
 def _shifts(count: int, step: int, device: torch.device) -> torch.Tensor:
     return torch.arange(count, device=device, dtype=torch.int64) * step

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -20,20 +21,20 @@ QUANTIZE_ACT = torch.ops.fxpress.quantize_act.default
 SEARCH_ROWS = 1024  # token rows per quantizer that score the clip ratios (the cost is rows x K^2 per ratio)
 
 
-def search_act_clips(program: Program, act_nodes: list[Node], top: float) -> dict[str, float]:
-    """Per activation quantizer, the clip ratio (from `top` down to 0.5) that minimises the output error of
-    the linears reading it, on the calibration set (this rank's chunks, errors summed over all ranks),
-    earlier quantizers already at their choice."""
+def search_act_clips(program: Program, clips: ClipChooser) -> dict[str, float]:
+    """Per activation quantizer of `clips`, the clip ratio (from its top down to 0.5) that minimises the output
+    error of the linears reading it, on the calibration set (this rank's chunks, errors summed over all ranks),
+    earlier quantizers already at their choice, in a calibration run of its own. (With GPTQ the search rides on
+    GPTQ's run instead: `gptq_runner.gptq_weights(..., clips=clips)`.)"""
+    _ActClipSearch(program, clips).run(calibration_inputs(program), until=list(clips.nodes))
+    return clips.apply(program)
+
+
+def calibration_inputs(program: Program) -> list[tuple]:
+    """This rank's calibration chunks as the graph's inputs."""
     calibration = program.calibration
     assert calibration is not None
-    chunks = list(calibration.chunks())
-    grid = clip_grid(top)
-    searcher = _ActClipSearch(program, act_nodes, grid, max_rows=-(-SEARCH_ROWS // len(chunks)))
-    searcher.run([program_inputs(program, chunk) for chunk in distributed.shard(chunks)], until=act_nodes)
-    for node, best in searcher.chosen.items():
-        node.args = (node.args[0], node.args[1], best, node.args[3])
-    program.module.recompile()
-    return {node.name: best for node, best in searcher.chosen.items()}
+    return [program_inputs(program, chunk) for chunk in distributed.shard(list(calibration.chunks()))]
 
 
 def clip_grid(top: float) -> list[float]:
@@ -41,30 +42,36 @@ def clip_grid(top: float) -> list[float]:
     return [top] + [r / 100 for r in range(95, 45, -5) if r / 100 < top - 1e-9]
 
 
-class _ActClipSearch(Executor):
-    """Takes over the searched quantize_act nodes: from every chunk's input it adds up, per candidate clip
-    ratio, the output error tr(E M E^T) of the linears reading it (E = quantized - x, M = sum of W^T W),
-    sums the errors over ranks, picks the best ratio and quantizes every chunk with it, so later
-    quantizers see earlier ones' choices."""
+class ClipChooser:
+    """The search's state, hooked into any calibration run (its own, or GPTQ's): at each searched quantize_act
+    it adds up, from every chunk's input and per candidate clip ratio, the output error tr(E M E^T) of the
+    linears reading it (E = quantized - x, M = sum of W^T W), sums the errors over ranks and keeps the best
+    ratio; every chunk is then quantized with it, so later quantizers see earlier ones' choices."""
 
-    def __init__(self, program: Program, act_nodes: list[Node], grid: list[float], max_rows: int = SEARCH_ROWS):
-        super().__init__(program.module, device=program.device, activation_budget=program.activation_budget)
-        self.hooked = set(act_nodes)
-        self.grid, self.max_rows = grid, max_rows
+    def __init__(self, program: Program, act_nodes: list[Node], top: float):
+        calibration = program.calibration
+        assert calibration is not None
+        self.nodes = set(act_nodes)
+        self.grid = clip_grid(top)
+        self.max_rows = -(-SEARCH_ROWS // sum(1 for _ in calibration.chunks()))
         self.chosen: dict[Node, float] = {}
+        self.seconds = 0.0
 
-    def prepare(self, node: Node, inputs: ChunkInputs) -> None:
-        # its readers are still aten.linear here: weights are quantized after the search
-        output_error = _output_error([self.fetch(u.args[1]).detach().float() for u in node.users])
+    def choose(self, node: Node, inputs: ChunkInputs, fetch: Callable[[Node], Any]) -> None:
+        """Score the grid on every chunk's rows at once (one GEMM per ratio) and keep the best ratio."""
+        start = time.perf_counter()
+        # its readers are still aten.linear here: weights are quantized after (or, in GPTQ's run, right after) it
+        output_error = _output_error([fetch(u.args[1]).detach().float() for u in node.users])
         bits, symmetric = node.args[1], node.args[3]
         sampled = [self._sampled(args[0]) for args, _ in inputs]
         errors = torch.zeros(len(self.grid), dtype=torch.float64)
-        if sampled:  # every chunk's rows at once: one GEMM per ratio, not one per chunk and ratio (~16 rows each)
+        if sampled:
             rows = torch.cat(sampled)
             for i, ratio in enumerate(self.grid):
                 errors[i] = output_error(QUANTIZE_ACT(rows, bits, ratio, symmetric) - rows)
         distributed.all_reduce_sum(errors)
         self.chosen[node] = self.grid[int(errors.argmin())]
+        self.seconds += time.perf_counter() - start
 
     def _sampled(self, x: torch.Tensor) -> torch.Tensor:
         """A chunk's token rows, evenly subsampled to `max_rows`: keeps the cost per chunk bounded."""
@@ -73,9 +80,32 @@ class _ActClipSearch(Executor):
             rows = rows[torch.linspace(0, rows.shape[0] - 1, self.max_rows, device=rows.device).long()]
         return rows
 
-    def call(self, node: Node, index: int, args: tuple, kwargs: dict) -> Any:
+    def quantize(self, node: Node, args: tuple) -> torch.Tensor:
+        """One chunk through the quantizer at its chosen ratio."""
         x, bits, _, symmetric = args
         return QUANTIZE_ACT(x, bits, self.chosen[node], symmetric)
+
+    def apply(self, program: Program) -> dict[str, float]:
+        """Write the chosen ratios into the graph; returns them by node name."""
+        for node, best in self.chosen.items():
+            node.args = (node.args[0], node.args[1], best, node.args[3])
+        program.module.recompile()
+        return {node.name: best for node, best in self.chosen.items()}
+
+
+class _ActClipSearch(Executor):
+    """A calibration run of its own for the search (weights not quantized with GPTQ): takes over the quantizers."""
+
+    def __init__(self, program: Program, clips: ClipChooser):
+        super().__init__(program.module, device=program.device, activation_budget=program.activation_budget)
+        self.clips = clips
+        self.hooked = clips.nodes
+
+    def prepare(self, node: Node, inputs: ChunkInputs) -> None:
+        self.clips.choose(node, inputs, self.fetch)
+
+    def call(self, node: Node, index: int, args: tuple, kwargs: dict) -> Any:
+        return self.clips.quantize(node, args)
 
 
 def _output_error(weights: list[torch.Tensor]) -> Callable[[torch.Tensor], float]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from fxpress.errors import ConfigError, FxpressError
-from fxpress.runtime.quant import pack_codes, pack_weight, round_clamped
+from fxpress.runtime.quant import pack_codes, pack_weight, round_clamped, round_clamped_
 
 CLIP_GRID = tuple(1.0 - 0.05 * i for i in range(10))  # shrink factors 1.0 .. 0.55 for the clipping search
 
@@ -120,6 +120,17 @@ def _group_params(w: torch.Tensor, spec: WeightSpec, block: int) -> tuple[torch.
     padded = torch.nn.functional.pad(w.float(), (0, blocks * block - k))
     scale, zero = find_params(padded.reshape(n * blocks, block), spec)
     return scale.reshape(n, blocks), zero.reshape(n, blocks)
+
+
+def _sweep_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, diagonal: torch.Tensor,
+                  code: torch.Tensor, err: torch.Tensor) -> None:
+    """One GPTQ step, written into `code` and `err` in place (a handful of kernels, no temporaries): the
+    column's codes, and its error (w - dequantized) / H^-1[i, i] that the caller spreads onto later columns."""
+    torch.div(w, scale, out=code)
+    round_clamped_(code.add_(zero), 0, maxq)
+    torch.sub(code, zero, out=err)
+    torch.sub(w, err.mul_(scale), out=err)
+    err.div_(diagonal)
 
 
 def _codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
@@ -232,27 +243,28 @@ def gptq(
         scales = torch.zeros(n, blocks, device=w.device)
         zeros = torch.zeros(n, blocks, device=w.device)
     perm = torch.argsort(diagonal, descending=True) if act_order else torch.arange(k, device=w.device)
-    w = w[:, perm]
     hinv = _inverse_cholesky(_dampened(h, diagonal[perm], perm, damp), name, damp)
-    order = perm.tolist()
-    codes = torch.zeros(n, k, device=w.device)
+    # Columns as rows ([K, N], permuted): each step reads and writes contiguous memory, not a strided column
+    wt = w[:, perm].T.contiguous()
+    codes = torch.empty_like(wt)
+    groups = (perm // gsize).tolist()
+    column_scales = scales[:, perm // gsize].T.contiguous() if static else None
+    column_zeros = zeros[:, perm // gsize].T.contiguous() if static else None
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
+        rows, err = wt[i1:i2], torch.empty(i2 - i1, n, device=w.device)
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = order[i1 + i]
-            g = col // gsize
-            if not static and col % gsize == 0:
-                current = torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :gsize]
-                scales[:, g], zeros[:, g] = find_params(current, spec)
-            scale, zero = scales[:, g], zeros[:, g]
-            c = _codes(w1[:, i], scale, zero, spec.maxq)
-            codes[:, i1 + i] = c
-            e = (w1[:, i] - (c - zero) * scale) / hinv1[i, i]
-            w1[:, i + 1:].addr_(e, hinv1[i, i + 1:], alpha=-1)
-            err1[:, i] = e
-        w[:, i2:].sub_(err1 @ hinv[i1:i2, i2:])
-    codes = codes[:, torch.argsort(perm)].to(torch.uint8)
+            col = i1 + i
+            if static:
+                scale, zero = column_scales[col], column_zeros[col]
+            else:
+                if col % gsize == 0:  # (no act_order: columns in order) a group's first column: scale from the updated weights
+                    g = groups[col]
+                    scales[:, g], zeros[:, g] = find_params(wt[col:col + gsize].T, spec)
+                scale, zero = scales[:, groups[col]], zeros[:, groups[col]]
+            _sweep_column(rows[i], scale, zero, spec.maxq, hinv1[i, i], codes[col], err[i])
+            rows[i + 1:].addr_(hinv1[i, i + 1:], err[i], alpha=-1)
+        wt[i2:].sub_(hinv[i1:i2, i2:].T @ err)
+    codes = codes.T[:, torch.argsort(perm)].to(torch.uint8)
     return QuantizedWeight(codes, scales, zeros, spec, gsize)

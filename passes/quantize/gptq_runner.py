@@ -4,7 +4,9 @@ The run is `fxpress.execute`'s node-major one: at the first linear of a group (l
 input) every calibration chunk's input is there, so the group's Hessian is summed over all chunks (and
 all ranks), the group is quantized, and then every chunk continues with the dequantized weights, so
 later layers see earlier layers' quantized outputs (sequential calibration). The run stops after the
-last quantized linear.
+last quantized linear. An activation clip search (`act_clip.ClipChooser`) can ride on the same run: each
+quantizer's ratio is chosen when the run reaches it, from inputs that earlier GPTQ groups already shaped, so
+the calibration set goes through the model once for both.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from tqdm.auto import tqdm
 
 from fxpress import distributed
 from fxpress import graph as G
-from fxpress.calibration import program_inputs
 from fxpress.execute import ChunkInputs, Executor
+from fxpress.passes.quantize.act_clip import ClipChooser, calibration_inputs
 from fxpress.passes.quantize.config import WeightQuant
 from fxpress.passes.quantize.gptq import QuantizedWeight, WeightSpec, gptq, rtn
 
@@ -31,16 +33,16 @@ def weight_spec(weights: WeightQuant) -> WeightSpec:
     return WeightSpec(weights.bits or 8, weights.group_size, weights.symmetric, weights.clip_search)
 
 
-def gptq_weights(program: Program, targets: list[G.LinearUse], weights: WeightQuant
+def gptq_weights(program: Program, targets: list[G.LinearUse], weights: WeightQuant, clips: ClipChooser | None = None
                  ) -> tuple[dict[str, QuantizedWeight] | ParkedWeights, dict[str, Any]]:
     """Run the calibration set through the graph once (this rank's share of its chunks); each group of
     linears that read the same input is quantized when the run reaches it, so later layers see earlier
-    layers' quantized outputs. Every rank gets the same weights: the Hessians are all-reduced."""
+    layers' quantized outputs. Every rank gets the same weights: the Hessians are all-reduced. With `clips`,
+    the activation quantizers' clip ratios are searched in the same run (the caller applies them)."""
     calibration = program.calibration
     assert calibration is not None
-    chunks = distributed.shard(list(calibration.chunks()))
-    runner = _GPTQRunner(program, targets, weights)
-    runner.run([program_inputs(program, chunk) for chunk in chunks], until=[u.node for u in targets])
+    runner = _GPTQRunner(program, targets, weights, clips)
+    runner.run(calibration_inputs(program), until=[u.node for u in targets])
     runner.bar.close()
     samples = calibration.batches
     stats = {"calibration_samples": int(samples.shape[0]), "calibration_tokens": int(samples.numel()),
@@ -67,13 +69,16 @@ def chunk_hessian(inputs: ChunkInputs, width: int, device: torch.device) -> tupl
 
 class _GPTQRunner(Executor):
     """Takes over the target linears: the first of each group quantizes the group from every chunk's input
-    (one GPTQ over the stacked rows: they share H); each chunk's output uses the dequantized weights."""
+    (one GPTQ over the stacked rows: they share H); each chunk's output uses the dequantized weights.
+    The quantizers of `clips`, if given, are taken over too: their ratios are chosen as the run reaches them."""
 
-    def __init__(self, program: Program, targets: list[G.LinearUse], weights: WeightQuant):
+    def __init__(self, program: Program, targets: list[G.LinearUse], weights: WeightQuant,
+                 clips: ClipChooser | None = None):
         super().__init__(program.module, device=program.device, activation_budget=program.activation_budget)
         self.config = weights
         self.by_node = {u.node: u for u in targets}
-        self.hooked = set(self.by_node)
+        self.clips = clips
+        self.hooked = set(self.by_node) | (clips.nodes if clips else set())
         self.groups: dict[Node, list[G.LinearUse]] = {}
         for u in targets:
             self.groups.setdefault(u.node.args[0], []).append(u)
@@ -88,15 +93,23 @@ class _GPTQRunner(Executor):
         self.bar = tqdm(total=len(self.groups), desc="gptq", leave=False, disable=not distributed.is_main())
 
     def prepare(self, node: Node, inputs: ChunkInputs) -> None:
-        if self.by_node[node].name not in self.results:
+        if node not in self.by_node:
+            assert self.clips is not None
+            self.clips.choose(node, inputs, self.fetch)
+        elif self.by_node[node].name not in self.results:
             self._quantize_group(self.groups[node.args[0]], inputs)
 
     def call(self, node: Node, index: int, args: tuple, kwargs: dict) -> Any:
+        if node not in self.by_node:
+            assert self.clips is not None
+            return self.clips.quantize(node, args)
         x = args[0]
         bias = args[2] if len(args) > 2 else kwargs.get("bias")
         return F.linear(x, self.dequantized[self.by_node[node].name].to(x.dtype), bias)
 
     def finish(self, node: Node) -> None:
+        if node not in self.by_node:
+            return
         name = self.by_node[node].name
         self.uses_left[name] -= 1
         if not self.uses_left[name]:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from fxpress import graph as G
 from fxpress.errors import ConfigError
 from fxpress.passes.base import FLOAT_EXPERTS, FLOAT_LINEARS, Pass, register_pass
-from fxpress.passes.quantize.act_clip import search_act_clips
+from fxpress.passes.quantize.act_clip import ClipChooser, search_act_clips
 from fxpress.passes.quantize.config import (
     V1_FIELDS,
     ActQuant,
@@ -107,11 +107,16 @@ class Quantize(Pass):
             "skipped": skipped,
         }
         lap = stopwatch()
-        if self.activations.clip_search and act_nodes:
-            stats["act_clip_ratios"] = search_act_clips(program, act_nodes, self.activations.clip_ratio)
+        search = self.activations.clip_search and bool(act_nodes)
+        clips = ClipChooser(program, act_nodes, self.activations.clip_ratio) if search else None
+        if clips is not None and not self._gptq_weights(targets):
+            stats["act_clip_ratios"] = search_act_clips(program, clips)
             lap("act_clip_search")
         if self.weights.bits is not None and targets:
-            quantized = self._quantized_weights(program, targets, stats)
+            quantized = self._quantized_weights(program, targets, stats, clips)
+            if clips is not None:  # searched in GPTQ's run, and timed there
+                stats["act_clip_ratios"] = clips.apply(program)
+                lap.times["act_clip_search (in the GPTQ run)"] = round(clips.seconds, 3)
             lap(f"weights_{self.weights.method}")
             warnings += stats.pop("warnings", [])
             stats.update(self._rewrite(gm, targets, quantized))
@@ -171,15 +176,19 @@ class Quantize(Pass):
         return list(made.values())
 
     # -- weights ------------------------------------------------------------------------------
-    def _quantized_weights(self, program: Program, targets: list[G.LinearUse], stats: dict[str, Any]
-                           ) -> Callable[[G.LinearUse], QuantizedWeight]:
+    def _gptq_weights(self, targets: list[G.LinearUse]) -> bool:
+        return self.weights.method == "gptq" and self.weights.bits is not None and bool(targets)
+
+    def _quantized_weights(self, program: Program, targets: list[G.LinearUse], stats: dict[str, Any],
+                           clips: ClipChooser | None) -> Callable[[G.LinearUse], QuantizedWeight]:
         """Each target's quantized weight, asked for once per weight as the rewrite reaches it.
 
-        GPTQ quantizes during its calibration run (its stats and warnings go into `stats`) and hands each
-        result over once; RTN quantizes when asked, so one weight's codes are in memory at a time.
+        GPTQ quantizes during its calibration run (its stats and warnings go into `stats`; the activation clip
+        search, if any, rides on that run) and hands each result over once; RTN quantizes when asked, so one
+        weight's codes are in memory at a time.
         """
         if self.weights.method == "gptq":
-            weights, gptq_stats = gptq_weights(program, targets, self.weights)
+            weights, gptq_stats = gptq_weights(program, targets, self.weights, clips)
             stats.update(gptq_stats)
             return lambda use: weights.pop(use.name)
         spec = weight_spec(self.weights)
