@@ -16,6 +16,7 @@ from fxpress.errors import ConfigError, PassError, PassOrderError, RecipeError
 from fxpress.evaluate import compare_logits, perplexity
 from fxpress.passes import PASS_REGISTRY, Quantize, pass_from_dict, run_passes
 from fxpress.passes.quantize import ActQuant, KVQuant, TableQuant, WeightQuant
+from fxpress.passes.quantize.act_clip import coarse_to_fine
 from fxpress.recipe import load_recipe
 from fxpress.zoo import tiny_causal_lm
 
@@ -293,6 +294,23 @@ def test_act_clip_search_picks_a_ratio_per_quantizer_and_lowers_the_error(tiny_l
     assert all(nodes[name].args[2] == r for name, r in chosen.items())
     assert all(w.new.args[2] == 1.0 for w in G.cache_writes(searched.module))
     assert _act_error(program, searched, ids) < _act_error(program, fixed, ids)
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 9, 11])
+def test_coarse_to_fine_finds_the_minimum_of_a_unimodal_grid_with_fewer_evaluations(size):
+    """Every unimodal error curve (its minimum anywhere, ties included) gets argmin's answer; 11 points cost 8."""
+    for best in range(size):
+        curve = [abs(i - best) + (0.5 if i > best else 0.0) for i in range(size)]
+        asked: list[int] = []
+
+        def errors(indices, curve=curve, asked=asked):
+            asked.extend(indices)
+            return {i: curve[i] for i in indices}
+
+        assert coarse_to_fine(size, errors) == best
+        assert len(asked) == len(set(asked)) <= (size + 1) // 2 + 2
+    flat = coarse_to_fine(11, lambda idx: dict.fromkeys(idx, 1.0))
+    assert flat == 0  # ties go to the first (the largest ratio), as argmin did
 
 
 def test_asymmetric_activations_use_a_zero_point_and_all_levels(tiny_llama):

@@ -42,6 +42,16 @@ def clip_grid(top: float) -> list[float]:
     return [top] + [r / 100 for r in range(95, 45, -5) if r / 100 < top - 1e-9]
 
 
+def coarse_to_fine(size: int, errors: Callable[[list[int]], dict[int, float]]) -> int:
+    """The index of the smallest error on a grid of `size` points: every other point first, then the two
+    neighbours of the best one (8 evaluations instead of 11 on the default grid; the same answer wherever the
+    error is unimodal in the ratio, as clipping's trade-off of rounding against clipping error makes it)."""
+    scored = errors(list(range(0, size, 2)))
+    best = min(scored, key=scored.__getitem__)
+    scored |= errors([i for i in (best - 1, best + 1) if 0 <= i < size and i not in scored])
+    return min(sorted(scored), key=scored.__getitem__)
+
+
 class ClipChooser:
     """The search's state, hooked into any calibration run (its own, or GPTQ's): at each searched quantize_act
     it adds up, from every chunk's input and per candidate clip ratio, the output error tr(E M E^T) of the
@@ -64,13 +74,19 @@ class ClipChooser:
         output_error = _output_error([fetch(u.args[1]).detach().float() for u in node.users])
         bits, symmetric = node.args[1], node.args[3]
         sampled = [self._sampled(args[0]) for args, _ in inputs]
-        errors = torch.zeros(len(self.grid), dtype=torch.float64)
-        if sampled:
-            rows = torch.cat(sampled)
-            for i, ratio in enumerate(self.grid):
-                errors[i] = output_error(QUANTIZE_ACT(rows, bits, ratio, symmetric) - rows)
-        distributed.all_reduce_sum(errors)
-        self.chosen[node] = self.grid[int(errors.argmin())]
+        rows = torch.cat(sampled) if sampled else None
+
+        def errors(indices: list[int]) -> dict[int, float]:
+            """The output error at these grid points, summed over ranks (every rank asks for the same points)."""
+            if not indices:
+                return {}
+            local = torch.zeros(len(indices), dtype=torch.float64)
+            if rows is not None:
+                for j, i in enumerate(indices):
+                    local[j] = output_error(QUANTIZE_ACT(rows, bits, self.grid[i], symmetric) - rows)
+            return dict(zip(indices, distributed.all_reduce_sum(local).tolist()))
+
+        self.chosen[node] = self.grid[coarse_to_fine(len(self.grid), errors)]
         self.seconds += time.perf_counter() - start
 
     def _sampled(self, x: torch.Tensor) -> torch.Tensor:
