@@ -18,20 +18,47 @@ from fxpress.integrity import record_digests
 from fxpress.lowering.artifacts import TVM_LIBRARY, TVM_WEIGHTS, artifact_metadata
 from fxpress.lowering.export import reexport, refuse_bfloat16
 from fxpress.lowering.tvm.registry import convert_map
-from fxpress.lowering.tvm.relax_helpers import dtype_of
+from fxpress.lowering.tvm.relax_helpers import dtype_of, restore, rows_view, shape_of
 from fxpress.program import Program
 from fxpress.weights import format_bytes
 
 
 def _convert_aten_linear(node: Any, importer: Any) -> Any:
-    """aten.linear in the input's float type: TVM's frontend emits it with out_dtype float32 whatever the input
-    (a float64 program, after the Precision pass, would otherwise round its LM head to float32)."""
+    """aten.linear in the input's float type (TVM's frontend emits out_dtype float32 whatever the input, so a
+    float64 program would round its LM head), as `row_dot.dense_kernel`: the weight read in its stored [n, k]
+    layout, where TVM's own `linear` transposes the whole weight on every call and runs an unscheduled matmul."""
     from tvm import relax
 
     args = importer.retrieve_args(node)
     x, weight = args[0], args[1]
     bias = args[2] if len(args) > 2 else None
-    return importer.block_builder.emit(relax.op.linear(x, weight, bias, dtype_of(x)))
+    if not _static_matrix(weight) or dtype_of(weight) != dtype_of(x):
+        return importer.block_builder.emit(relax.op.linear(x, weight, bias, dtype_of(x)))
+    return _dense_linear(importer.block_builder, x, weight, bias)
+
+
+def _static_matrix(value: Any) -> bool:
+    """A 2-D tensor of known shape (a weight), the case the dense kernel is built for."""
+    from tvm import tirx
+
+    shape = getattr(value.ty, "shape", None)
+    dims = getattr(shape, "values", None)
+    return dims is not None and len(dims) == 2 and all(isinstance(d, tirx.IntImm) for d in dims)
+
+
+def _dense_linear(bb: Any, x: Any, weight: Any, bias: Any) -> Any:
+    from tvm import relax
+
+    from fxpress.lowering.tvm.row_dot import dense_kernel
+
+    n, k = (int(d) for d in shape_of(weight))
+    dtype = dtype_of(x)
+    x2, rows, lead = rows_view(bb, x, k)
+    gv = bb.add_func(dense_kernel(n, k, dtype), "dense_linear")
+    y = bb.emit(relax.call_tir(gv, [x2, weight], out_ty=relax.TensorType([rows, n], dtype)))
+    if bias is not None:
+        y = bb.emit(relax.op.add(y, bias))
+    return restore(bb, y, lead, n)
 
 
 def _convert_aten_matmul(node: Any, importer: Any) -> Any:
@@ -49,15 +76,33 @@ ATEN_CONVERTERS: dict[str, Callable] = {
 }
 
 
-def _target(target: Any) -> Any:
+HOST_TARGET = "host"  # llvm for this machine's CPU (AVX2 / AVX-512 where it has them); "llvm" is portable x86-64
+
+
+def host_target() -> dict[str, str]:
+    """LLVM for the CPU this process runs on, named as LLVM names it (e.g. 'emeraldrapids')."""
     import tvm
 
-    if isinstance(target, str):
-        target = {"kind": target}
+    return {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()}
+
+
+def _target(target: Any) -> Any:
+    """A TVM Target from 'host', a target string ('llvm', 'llvm -mcpu=skylake-avx512') or a config dict.
+
+    Why 'host' is the default: generic x86-64 ('llvm' alone) has no AVX2/FMA, so every vector kernel runs
+    several times slower; an artifact built for the host needs a CPU with the same features to run.
+    """
+    import tvm
+
+    if target == HOST_TARGET:
+        target = host_target()
+    elif isinstance(target, str):
+        target = {"kind": target} if " " not in target else target
     try:
         return tvm.target.Target(target)
     except Exception as err:  # TVM raises its own error types for unknown targets
-        raise ConfigError(f"target {target!r} is not a TVM target: use 'llvm' or {{'kind': 'llvm', 'mcpu': 'native'}}") from err
+        raise ConfigError(f"target {target!r} is not a TVM target: use 'host' (this CPU), 'llvm' (portable x86-64) "
+                          "or {'kind': 'llvm', 'mcpu': 'skylake-avx512'}") from err
 
 
 def _pipeline(target: Any) -> Any:
@@ -130,12 +175,13 @@ def refuse_store_backed(program: Program) -> None:
     )
 
 
-def export_tvm(program: Program, path: str | os.PathLike, target: Any = "llvm", schedule: bool = True,
+def export_tvm(program: Program, path: str | os.PathLike, target: Any = HOST_TARGET, schedule: bool = True,
                overwrite: bool = False) -> dict[str, Any]:
     """Build `program` for `target` and write the artifact directory at `path` (atomically); returns statistics.
 
     The directory holds `model-<id>.so` (the Relax VM executable), `weights.safetensors` and `fxpress.json`.
     A directory at `path` that fxpress did not write is refused before the build unless `overwrite`.
+    `target`: 'host' (this CPU's instruction set; the manifest records it), 'llvm' (any x86-64), or a TVM target.
     """
     import tvm
 
