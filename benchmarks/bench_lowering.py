@@ -84,7 +84,9 @@ def export(target: str, program, path_stem: Path) -> tuple[Path, int, float]:
     if target == "onnx":
         from fxpress.lowering.onnx import export_onnx
 
-        path = path_stem.with_suffix(".onnx")
+        folder = path_stem.with_name(path_stem.name + "_onnx")  # one folder each: an export writes its genai_config.json
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / (path_stem.name + ".onnx")
         stats = export_onnx(program, path)
     else:
         from fxpress.lowering.tvm import export_tvm

@@ -17,6 +17,7 @@ from fxpress.errors import ConfigError, LoweringError
 from fxpress.integrity import record_digests
 from fxpress.lowering.artifacts import TVM_LIBRARY, TVM_WEIGHTS, artifact_metadata
 from fxpress.lowering.export import reexport, refuse_bfloat16
+from fxpress.lowering.tvm.concat import concatenable, emit_concat
 from fxpress.lowering.tvm.registry import convert_map
 from fxpress.lowering.tvm.relax_helpers import dtype_of, restore, rows_view, shape_of
 from fxpress.program import Program
@@ -69,10 +70,36 @@ def _convert_aten_matmul(node: Any, importer: Any) -> Any:
     return importer.block_builder.emit(relax.op.linear_algebra.matmul(lhs, rhs, out_dtype=dtype_of(lhs)))
 
 
+def _convert_aten_cat(node: Any, importer: Any) -> Any:
+    """aten.cat along an outer axis (the KV cache's past + new) as row copies (`concat.emit_concat`); along the
+    last axis (rotary halves) TVM's own concat stays, as it fuses into the elementwise ops around it."""
+    from tvm import relax
+
+    args = importer.retrieve_args(node)
+    tensors, axis = list(args[0]), args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if concatenable(tensors) and axis % len(shape_of(tensors[0])) != len(shape_of(tensors[0])) - 1:
+        return emit_concat(importer.block_builder, tensors, axis)
+    return importer.block_builder.emit(relax.op.concat(tensors, axis=axis))
+
+
+def _convert_aten_stack(node: Any, importer: Any) -> Any:
+    """aten.stack (the per-layer KV tensors into one cache tensor) as row copies."""
+    from tvm import relax
+
+    args = importer.retrieve_args(node)
+    tensors, axis = list(args[0]), args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if concatenable(tensors):
+        return emit_concat(importer.block_builder, tensors, axis, stack=True)
+    return importer.block_builder.emit(relax.op.stack(tensors, axis=axis))
+
+
 # ATen converters that replace the frontend's own: they keep the input's float type (float64 after Precision)
+# and read weights and caches in place
 ATEN_CONVERTERS: dict[str, Callable] = {
     "linear.default": _convert_aten_linear,
     **dict.fromkeys(("matmul.default", "mm.default", "bmm.default"), _convert_aten_matmul),
+    **dict.fromkeys(("cat.default", "concat.default"), _convert_aten_cat),
+    "stack.default": _convert_aten_stack,
 }
 
 
@@ -106,10 +133,13 @@ def _target(target: Any) -> Any:
 
 
 def _pipeline(target: Any) -> Any:
-    """TVM's CPU pipeline without operator fusion, plus dlight's CPU schedules (GEMV, reductions).
+    """TVM's CPU pipeline (legalize, fuse, lower), plus dlight's CPU schedules (GEMV, reductions).
 
-    FuseOps/FuseTIR fail on the attention graphs transformers emits (a RenewDefs check in TVM 0.27), so
-    operators stay unfused; dlight parallelises and vectorises the decode-time matrix-vector products.
+    Operator fusion turns each chain of elementwise ops (norms, rotary embedding, SiLU gating) into one
+    kernel: fewer kernels, fewer intermediate tensors and far fewer VM instructions per decode step.
+    FuseTIR fails (a RenewDefs check in TVM 0.27) on a group in which one kernel reads the same tensor
+    twice (the rotary table's concatenate(freqs, freqs)), and on some groups of quantized-activation graphs
+    (inconsistent buffers for one var); such groups stay unfused, the rest is fused.
     """
     import tvm
     from tvm import relax
@@ -119,12 +149,97 @@ def _pipeline(target: Any) -> Any:
     @tvm.transform.module_pass(opt_level=0)
     def _run(mod: Any, _ctx: Any) -> Any:
         with target:
-            passes = (cpu.library_dispatch_passes(target) + [relax.transform.LegalizeOps()]
+            passes = (cpu.library_dispatch_passes(target)
+                      + [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                         relax.transform.FoldConstant(), relax.transform.FuseOps(), _unfuse_repeated_reads(),
+                         _fuse_tir_where_it_builds()]
                       + [dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())]
                       + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
             return tvm.transform.Sequential(passes)(mod)
 
     return _run
+
+
+def _unfuse_repeated_reads() -> Any:
+    """Module pass: a fused group in which one call_tir passes the same value twice stays a plain function."""
+    import tvm
+
+    @tvm.transform.module_pass(opt_level=0, name="UnfuseRepeatedReads")
+    def _run(mod: Any, _ctx: Any) -> Any:
+        for gv, func in list(mod.functions.items()):
+            if _is_primitive(func) and _reads_twice(func):
+                mod[gv] = func.without_attr("Primitive")
+        return mod
+
+    return _run
+
+
+def _fuse_tir_where_it_builds() -> Any:
+    """Module pass: FuseTIR, and where it fails, the groups it fails on (found by halving) stay unfused."""
+    import tvm
+    from tvm import relax
+
+    def fuses(mod: Any, groups: list) -> bool:
+        try:
+            relax.transform.FuseTIR()(_only_primitive(mod, groups))
+            return True
+        except Exception:  # TVM's internal checks raise their own error types
+            return False
+
+    @tvm.transform.module_pass(opt_level=0, name="FuseTIRWhereItBuilds")
+    def _run(mod: Any, _ctx: Any) -> Any:
+        groups = [gv for gv, f in mod.functions.items() if _is_primitive(f)]
+        if fuses(mod, groups):
+            return relax.transform.FuseTIR()(mod)
+        kept: list = []
+
+        def keep_what_fuses(part: list) -> None:
+            if fuses(mod, kept + part):
+                kept.extend(part)
+            elif len(part) > 1:
+                keep_what_fuses(part[:len(part) // 2])
+                keep_what_fuses(part[len(part) // 2:])
+
+        keep_what_fuses(groups)
+        return relax.transform.FuseTIR()(_only_primitive(mod, kept))
+
+    return _run
+
+
+def _is_primitive(func: Any) -> bool:
+    from tvm import relax
+
+    return isinstance(func, relax.Function) and func.attrs is not None and "Primitive" in func.attrs
+
+
+def _only_primitive(mod: Any, groups: list) -> Any:
+    """A copy of `mod` where only `groups` are still fusion groups (the others become plain functions)."""
+    keep = {gv.name_hint for gv in groups}
+    out = mod.clone() if hasattr(mod, "clone") else type(mod)(mod.functions, mod.global_infos, mod.attrs)
+    for gv, func in mod.functions.items():
+        if _is_primitive(func) and gv.name_hint not in keep:
+            out[gv] = func.without_attr("Primitive")
+    return out
+
+
+def _reads_twice(func: Any) -> bool:
+    """Whether any call in `func` takes the same variable as two of its tensor arguments."""
+    from tvm import relax
+
+    found = []
+
+    def visit(expr: Any) -> None:
+        if isinstance(expr, relax.Call) and len(expr.args) > 1 and isinstance(expr.args[1], relax.Tuple):
+            args = [a for a in expr.args[1].fields if isinstance(a, relax.Var)]
+            if _has_duplicate(args):
+                found.append(expr)
+
+    relax.analysis.post_order_visit(func.body, visit)
+    return bool(found)
+
+
+def _has_duplicate(values: list) -> bool:
+    return any(a.same_as(b) for i, a in enumerate(values) for b in values[i + 1:])
 
 
 def to_relax(program: Program) -> tuple[Any, list[np.ndarray], list[str], Any]:
