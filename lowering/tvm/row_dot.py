@@ -62,7 +62,9 @@ def packed_kernel(n: int, k: int, k_blocks: int, block: int, bits: int, zero_byt
     """y[r, j] = Σ_b scale[j, b] · Σ_{i in b} x[r, i] · (code[j, i] − zero[j, b]) for byte-aligned codes.
 
     Code c of byte p in a block is element p · (8 / bits) + c (low bits first, as `pack_codes` writes them);
-    x is copied once per call into xs[r, b, c, p] so that lane p of code c reads xs contiguously.
+    x is copied once per call into xs[r, b, c, p] so that lane p of code c reads xs contiguously. The zero is
+    applied once per lane as −zero · Σ_c xs[r, b, c, p] (summed once per call), not subtracted from each code:
+    one vector operation fewer per block on the two AVX-512 ports that bound this loop.
     """
     from tvm.script import tirx as T
 
@@ -88,8 +90,13 @@ def packed_kernel(n: int, k: int, k_blocks: int, block: int, bits: int, zero_byt
         x = T.match_buffer(var_x, (rows, k), dtype)
         y = T.match_buffer(var_y, (rows, n), dtype)
         xs = T.alloc_buffer((rows, k_blocks, per_byte, block_bytes), dtype, align=64)
+        xsum = T.alloc_buffer((rows, k_blocks, block_bytes), dtype, align=64)
         for r, b, c, p in T.grid(rows, k_blocks, per_byte, block_bytes):
             xs[r, b, c, p] = x[r, b * block + p * per_byte + c]
+        for r, b, p in T.grid(rows, k_blocks, block_bytes):
+            xsum[r, b, p] = T.Cast(dtype, 0)
+            for c in range(per_byte):
+                xsum[r, b, p] = xsum[r, b, p] + xs[r, b, c, p]
         for jo in T.parallel(n // tile):
             for r in range(rows):
                 acc = T.alloc_buffer((tile, v), dtype)
@@ -100,11 +107,11 @@ def packed_kernel(n: int, k: int, k_blocks: int, block: int, bits: int, zero_byt
                         for step in T.unroll(block_bytes // v):
                             part = T.alloc_buffer((v,), dtype)
                             for lane in T.vectorized(v):
-                                part[lane] = T.Cast(dtype, 0)
+                                part[lane] = -zero(zp, jo * tile + t, b) * xsum[r, b, step * v + lane]
                             for c in T.unroll(per_byte):
                                 for lane in T.vectorized(v):
-                                    part[lane] = part[lane] + xs[r, b, c, step * v + lane] * (
-                                        unpacked(qw, jo * tile + t, b, step * v + lane, c) - zero(zp, jo * tile + t, b))
+                                    part[lane] = part[lane] + xs[r, b, c, step * v + lane] * unpacked(
+                                        qw, jo * tile + t, b, step * v + lane, c)
                             for lane in T.vectorized(v):
                                 acc[t, lane] = acc[t, lane] + part[lane] * sc[jo * tile + t, b]
                 for t in T.unroll(tile):
