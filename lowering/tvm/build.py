@@ -63,11 +63,39 @@ def _dense_linear(bb: Any, x: Any, weight: Any, bias: Any) -> Any:
 
 
 def _convert_aten_matmul(node: Any, importer: Any) -> Any:
-    """aten.matmul / mm / bmm in the inputs' float type (TVM's frontend fixes out_dtype to float32)."""
+    """aten.matmul / mm / bmm in the inputs' float type (TVM's frontend fixes out_dtype to float32); x @ wᵀ
+    with w a stored weight (what torch.export's decomposition makes of a linear) reads w in place."""
     from tvm import relax
 
     lhs, rhs = importer.retrieve_args(node)[:2]
+    weight = _transposed_weight(node.args[1], importer)
+    if weight is not None and dtype_of(weight) == dtype_of(lhs):
+        return _dense_linear(importer.block_builder, lhs, weight, None)
     return importer.block_builder.emit(relax.op.linear_algebra.matmul(lhs, rhs, out_dtype=dtype_of(lhs)))
+
+
+def _convert_aten_addmm(node: Any, importer: Any) -> Any:
+    """aten.addmm(bias, x, wᵀ) (a linear with bias, decomposed) as the dense kernel plus the bias."""
+    bias, lhs = importer.retrieve_args(node)[:2]
+    weight = _transposed_weight(node.args[2], importer)
+    plain = len(node.args) < 4 and not node.kwargs  # beta = alpha = 1
+    if weight is not None and plain and dtype_of(weight) == dtype_of(lhs):
+        return _dense_linear(importer.block_builder, lhs, weight, bias)
+    return importer._addmm(node)  # the frontend's own
+
+
+def _transposed_weight(arg: Any, importer: Any) -> Any:
+    """The Relax weight w when the fx argument is permute(w, [1, 0]) / t(w) of a 2-D graph input, else None."""
+    name = getattr(getattr(arg, "target", None), "__name__", "")
+    if getattr(arg, "op", None) != "call_function" or name not in ("permute.default", "t.default"):
+        return None
+    if name == "permute.default" and list(arg.args[1]) not in ([1, 0], [-1, -2], [1, -2], [-1, 0]):
+        return None
+    source = arg.args[0]
+    if getattr(source, "op", None) != "placeholder":
+        return None
+    weight = importer.env.get(source)
+    return weight if weight is not None and _static_matrix(weight) else None
 
 
 def _convert_aten_cat(node: Any, importer: Any) -> Any:
@@ -98,6 +126,7 @@ def _convert_aten_stack(node: Any, importer: Any) -> Any:
 ATEN_CONVERTERS: dict[str, Callable] = {
     "linear.default": _convert_aten_linear,
     **dict.fromkeys(("matmul.default", "mm.default", "bmm.default"), _convert_aten_matmul),
+    "addmm.default": _convert_aten_addmm,
     **dict.fromkeys(("cat.default", "concat.default"), _convert_aten_cat),
     "stack.default": _convert_aten_stack,
 }
@@ -150,7 +179,8 @@ def _pipeline(target: Any) -> Any:
     def _run(mod: Any, _ctx: Any) -> Any:
         with target:
             passes = (cpu.library_dispatch_passes(target)
-                      + [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                      + [relax.transform.DeadCodeElimination(),  # the weights' transposes the dense kernel skips
+                         relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
                          relax.transform.FoldConstant(), relax.transform.FuseOps(), _unfuse_repeated_reads(),
                          _fuse_tir_where_it_builds()]
                       + [dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())]
