@@ -1,4 +1,5 @@
-"""TVM build: import into Relax (fxpress converters + float-preserving ATen ones), build for llvm, save atomically."""
+"""TVM build: import into Relax (fxpress converters + float-preserving, in-place ATen ones), build for the host CPU
+(or portable llvm), save atomically."""
 
 from __future__ import annotations
 
