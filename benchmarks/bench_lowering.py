@@ -84,7 +84,9 @@ def export(target: str, program, path_stem: Path) -> tuple[Path, int, float]:
     if target == "onnx":
         from fxpress.lowering.onnx import export_onnx
 
-        path = path_stem.with_suffix(".onnx")
+        folder = path_stem.with_name(path_stem.name + "_onnx")  # one folder each: an export writes its genai_config.json
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / (path_stem.name + ".onnx")
         stats = export_onnx(program, path)
     else:
         from fxpress.lowering.tvm import export_tvm
@@ -186,7 +188,7 @@ def main() -> None:
         latency = side_by_side(runners, prompt, args.steps, args.rounds)
         size_ratio = artifacts["W4"][1] / artifacts["fp32"][1]
         speedup = latency["fp32"] / latency["W4"]
-        runtime = "ONNX Runtime" if target == "onnx" else "TVM (llvm)"
+        runtime = "ONNX Runtime" if target == "onnx" else "TVM (host CPU)"
         report["rows"].append((runtime, artifacts["fp32"][1], artifacts["W4"][1], size_ratio, latency["fp32"],
                                latency["W4"], speedup, rel_fp, rel_w4, agree_w4))
         print(f"{runtime}: size W4/fp32 = {size_ratio:.3f}, decode fp32 {latency['fp32']:.1f} ms/token, "

@@ -223,6 +223,7 @@ class TvmRunner(Runner):
                     "replaced; export the artifact again"
                 )
         verify_digests(path, self.meta.get("integrity"), "TVM artifact")  # before the library is dlopen'ed
+        _require_cpu_features(self.meta.get("target", ""), path)
         try:
             lib = tvm.runtime.load_module(str(path / self.meta["library"]))
         except Exception as err:  # TVM raises its own error types for unreadable libraries
@@ -253,6 +254,27 @@ class TvmRunner(Runner):
         out = self.vm["main"](*args, *self.params)
         items = [out] if hasattr(out, "numpy") else list(out)
         return tuple(torch.from_numpy(o.numpy()) for o in items)
+
+
+ISA_FEATURES = ("sse", "avx", "fma", "f16c", "bmi", "amx", "vnni", "neon", "sve")  # instruction sets, not tuning flags
+
+
+def _require_cpu_features(target: str, path: Path) -> None:
+    """A library built for another CPU (export_tvm's default target is the exporting host) must not be loaded
+    where its instructions are missing: that would crash the process, not raise."""
+    if '"mcpu"' not in target:
+        return
+    import tvm
+
+    codegen = tvm.target.codegen
+    built = tvm.target.Target(json.loads(target))
+    host = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+    missing = sorted(f for f in set(codegen.llvm_get_cpu_features(built)) - set(codegen.llvm_get_cpu_features(host))
+                     if f.startswith(ISA_FEATURES))
+    if missing:
+        raise ArtifactError(
+            f"'{path}' was built for CPU '{built.attrs['mcpu']}', whose instructions {', '.join(missing[:6])} this "
+            f"CPU ('{codegen.llvm_get_system_cpu()}') lacks: export it again here, or with target='llvm' (portable)")
 
 
 def load_runner(artifact: Any, **kwargs: Any) -> Runner:

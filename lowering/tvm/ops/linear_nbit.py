@@ -1,4 +1,8 @@
-"""fxpress::linear_nbit in TVM: a TensorIR kernel that reads the packed bytes directly, plus the bias."""
+"""fxpress::linear_nbit in TVM: a TensorIR kernel that reads the packed bytes directly, plus the bias.
+
+Byte-aligned codes in whole blocks (1, 2, 4, 8 bits) take the vectorised `row_dot.packed_kernel`; codes that
+straddle bytes (3, 5, 6, 7 bits) or a partial last block take the scalar kernel below.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from fxpress.lowering.tvm.relax_helpers import (
     shape_of,
     zero_input,
 )
+from fxpress.lowering.tvm.row_dot import packed_fast_path, packed_kernel
 
 
 def linear_nbit_kernel(n: int, k: int, k_blocks: int, block: int, bits: int, zero_bytes: int,
@@ -54,7 +59,8 @@ def convert_linear_nbit(node: Any, importer: Any) -> Any:
     dtype = dtype_of(x)
     x2, rows, lead = rows_view(bb, x, k)
     zp3, zero_bytes = zero_input(bb, zp, n, k_blocks, bits)
-    gv = bb.add_func(linear_nbit_kernel(n, k, k_blocks, block, bits, zero_bytes, dtype), f"linear_nbit_{bits}b")
+    make = packed_kernel if packed_fast_path(k, block, bits) else linear_nbit_kernel
+    gv = bb.add_func(make(n, k, k_blocks, block, bits, zero_bytes, dtype), f"linear_nbit_{bits}b")
     y = bb.emit(relax.call_tir(gv, [x2, qw, sc, zp3], out_ty=relax.TensorType([rows, n], dtype)))
     if bias is not None:
         y = bb.emit(relax.op.add(y, bias))
