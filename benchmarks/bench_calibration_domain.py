@@ -1,0 +1,78 @@
+"""How much the calibration text's domain decides GPTQ's quality on held-out text (issue #16).
+
+    python benchmarks/bench_calibration_domain.py --threads 1            # W4A16 g128, rotate + GPTQ
+    python benchmarks/bench_calibration_domain.py --group-size 64 --calibrations python,mixed
+
+The same recipe (Rotate(hadamard) + GPTQ W4 with act-order) is calibrated on 64 x 128 tokens of: "python"
+(the Python HOWTOs, the peers table's protocol), "prose" (Luke, King James Bible) or "mixed" (32 windows of
+each), and evaluated on both held-out texts (the Python tutorial; Genesis). Prints perplexity ratios to fp32,
+and the 95% paired bootstrap over windows of each calibration against "python".
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+CALIBRATIONS = {"python": ("calib",), "prose": ("prose_calib",), "mixed": ("calib", "prose_calib")}
+TEXTS = {"python": "eval", "prose": "prose_eval"}
+
+
+def calibration_windows(tokenizer, name: str, windows: int, seq_len: int) -> torch.Tensor:
+    """`windows` windows split evenly over the calibration's sources (their first windows)."""
+    from fxpress.data import token_windows
+
+    splits = CALIBRATIONS[name]
+    return torch.cat([token_windows(tokenizer, s, seq_len, windows // len(splits)) for s in splits])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calibrations", default="python,prose,mixed", help=f"comma list of {', '.join(CALIBRATIONS)}")
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--calib", type=int, default=64)
+    parser.add_argument("--calib-len", type=int, default=128)
+    parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    names = args.calibrations.split(",")
+    unknown = [n for n in names if n not in CALIBRATIONS]
+    if unknown or "python" not in names:
+        parser.error(f"--calibrations: give some of {', '.join(CALIBRATIONS)}, python included (the baseline); "
+                     f"unknown: {unknown}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import fxpress
+    from fxpress.data import token_windows
+    from fxpress.evaluate import paired_bootstrap, window_metrics
+    from fxpress.models import load_smollm2
+    from fxpress.passes import Quantize, Rotate
+    from fxpress.passes.quantize import WeightQuant
+
+    model, tokenizer = load_smollm2()
+    evals = {text: token_windows(tokenizer, split, 256, args.eval_windows) for text, split in TEXTS.items()}
+    reference = fxpress.compile(model, passes=[], progress=False)
+    compiled = {}
+    for name in names:
+        passes = [Rotate(), Quantize(weights=WeightQuant(bits=4, group_size=args.group_size, method="gptq",
+                                                         act_order=True))]
+        calib = calibration_windows(tokenizer, name, args.calib, args.calib_len)
+        compiled[name] = fxpress.compile(model, passes=passes, calibration=calib, progress=False)
+    print(f"\nload average {os.getloadavg()}, W4A16 g{args.group_size}, rotate + GPTQ (act-order), calibration "
+          f"{args.calib} x {args.calib_len}, eval {args.eval_windows} x 256")
+    print("| calibration | text | ppl | x fp32 | minus python-calibrated [95%] |\n|---|---|---|---|---|")
+    for text, windows in evals.items():
+        fns = {"fp32": reference, **compiled}
+        nll = {k: v["nll"] for k, v in window_metrics(reference, fns, windows).items()}
+        fp = float(nll["fp32"].mean().exp())
+        for name in names:
+            ppl = float(nll[name].mean().exp())
+            gap = paired_bootstrap(nll[name], nll["python"]) if name != "python" else None
+            interval = f"{gap['diff']:+.2f} [{gap['lo']:+.2f}, {gap['hi']:+.2f}]" if gap else "-"
+            print(f"| {name} | {text} | {ppl:.2f} | {ppl / fp:.3f}x | {interval} |")
+
+
+if __name__ == "__main__":
+    main()
