@@ -20,14 +20,6 @@ CALIBRATIONS = {"python": ("calib",), "prose": ("prose_calib",), "mixed": ("cali
 TEXTS = {"python": "eval", "prose": "prose_eval"}
 
 
-def calibration_windows(tokenizer, name: str, windows: int, seq_len: int) -> torch.Tensor:
-    """`windows` windows split evenly over the calibration's sources (their first windows)."""
-    from fxpress.data import token_windows
-
-    splits = CALIBRATIONS[name]
-    return torch.cat([token_windows(tokenizer, s, seq_len, windows // len(splits)) for s in splits])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calibrations", default="python,prose,mixed", help=f"comma list of {', '.join(CALIBRATIONS)}")
@@ -45,7 +37,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     import fxpress
-    from fxpress.data import token_windows
+    from fxpress.data import mixed_windows, token_windows
     from fxpress.evaluate import paired_bootstrap, window_metrics
     from fxpress.models import load_smollm2
     from fxpress.passes import Quantize, Rotate
@@ -58,7 +50,7 @@ def main() -> None:
     for name in names:
         passes = [Rotate(), Quantize(weights=WeightQuant(bits=4, group_size=args.group_size, method="gptq",
                                                          act_order=True))]
-        calib = calibration_windows(tokenizer, name, args.calib, args.calib_len)
+        calib = mixed_windows(tokenizer, CALIBRATIONS[name], args.calib_len, args.calib)
         compiled[name] = fxpress.compile(model, passes=passes, calibration=calib, progress=False)
     print(f"\nload average {os.getloadavg()}, W4A16 g{args.group_size}, rotate + GPTQ (act-order), calibration "
           f"{args.calib} x {args.calib_len}, eval {args.eval_windows} x 256")

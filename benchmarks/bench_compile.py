@@ -41,11 +41,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     import fxpress
-    from fxpress.data import token_windows
+    from fxpress.data import MIXED_CALIB, mixed_windows
     from fxpress.models import load_smollm2
 
     model, tokenizer = load_smollm2()
-    calib = token_windows(tokenizer, "calib", args.calib_len, args.calib)
+    calib = mixed_windows(tokenizer, MIXED_CALIB, args.calib_len, args.calib)  # as examples/demo.py
     start = time.perf_counter()
     cm = fxpress.compile(model, passes=demo_passes(args.rotation), calibration=calib, progress=False)
     total = time.perf_counter() - start

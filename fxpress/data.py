@@ -16,6 +16,8 @@ passages between them:
 - "prose_eval": Genesis
 - "prose_calib": the Gospel of Luke
 - "prose_heldout": the Acts of the Apostles
+
+`mixed_windows` draws calibration from both domains ("calib" + "prose_calib"): what `make demo` calibrates on.
 """
 
 from __future__ import annotations
@@ -105,6 +107,22 @@ def token_windows(tokenizer, split: str = "eval", seq_len: int = 256, max_window
     if n == 0:
         raise FxpressError(f"split '{split}' has fewer than {seq_len} tokens")
     return ids[: n * seq_len].view(n, seq_len)
+
+
+MIXED_CALIB = ("calib", "prose_calib")  # the demo's calibration: technical writing and narrative prose
+
+
+def mixed_windows(tokenizer, splits: tuple[str, ...] = MIXED_CALIB, seq_len: int = 128, windows: int = 64) -> torch.Tensor:
+    """`windows` windows spread evenly over `splits` (the first ones of each; the first splits take the remainder).
+
+    GPTQ calibrated on one domain generalises poorly to another (W4A16 g128 on SmolLM2: HOWTO-only calibration
+    gives 1.70x fp32 perplexity on Genesis, half HOWTOs + half Luke 1.21x at the same cost on the Python
+    tutorial; `benchmarks/bench_calibration_domain.py`), so a general-purpose calibration set spans both.
+    """
+    if not splits or windows < len(splits):
+        raise FxpressError(f"mixed_windows needs at least one window per split: {windows} windows for {len(splits)} splits")
+    counts = [windows // len(splits) + (i < windows % len(splits)) for i in range(len(splits))]
+    return torch.cat([token_windows(tokenizer, split, seq_len, n) for split, n in zip(splits, counts)])
 
 
 def digits_split(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

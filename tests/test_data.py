@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from fxpress import data
 from fxpress.errors import FxpressError
@@ -30,6 +31,15 @@ def test_prose_windows_cover_the_benchmark_protocol(smollm2):
     tokenizer = smollm2[1]
     assert data.token_windows(tokenizer, "prose_eval", 256).shape[0] >= 64  # 16 x 256 eval windows with room
     assert data.token_windows(tokenizer, "prose_calib", 128).shape[0] >= 64  # 64 x 128 calibration windows
+
+
+def test_mixed_windows_split_the_count_over_the_domains(smollm2):
+    tokenizer = smollm2[1]
+    mixed = data.mixed_windows(tokenizer, data.MIXED_CALIB, 128, 7)
+    python, prose = data.token_windows(tokenizer, "calib", 128, 4), data.token_windows(tokenizer, "prose_calib", 128, 3)
+    assert mixed.shape == (7, 128) and mixed.equal(torch.cat([python, prose]))
+    with pytest.raises(FxpressError, match="at least one window per split"):
+        data.mixed_windows(tokenizer, data.MIXED_CALIB, 128, 1)
 
 
 def test_missing_bible_program_names_the_package(monkeypatch):
