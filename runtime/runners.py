@@ -266,9 +266,11 @@ def _require_cpu_features(target: str, path: Path) -> None:
         return
     import tvm
 
+    from fxpress.lowering.tvm.build import host_target
+
     codegen = tvm.target.codegen
     built = tvm.target.Target(json.loads(target))
-    host = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+    host = tvm.target.Target(host_target())
     missing = sorted(f for f in set(codegen.llvm_get_cpu_features(built)) - set(codegen.llvm_get_cpu_features(host))
                      if f.startswith(ISA_FEATURES))
     if missing:

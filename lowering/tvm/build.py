@@ -104,8 +104,7 @@ def _convert_aten_cat(node: Any, importer: Any) -> Any:
     last axis (rotary halves) TVM's own concat stays, as it fuses into the elementwise ops around it."""
     from tvm import relax
 
-    args = importer.retrieve_args(node)
-    tensors, axis = list(args[0]), args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    tensors, axis = _tensors_and_axis(node, importer)
     if concatenable(tensors) and axis % len(shape_of(tensors[0])) != len(shape_of(tensors[0])) - 1:
         return emit_concat(importer.block_builder, tensors, axis)
     return importer.block_builder.emit(relax.op.concat(tensors, axis=axis))
@@ -115,11 +114,16 @@ def _convert_aten_stack(node: Any, importer: Any) -> Any:
     """aten.stack (the per-layer KV tensors into one cache tensor) as row copies."""
     from tvm import relax
 
-    args = importer.retrieve_args(node)
-    tensors, axis = list(args[0]), args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    tensors, axis = _tensors_and_axis(node, importer)
     if concatenable(tensors):
         return emit_concat(importer.block_builder, tensors, axis, stack=True)
     return importer.block_builder.emit(relax.op.stack(tensors, axis=axis))
+
+
+def _tensors_and_axis(node: Any, importer: Any) -> tuple[list, int]:
+    """The tensor list and the axis (positional or `dim=`, default 0) of an aten.cat / aten.stack."""
+    args = importer.retrieve_args(node)
+    return list(args[0]), args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
 
 
 # ATen converters that replace the frontend's own: they keep the input's float type (float64 after Precision)
@@ -210,22 +214,23 @@ def _fuse_tir_where_it_builds() -> Any:
     import tvm
     from tvm import relax
 
-    def fuses(mod: Any, groups: list) -> bool:
+    def fused(mod: Any, groups: list) -> Any:
+        """`mod` with only `groups` fused, or None when FuseTIR fails on them."""
         try:
-            relax.transform.FuseTIR()(_only_primitive(mod, groups))
-            return True
+            return relax.transform.FuseTIR()(_only_primitive(mod, groups))
         except Exception:  # TVM's internal checks raise their own error types
-            return False
+            return None
 
     @tvm.transform.module_pass(opt_level=0, name="FuseTIRWhereItBuilds")
     def _run(mod: Any, _ctx: Any) -> Any:
         groups = [gv for gv, f in mod.functions.items() if _is_primitive(f)]
-        if fuses(mod, groups):
-            return relax.transform.FuseTIR()(mod)
+        whole = fused(mod, groups)
+        if whole is not None:
+            return whole
         kept: list = []
 
         def keep_what_fuses(part: list) -> None:
-            if fuses(mod, kept + part):
+            if fused(mod, kept + part) is not None:
                 kept.extend(part)
             elif len(part) > 1:
                 keep_what_fuses(part[:len(part) // 2])

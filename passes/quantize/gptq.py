@@ -247,7 +247,6 @@ def gptq(
     # Columns as rows ([K, N], permuted): each step reads and writes contiguous memory, not a strided column
     wt = w[:, perm].T.contiguous()
     codes = torch.empty_like(wt)
-    groups = (perm // gsize).tolist()
     column_scales = scales[:, perm // gsize].T.contiguous() if static else None
     column_zeros = zeros[:, perm // gsize].T.contiguous() if static else None
     for i1 in range(0, k, block):
@@ -258,11 +257,11 @@ def gptq(
             col = i1 + i
             if static:
                 scale, zero = column_scales[col], column_zeros[col]
-            else:
-                if col % gsize == 0:  # (no act_order: columns in order) a group's first column: scale from the updated weights
-                    g = groups[col]
+            else:  # no act_order, so columns in order: a group's first column takes its scale from the updated weights
+                g = col // gsize
+                if col % gsize == 0:
                     scales[:, g], zeros[:, g] = find_params(wt[col:col + gsize].T, spec)
-                scale, zero = scales[:, groups[col]], zeros[:, groups[col]]
+                scale, zero = scales[:, g], zeros[:, g]
             _sweep_column(rows[i], scale, zero, spec.maxq, hinv1[i, i], codes[col], err[i])
             rows[i + 1:].addr_(hinv1[i, i + 1:], err[i], alpha=-1)
         wt[i2:].sub_(hinv[i1:i2, i2:].T @ err)

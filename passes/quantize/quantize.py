@@ -109,12 +109,13 @@ class Quantize(Pass):
         lap = stopwatch()
         search = self.activations.clip_search and bool(act_nodes)
         clips = ClipChooser(program, act_nodes, self.activations.clip_ratio) if search else None
-        if clips is not None and not self._gptq_weights(targets):
+        in_gptq_run = clips is not None and self._gptq_weights(targets)
+        if clips is not None and not in_gptq_run:
             stats["act_clip_ratios"] = search_act_clips(program, clips)
             lap("act_clip_search")
         if self.weights.bits is not None and targets:
-            quantized = self._quantized_weights(program, targets, stats, clips)
-            if clips is not None:  # searched in GPTQ's run, and timed there
+            quantized = self._quantized_weights(program, targets, stats, clips if in_gptq_run else None)
+            if in_gptq_run:  # searched in GPTQ's run, and timed there
                 stats["act_clip_ratios"] = clips.apply(program)
                 lap.times["act_clip_search (in the GPTQ run)"] = round(clips.seconds, 3)
             lap(f"weights_{self.weights.method}")
