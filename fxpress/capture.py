@@ -13,6 +13,7 @@ from torch.export import Dim
 from fxpress.checks import check_finite, module_tensors
 from fxpress.errors import CaptureError
 from fxpress.program import MODEL_DTYPES, ModelInfo, Program
+from fxpress.repeat_layers import KEEP, decoder_layers, grow, repeatable, truncated
 from fxpress.weights import FAKE_MODE, attach_store, is_placeholder, placeholder
 
 MAX_BATCH = 1024
@@ -124,6 +125,29 @@ def _export(module: nn.Module, args: tuple, dynamic_shapes: Any, what: str) -> t
     return exported.module()
 
 
+def _export_causal_lm(model: nn.Module, num_layers: int, args: tuple, shapes: Any) -> torch.fx.GraphModule:
+    """torch.export the model; when its decoder layers repeat, only the first three, grown to all in the graph
+    (`repeat_layers`) and, with real weights, checked against the eager model on the example inputs."""
+    what = type(model).__name__
+    found = decoder_layers(model, num_layers)
+    if found is not None and repeatable(model, found[1]):
+        name, layers = found
+        ids, past_k, past_v = args
+        with truncated(model, name, layers):
+            gm = _export(CausalLMWithCache(model, KEEP), (ids, past_k[:KEEP], past_v[:KEEP]), shapes, what)
+        if grow(gm, f"{WRAPPER_PREFIX}{name}.", layers) and (has_placeholders(model) or _same_outputs(gm, model, args)):
+            return gm
+    return _export(CausalLMWithCache(model, num_layers), args, shapes, what)
+
+
+def _same_outputs(gm: torch.fx.GraphModule, model: nn.Module, args: tuple) -> bool:
+    """The grown graph computes what the eager model does (logits and caches) on the example inputs."""
+    with torch.no_grad():
+        want = CausalLMWithCache(model, args[1].shape[0])(*args)
+        got = gm(*args)
+    return all(g.shape == w.shape and torch.allclose(g, w, rtol=1e-4, atol=1e-5) for g, w in zip(got, want))
+
+
 def capture_causal_lm(model: nn.Module, example_ids: torch.Tensor | None = None, source: str | None = None) -> Program:
     """Capture a Hugging Face causal LM with a KV-cache signature and dynamic batch/sequence/past."""
     model = model.eval()
@@ -145,7 +169,7 @@ def capture_causal_lm(model: nn.Module, example_ids: torch.Tensor | None = None,
     past_v = torch.zeros(info.num_layers, EXPORT_BATCH, vh, EXPORT_PAST, vd, dtype=dtype)
     batch, seq, past = Dim("batch", min=1, max=MAX_BATCH), Dim("seq", min=1, max=MAX_SEQ), Dim("past", min=0, max=MAX_SEQ)
     shapes = {"input_ids": {0: batch, 1: seq}, "past_keys": {1: batch, 3: past}, "past_values": {1: batch, 3: past}}
-    gm = _export(CausalLMWithCache(model, info.num_layers), (ids, past_k, past_v), shapes, type(model).__name__)
+    gm = _export_causal_lm(model, info.num_layers, (ids, past_k, past_v), shapes)
     _renew_placeholders(gm)
     if example_ids is None:
         example_ids = ids
