@@ -31,7 +31,8 @@ RESULTS = Path(__file__).parent / "results" / "peers_nll"
 WINDOWS = "out/peers/windows.json"
 # setting -> (weight bits, group size, activation bits, KV bits)
 SETTINGS = {"W4A16_g128": (4, 128, None, None), "W4A16_g64": (4, 64, None, None), "W4A16_ch": (4, -1, None, None),
-            "W3A16_g128": (3, 128, None, None), "W8A8": (8, -1, 8, None), "W4A8": (4, 128, 8, None),
+            "W3A16_g128": (3, 128, None, None), "W3A16_g64": (3, 64, None, None), "W8A8": (8, -1, 8, None),
+            "W4A8": (4, 128, 8, None),
             "W4A4KV4": (4, 128, 4, 4)}
 ROTATIONS = ("none", "hadamard", "dfrot")
 

@@ -19,7 +19,8 @@ import quality_protocol as protocol  # noqa: E402
 
 # setting -> (weight bits, group size or -1 per channel, activation bits or None, KV bits or None)
 SETTINGS = {"W4A16_g128": (4, 128, None, None), "W4A16_g64": (4, 64, None, None), "W4A16_ch": (4, -1, None, None),
-            "W3A16_g128": (3, 128, None, None), "W8A8": (8, -1, 8, None), "W4A8": (4, 128, 8, None),
+            "W3A16_g128": (3, 128, None, None), "W3A16_g64": (3, 64, None, None), "W8A8": (8, -1, 8, None),
+            "W4A8": (4, 128, 8, None),
             "W4A4": (4, 128, 4, None), "W4A4KV4": (4, 128, 4, 4),
             # its groups must divide SmolLM2's 576 columns, so 128 fails: the 4-bit-activation rows at g64
             "W4A8_g64": (4, 64, 8, None), "W4A4_g64": (4, 64, 4, None), "W4A4KV4_g64": (4, 64, 4, 4)}
