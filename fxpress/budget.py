@@ -11,7 +11,6 @@ smallest budget that works.
 from __future__ import annotations
 
 import math
-import os
 import re
 import resource
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import torch
 
 from fxpress import graph as G
 from fxpress.errors import ConfigError
-from fxpress.heap import return_freed_memory, trim_heap
+from fxpress.heap import resident_bytes, return_freed_memory, trim_heap
 from fxpress.program import Program
 from fxpress.weights import format_bytes, parse_memory, spec_bytes
 
@@ -56,15 +55,6 @@ def requested_budget(value: str | int | float | None, what: str = "max_memory") 
         if isinstance(value, (int, float, str)) and not isinstance(value, bool) and _ZERO.fullmatch(str(value)):
             return 0
         raise
-
-
-def resident_bytes() -> int:
-    """The process's resident memory now (/proc on Linux; elsewhere the peak so far, which bounds it)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def peak_resident_bytes() -> int:

@@ -20,6 +20,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from fxpress.checks import non_finite
 from fxpress.errors import ArtifactError, ConfigError, FxpressError
+from fxpress.heap import trim_heap_when_grown
 from fxpress.spill import SpillFolder
 from fxpress.tensorfile import read_tensor
 
@@ -181,6 +182,8 @@ class WeightStore:
         self._memory[name] = tensor.detach().cpu().contiguous()
         self.stats["peak_memory_bytes"] = max(self.stats["peak_memory_bytes"], self.memory_bytes())
         self._evict()
+        if self.budget is not None:
+            trim_heap_when_grown()  # the weight this replaced, and the pass's temporaries, are not held
 
     def drop(self, name: str) -> None:
         self._files.pop(name, None)

@@ -17,6 +17,7 @@ from fxpress.errors import ConfigError, FxpressError
 from fxpress.runtime.quant import pack_codes, pack_weight, round_clamped, round_clamped_
 
 CLIP_GRID = tuple(1.0 - 0.05 * i for i in range(10))  # shrink factors 1.0 .. 0.55 for the clipping search
+RTN_SLICE_BYTES = 16 * 2**20  # fp32 rows quantized at a time by `rtn`: its float temporaries stay this size
 
 
 @dataclass(frozen=True)
@@ -140,13 +141,19 @@ def _codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) 
 # --- RTN --------------------------------------------------------------------------------------------
 def rtn(weight: torch.Tensor, spec: WeightSpec) -> QuantizedWeight:
     """Round-to-nearest: each group's codes from its own (clip-searched) scale and zero point."""
-    w = weight.detach().float()
-    n, k = w.shape
+    n, k = weight.shape
     block = spec.block_size(k)
-    scales, zeros = _group_params(w, spec, block)
-    group = torch.arange(k, device=w.device) // block
-    codes = _codes(w, scales[:, group], zeros[:, group], spec.maxq).to(torch.uint8)
-    return QuantizedWeight(codes, scales, zeros, spec, block)
+    group = torch.arange(k, device=weight.device) // block
+    codes = torch.empty(n, k, dtype=torch.uint8, device=weight.device)
+    scales, zeros = [], []
+    step = max(1, RTN_SLICE_BYTES // (4 * k))  # rows are independent: slices bound the clip search's copies
+    for start in range(0, n, step):
+        w = weight.detach()[start:start + step].float()
+        scale, zero = _group_params(w, spec, block)
+        codes[start:start + step] = _codes(w, scale[:, group], zero[:, group], spec.maxq)
+        scales.append(scale)
+        zeros.append(zero)
+    return QuantizedWeight(codes, torch.cat(scales), torch.cat(zeros), spec, block)
 
 
 # --- GPTQ -------------------------------------------------------------------------------------------
