@@ -32,8 +32,9 @@ WINDOWS = "out/peers/windows.json"
 # setting -> (weight bits, group size, activation bits, KV bits)
 SETTINGS = {"W4A16_g128": (4, 128, None, None), "W4A16_g64": (4, 64, None, None), "W4A16_ch": (4, -1, None, None),
             "W3A16_g128": (3, 128, None, None), "W3A16_g64": (3, 64, None, None), "W8A8": (8, -1, 8, None),
-            "W4A8": (4, 128, 8, None),
-            "W4A4KV4": (4, 128, 4, 4)}
+            "W4A8": (4, 128, 8, None), "W4A4KV4": (4, 128, 4, 4),
+            # the peers' own 4-bit-activation settings (g64: llm-compressor refuses g128 at width 576), paired by name
+            "W4A8_g64": (4, 64, 8, None), "W4A4_g64": (4, 64, 4, None), "W4A4KV4_g64": (4, 64, 4, 4)}
 ROTATIONS = ("none", "hadamard", "dfrot")
 
 

@@ -1,7 +1,7 @@
 """llm-compressor on SmolLM2-135M with fxpress's quality protocol (run in benchmarks/peers/.venvs/llmcompressor).
 
 Settings are 'SETTING' (GPTQ alone) or 'SETTING+TRANSFORM': '+quip' is its QuIP-style random-Hadamard
-transform (U and V around every linear) before GPTQ, '+spinquant' its SpinQuant-style R1+R2 Hadamards,
+transform (U and V around every linear) before GPTQ, '+spinquant' its SpinQuant-style R1+R2 random Hadamards (its deterministic one refuses width 576),
 '+smoothquant' SmoothQuant (strength 0.8) before GPTQ, '+rtn' round-to-nearest (its QuantizationModifier,
 no GPTQ). GPTQ: static act-order, its default dampening,
 symmetric weights (its presets) unless '+asym'; activations per token, dynamic, symmetric (its presets).
@@ -50,7 +50,7 @@ def recipe(setting: str, transform: str) -> list:
     kv_args = None if kv is None else QuantizationArgs(num_bits=kv, type="int", strategy="tensor",
                                                        symmetric=False, dynamic=False)
     mods: list = {"quip": [QuIPModifier(rotations=["v", "u"], transform_type="random-hadamard")],
-                  "spinquant": [SpinQuantModifier(rotations=["R1", "R2"], transform_type="hadamard")],
+                  "spinquant": [SpinQuantModifier(rotations=["R1", "R2"], transform_type="random-hadamard")],
                   "smoothquant": [SmoothQuantModifier(smoothing_strength=0.8)]}.get(transform, [])
     kind = QuantizationModifier if transform == "rtn" else GPTQModifier
     mods.append(kind(config_groups={"group_0": scheme(w, group, a, transform != "asym", transform != "rtn")},

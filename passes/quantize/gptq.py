@@ -123,7 +123,7 @@ def _group_params(w: torch.Tensor, spec: WeightSpec, block: int) -> tuple[torch.
     return scale.reshape(n, blocks), zero.reshape(n, blocks)
 
 
-def _sweep_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, diagonal: torch.Tensor,
+def _sweep_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, diagonal: float,
                   code: torch.Tensor, err: torch.Tensor) -> None:
     """One GPTQ step, written into `code` and `err` in place (a handful of kernels, no temporaries): the
     column's codes, and its error (w - dequantized) / H^-1[i, i] that the caller spreads onto later columns."""
@@ -256,21 +256,26 @@ def gptq(
     codes = torch.empty_like(wt)
     column_scales = scales[:, perm // gsize].T.contiguous() if static else None
     column_zeros = zeros[:, perm // gsize].T.contiguous() if static else None
+    # the loop runs once per column: its views and pivots are taken per block, one call each, not per column
+    scale_rows = column_scales.unbind(0) if static else ()
+    zero_rows = column_zeros.unbind(0) if static else ()
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         rows, err = wt[i1:i2], torch.empty(i2 - i1, n, device=w.device)
         hinv1 = hinv[i1:i2, i1:i2]
+        row, error, code, hinv_row = rows.unbind(0), err.unbind(0), codes[i1:i2].unbind(0), hinv1.unbind(0)
+        pivots = hinv1.diagonal().tolist()
         for i in range(i2 - i1):
             col = i1 + i
             if static:
-                scale, zero = column_scales[col], column_zeros[col]
+                scale, zero = scale_rows[col], zero_rows[col]
             else:  # no act_order, so columns in order: a group's first column takes its scale from the updated weights
                 g = col // gsize
                 if col % gsize == 0:
                     scales[:, g], zeros[:, g] = find_params(wt[col:col + gsize].T, spec)
                 scale, zero = scales[:, g], zeros[:, g]
-            _sweep_column(rows[i], scale, zero, spec.maxq, hinv1[i, i], codes[col], err[i])
-            rows[i + 1:].addr_(hinv1[i, i + 1:], err[i], alpha=-1)
+            _sweep_column(row[i], scale, zero, spec.maxq, pivots[i], code[i], error[i])
+            rows[i + 1:].addr_(hinv_row[i][i + 1:], error[i], alpha=-1)
         wt[i2:].sub_(hinv[i1:i2, i2:].T @ err)
     codes = codes.T[:, torch.argsort(perm)].to(torch.uint8)
     return QuantizedWeight(codes, scales, zeros, spec, gsize)
