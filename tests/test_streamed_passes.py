@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from fxpress import graph as G
 from fxpress.capture import capture, capture_stored
+from fxpress.heap import TRIM_GROWTH
 from fxpress.passes import FoldHadamard, Precision, Quantize, Rotate
 from fxpress.passes.manager import _check_after, run_passes
 from fxpress.passes.quantize.config import TableQuant, WeightQuant
@@ -210,15 +211,13 @@ CHILD = textwrap.dedent("""
 def test_peak_rss_of_rotate_fold_rtn_on_a_300m_checkpoint(tmp_path):
     """Rotate + FoldHadamard + RTN W4 on a ~300M-parameter bf16 checkpoint (1.08 GiB in fp32) under a 256 MiB
     budget, in a child process: what the passes add to the captured process's resident memory stays below the
-    overlay budget, two float64 slices' worth of a vocabulary table and the heap's trim slack, and below the fp32
-    model.
+    overlay budget plus two float64 copies of a vocabulary table plus the heap's trim slack (0.99 GiB), and below
+    the fp32 model.
 
     Measured (quiet machine): the captured process holds 0.47 GiB (torch, fxpress, the graph), the passes peak at
     1.15 GiB in 29 s, 0.68 GiB above it. Before the heap was trimmed as it grew (fxpress.heap.trim_heap_when_grown)
     the peak was 1.86-2.23 GiB, glibc keeping freed tensors resident; before streaming, 4.26 GiB.
     """
-    from fxpress.heap import TRIM_GROWTH
-
     params = write_random_checkpoint(str(tmp_path), BIG)
     assert 2.5e8 < params < 3.5e8
     budget = 256 * 2**20

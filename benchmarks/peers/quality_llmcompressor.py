@@ -1,8 +1,8 @@
 """llm-compressor on SmolLM2-135M with fxpress's quality protocol (run in benchmarks/peers/.venvs/llmcompressor).
 
 Settings are 'SETTING' (GPTQ alone) or 'SETTING+TRANSFORM': '+quip' is its QuIP-style random-Hadamard
-transform (U and V around every linear) before GPTQ, '+spinquant' its SpinQuant-style R1+R2 random Hadamards (its deterministic one refuses width 576),
-'+smoothquant' SmoothQuant (strength 0.8) before GPTQ, '+rtn' round-to-nearest (its QuantizationModifier,
+transform (U and V around every linear) before GPTQ, '+spinquant' its SpinQuant-style R1+R2 random Hadamards
+(its deterministic one refuses width 576), '+smoothquant' SmoothQuant (strength 0.8) before GPTQ, '+rtn' round-to-nearest (its QuantizationModifier,
 no GPTQ). GPTQ: static act-order, its default dampening,
 symmetric weights (its presets) unless '+asym'; activations per token, dynamic, symmetric (its presets).
 """

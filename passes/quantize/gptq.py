@@ -254,11 +254,9 @@ def gptq(
     # Columns as rows ([K, N], permuted): each step reads and writes contiguous memory, not a strided column
     wt = w[:, perm].T.contiguous()
     codes = torch.empty_like(wt)
-    column_scales = scales[:, perm // gsize].T.contiguous() if static else None
-    column_zeros = zeros[:, perm // gsize].T.contiguous() if static else None
-    # the loop runs once per column: its views and pivots are taken per block, one call each, not per column
-    scale_rows = column_scales.unbind(0) if static else ()
-    zero_rows = column_zeros.unbind(0) if static else ()
+    # the loop runs once per column: its views and pivots are taken up front or per block, not per column
+    scale_rows = scales[:, perm // gsize].T.contiguous().unbind(0) if static else ()
+    zero_rows = zeros[:, perm // gsize].T.contiguous().unbind(0) if static else ()
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         rows, err = wt[i1:i2], torch.empty(i2 - i1, n, device=w.device)
