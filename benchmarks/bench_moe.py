@@ -2,12 +2,16 @@
 
     python benchmarks/bench_moe.py                 # writes the allocation part of benchmarks/results/moe.md
     python benchmarks/bench_moe.py --eval-windows 32 --out /tmp/moe.md   # quicker
+    python benchmarks/bench_moe.py --model tiny_qwen2_moe   # the Qwen2-MoE with a shared expert: results/moe_qwen2.md
 
 Equal average bits (3 and 2.5) over the routed experts' weights, same quantizer (RTN or GPTQ, same
 group size), same calibration text ("calib" split); perplexity on the whole "eval" split, plus KL and
 top-1 agreement against the fp32 model, and a paired bootstrap over the eval windows of the
-perplexity difference between MoQa and each baseline. Router and layer norms stay fp32; the model
-has no shared experts. Everything is measured in one run, side by side.
+perplexity difference between MoQa and each baseline. Router and layer norms stay fp32. The Qwen2-MoE's
+shared experts are quantized to 8 bits (`ExpertWeights.shared_bits`) in every row alike, outside the
+budget, and their sigmoid gates stay fp32. Each model has its own splits (`bench_moe_common.MODELS`):
+the prose model is calibrated on Luke, selects on Acts and is evaluated on Genesis. Everything is
+measured in one run, side by side.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_moe_common import REPORT, describe_machine, md_table, tiny_moe_program, with_selection, write_part
+from bench_moe_common import MODELS, describe_machine, md_table, tiny_moe_program, with_selection, write_part
 
 from fxpress.data import token_windows
 from fxpress.evaluate import paired_bootstrap, window_metrics
@@ -32,6 +36,7 @@ ALLOCATIONS = ("uniform", "frequency", "moqa")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODELS), default="tiny_moe")
     parser.add_argument("--budgets", type=float, nargs="+", default=[3.0, 2.5])
     parser.add_argument("--methods", nargs="+", default=["rtn", "gptq"])
     parser.add_argument("--group-size", type=int, default=64)
@@ -45,15 +50,18 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=["plain"],
                         help="more MoQa rows: 'plain' (the knapsack alone, no measured selection) or a "
                              "sensitivity (e.g. output: the layer-local routed error; loss)")
-    parser.add_argument("--out", type=Path, default=REPORT)
+    parser.add_argument("--out", type=Path, default=None, help="default: the model's report (results/moe.md, moe_qwen2.md)")
     parser.add_argument("--dump", type=Path, default=None, help="also save the per-window figures here (torch.save)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    spec = MODELS[args.model]
+    out = args.out if args.out is not None else spec.report
 
-    base, tokenizer = tiny_moe_program(args.calib_windows, args.seq)
+    base, tokenizer = tiny_moe_program(args.calib_windows, args.seq, args.model)
     calib = base.calibration.batches
-    selection = with_selection(base, tokenizer, args.select_windows, args.seq)  # kept out of the analysis
-    windows = token_windows(tokenizer, "eval", args.seq, args.eval_windows)
+    selection = with_selection(base, tokenizer, args.select_windows, args.seq, spec.heldout)  # kept out of the analysis
+    args.select_windows = selection  # the report names what was used (Acts has only 241 windows of 128)
+    windows = token_windows(tokenizer, spec.eval, args.seq, args.eval_windows)
     analysis = analyse_program(base, group_size=args.group_size, samples=calib)
 
     programs, plans, seconds = {}, {}, {}
@@ -88,7 +96,7 @@ def main() -> None:
         print(key, f"perplexity {math.exp(float(m['nll'].mean())):.3f}  KL {float(m['kl'].mean()):.4f}  "
               f"top-1 {float(m['top1'].mean()):.3f}")
     write_part("allocation", report(args, analysis, metrics, plans, seconds, base.weight_bytes(),
-                                    {k: p.weight_bytes() for k, p in programs.items()}, len(windows)), args.out)
+                                    {k: p.weight_bytes() for k, p in programs.items()}, len(windows)), out)
 
 
 def _ppl(m: dict[str, torch.Tensor]) -> float:
@@ -158,19 +166,20 @@ def report(args, analysis, metrics, plans, seconds, fp_bytes, nbytes, len_eval) 
                      f"{float(m['kl'].mean()):.4f}", f"{float(m['top1'].mean()):.3f}", h, f"{nbytes[key]:,}",
                      f"{seconds[key]:.0f}"])
     paired, findings = comparisons(metrics, keys)
-    layer0 = analysis.layers[0]
+    spec = MODELS[args.model]
+    shared = ("; the shared experts are quantized to 8 bits in every row, outside the budget, their gates stay fp32"
+              if args.model == "tiny_qwen2_moe" else "")
+    flag = "" if args.model == "tiny_moe" else f" --model {args.model}"
     lines = [
-        "# quantize_experts on the trained tiny MoE",
+        f"# quantize_experts on the trained {args.model}",
         "",
-        f"Produced by `python benchmarks/bench_moe.py` ({describe_machine(args.threads)}).",
+        f"Produced by `python benchmarks/bench_moe.py{flag}` ({describe_machine(args.threads)}).",
         "",
-        "Model: `fxpress.moe_model.load_tiny_moe()` (Mixtral architecture, "
-        f"{len(analysis.layers)} layers, {layer0.num_experts} experts per layer, top-2, trained by "
-        "`python examples/train_moe.py` on the \"train\" split). Calibration: "
-        f"{args.calib_windows} x {args.seq} tokens of the \"calib\" split. Evaluation: {len_eval} x {args.seq} "
-        "tokens of the \"eval\" split; KL and top-1 against the fp32 model. "
+        f"Model: `fxpress.moe_model.{spec.loader}` ({spec.description}). Calibration: "
+        f"{args.calib_windows} x {args.seq} tokens of the \"{spec.calib}\" split. Evaluation: {len_eval} x {args.seq} "
+        f"tokens of the \"{spec.eval}\" split; KL and top-1 against the fp32 model. "
         f"Group size {args.group_size}, bit choices 2/3/4, average bits over the routed experts' weights "
-        "(router and attention stay fp32). Weight bytes include the fp32 attention and embeddings.",
+        f"(router and attention stay fp32{shared}). Weight bytes include the fp32 attention and embeddings.",
         "",
         f"fp32 perplexity: **{_ppl(fp):.3f}**, weight bytes {fp_bytes:,}",
         "",
@@ -184,16 +193,16 @@ def report(args, analysis, metrics, plans, seconds, fp_bytes, nbytes, len_eval) 
         "bit width, to second order from sampled-Fisher gradients of each routed row (sensitivity "
         f"`{args.sensitivity}`; experts the text hardly reaches also pay the local error of rows routed to "
         "them on purpose), solved once per trust-region penalty mu in "
-        f"{list(QuantizeExperts.trust_region)} (mu x the mean predicted error per parameter, per parameter and "
+        f"{list(ExpertBudget.trust_region)} (mu x the mean predicted error per parameter, per parameter and "
         "bit away from the average), each plan measured whole on "
-        + (f"{args.select_windows} x {args.seq} tokens of the \"heldout\" split (FAQ text, never the eval text)"
+        + (f"{args.select_windows} x {args.seq} tokens of the \"{spec.heldout}\" split (never the eval text)"
            if args.select_windows else "the calibration text")
         + ", the lowest next-token loss wins; *moqa (plain)* = the knapsack alone (mu = 0, no measured "
         "selection); *moqa (output)* = the layer-local MoE output error over the rows routed to each expert, "
         "weighted by routing weight; *moqa (loss)* = the calibration text's loss change to second order (its "
         "next-token gradient term added to the KL term).",
         "",
-        "MoQa's candidates (selection perplexity on the \"heldout\" windows; the chosen one is in bold):",
+        f"MoQa's candidates (selection perplexity on the \"{spec.heldout}\" windows; the chosen one is in bold):",
         "",
         *md_table(["method", "avg bits", "mu", "predicted KL", "mean abs bit deviation", "selection ppl"],
                   candidate_rows(plans)),

@@ -1,4 +1,4 @@
-"""What bench_moe.py and bench_moe_export.py share: the measured program and the report file.
+"""What bench_moe.py and bench_moe_export.py share: the measured programs (`MODELS`) and the report file.
 
 benchmarks/results/moe.md has two parts: the allocation study (written by bench_moe.py) and the
 exported artifacts (written by bench_moe_export.py, from EXPORT_HEADING on). Each script rewrites
@@ -8,6 +8,8 @@ only its own part, atomically, and keeps the other.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,26 +17,55 @@ import torch
 from fxpress.calibration import Calibration
 from fxpress.capture import capture
 from fxpress.data import token_windows
-from fxpress.moe_model import load_tiny_moe
+from fxpress.moe_model import load_tiny_moe, load_tiny_qwen2_moe
 
 REPORT = Path(__file__).parent / "results" / "moe.md"
 EXPORT_HEADING = "## Exported artifacts"
 PARTS = ("allocation", "export")
 
 
-def tiny_moe_program(calib_windows: int, seq: int = 128):
-    """The trained tiny MoE captured, with `calib_windows` x `seq` tokens of the "calib" split; and its tokenizer."""
-    model, tokenizer = load_tiny_moe()
-    program = capture(model)
-    program.calibration = Calibration(token_windows(tokenizer, "calib", seq, calib_windows))
+@dataclass(frozen=True)
+class MoeModel:
+    """One shipped MoE and the text splits it is measured on (`fxpress.data`)."""
+
+    load: Callable
+    loader: str  # how the report names the loader
+    description: str  # architecture and training, for the report
+    calib: str
+    heldout: str
+    eval: str
+    report: Path
+
+
+MODELS = {
+    "tiny_moe": MoeModel(
+        load_tiny_moe, "load_tiny_moe()", "Mixtral architecture, 4 layers, 8 experts per layer, top-2, no shared "
+        "expert, trained by `python examples/train_moe.py` on the \"train\" split (the Python library reference)",
+        "calib", "heldout", "eval", REPORT),
+    "tiny_qwen2_moe": MoeModel(
+        load_tiny_qwen2_moe, "load_tiny_qwen2_moe()", "Qwen2-MoE architecture, 4 layers, 8 routed experts per layer, "
+        "top-2 (weights not renormalised) plus a sigmoid-gated shared expert per layer, trained by "
+        "`python examples/train_moe.py --arch qwen2_moe` on King James prose (every book but Genesis, Luke and Acts)",
+        "prose_calib", "prose_heldout", "prose_eval", REPORT.with_name("moe_qwen2.md")),
+}
+
+
+def tiny_moe_program(calib_windows: int, seq: int = 128, model: str = "tiny_moe"):
+    """A trained tiny MoE (`MODELS`) captured, with `calib_windows` x `seq` tokens of its calibration split; and its
+    tokenizer."""
+    spec = MODELS[model]
+    net, tokenizer = spec.load()
+    program = capture(net)
+    program.calibration = Calibration(token_windows(tokenizer, spec.calib, seq, calib_windows))
     return program, tokenizer
 
 
-def with_selection(program, tokenizer, windows: int, seq: int = 128) -> int:
-    """Append `windows` x `seq` "heldout" tokens (FAQ text) to the calibration; returns how many, for
-    `QuantizeExperts(budget=ExpertBudget(selection_samples=...))`, which keeps them out of the analysis and scores plans on them."""
+def with_selection(program, tokenizer, windows: int, seq: int = 128, split: str = "heldout") -> int:
+    """Append `windows` x `seq` tokens of `split` (held-out text: the FAQ, or Acts for the prose model) to the
+    calibration; returns how many, for `QuantizeExperts(budget=ExpertBudget(selection_samples=...))`, which keeps
+    them out of the analysis and scores plans on them."""
     if windows:
-        held = token_windows(tokenizer, "heldout", seq, windows)
+        held = token_windows(tokenizer, split, seq, windows)
         program.calibration = Calibration(torch.cat([program.calibration.batches, held]))
         return held.shape[0]
     return 0

@@ -1,11 +1,19 @@
-"""The small Mixture-of-Experts LM that fxpress trains itself and ships, to measure MoE passes on.
+"""The small Mixture-of-Experts LMs that fxpress trains itself and ships, to measure MoE passes on.
 
-No trained MoE small enough for CI ships in a package, so `examples/train_moe.py` trains one
-(Mixtral architecture, 8 experts per layer, top-2) on the "train" split of `fxpress.data` and
-stores it under `fxpress/data/tiny_moe/`. Its vocabulary is SmolLM2's, reduced honestly: the
-8191 most frequent SmolLM2 tokens of the "train" split keep an id, every other token maps to
-`<unk>` (id 0). `RemappedTokenizer` does that mapping, so `fxpress.data.token_windows` works
-on it unchanged.
+No trained MoE small enough for CI ships in a package, so `examples/train_moe.py` trains two, of two
+architectures on two texts:
+
+- `fxpress/data/tiny_moe/` (`--arch mixtral`): Mixtral, 8 experts per layer, top-2, trained on the
+  "train" split of `fxpress.data` (the Python library reference); measured on "calib"/"heldout"/"eval".
+- `fxpress/data/tiny_qwen2_moe/` (`--arch qwen2_moe`): Qwen2-MoE, 8 routed experts per layer, top-2, plus
+  a sigmoid-gated shared expert, trained on King James prose (`PROSE_TRAIN`: every book but Genesis, Luke
+  and Acts, which are the "prose_eval"/"prose_calib"/"prose_heldout" splits, and their close parallels);
+  measured on the "prose_*" splits.
+
+Each vocabulary is SmolLM2's, reduced honestly: the most frequent SmolLM2 tokens of the model's own
+training text keep an id, every other token maps to `<unk>` (id 0). `RemappedTokenizer` does that
+mapping, so `fxpress.data.token_windows` works on it unchanged. Weights are stored in fp16 and loaded
+as fp32.
 """
 
 from __future__ import annotations
@@ -20,6 +28,12 @@ import torch
 from fxpress.errors import ModelNotFoundError
 
 TINY_MOE_DIR = Path(__file__).resolve().parent / "data" / "tiny_moe"
+TINY_QWEN2_MOE_DIR = Path(__file__).resolve().parent / "data" / "tiny_qwen2_moe"
+# The Qwen2-MoE's training text: the `bible` program's verse ranges, every book except Genesis (prose_eval),
+# Luke (prose_calib) and Acts (prose_heldout), and except what retells them: 1 Chronicles 1 (Genesis'
+# genealogies) and Matthew and Mark (the gospels parallel to Luke).
+PROSE_TRAIN = ("Exodus1:1-Deuteronomy34:12", "Joshua1:1-2Kings25:30", "1Chronicles2:1-Malachi4:6",
+               "John1:1-21:25", "Romans1:1-Revelation22:21")
 VOCAB_FILE = "vocab.json"
 UNK_ID = 0
 
@@ -93,13 +107,41 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(resolve_model_path("smollm2"))
 
 
-def build_vocab(base_tokenizer, size: int = 8192, split: str = "train") -> list[int]:
-    """The `size - 1` most frequent SmolLM2 ids of `split` (ties broken by id, so it is deterministic)."""
+def prose_train_text() -> str:
+    """The Qwen2-MoE's training text (`PROSE_TRAIN`), a verse per line."""
+    from fxpress.data import prose_text
+
+    return "\n".join(prose_text(r) for r in PROSE_TRAIN)
+
+
+def train_stream(tokenizer, split: str = "train") -> torch.Tensor:
+    """A training text tokenized as one 1-D LongTensor: a `fxpress.data` split, or "prose_train" (`PROSE_TRAIN`)."""
     from fxpress.data import token_stream
 
-    counts = torch.bincount(token_stream(base_tokenizer, split), minlength=len(base_tokenizer))
+    if split != "prose_train":
+        return token_stream(tokenizer, split)
+    return tokenizer(prose_train_text(), return_tensors="pt", add_special_tokens=False).input_ids[0].long()
+
+
+def build_vocab(base_tokenizer, size: int = 8192, split: str = "train") -> list[int]:
+    """The `size - 1` most frequent SmolLM2 ids of `split` (ties broken by id, so it is deterministic)."""
+    counts = torch.bincount(train_stream(base_tokenizer, split), minlength=len(base_tokenizer))
     order = sorted(range(len(counts)), key=lambda i: (-int(counts[i]), i))
     return order[: size - 1]
+
+
+def tiny_qwen2_moe_config(vocab_size: int):
+    """Qwen2-MoE, 4 layers, hidden 128, 8 routed experts of width 256 per layer, top-2 (top-k weights not
+    renormalised, Qwen2-MoE's default), plus one shared expert of width 256 behind a sigmoid gate."""
+    from transformers import Qwen2MoeConfig
+
+    return Qwen2MoeConfig(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, moe_intermediate_size=256,
+        shared_expert_intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=1,
+        max_position_embeddings=512, tie_word_embeddings=True, router_aux_loss_coef=0.01,
+        use_sliding_window=False, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
 
 
 def tiny_moe_config(vocab_size: int):
@@ -137,15 +179,21 @@ def save_tiny_moe(model: torch.nn.Module, kept_ids: list[int], target: Path = TI
 
 
 def load_tiny_moe(path: str | os.PathLike | None = None):
-    """The shipped trained MoE (fp32, eval) and its `RemappedTokenizer`."""
+    """The shipped trained MoE (fp32, eval) and its `RemappedTokenizer`; `path` may hold either architecture."""
     from transformers import AutoModelForCausalLM
 
     folder = Path(path) if path is not None else TINY_MOE_DIR
     if not (folder / "config.json").is_file() or not (folder / VOCAB_FILE).is_file():
+        arch = " --arch qwen2_moe" if folder.name == TINY_QWEN2_MOE_DIR.name else ""
         raise ModelNotFoundError(
-            f"the trained tiny MoE is missing from {folder}: run `python examples/train_moe.py` to train it"
+            f"the trained tiny MoE is missing from {folder}: run `python examples/train_moe.py{arch}` to train it"
         )
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with open(folder / VOCAB_FILE) as fh:
         kept = json.load(fh)["kept_smollm2_ids"]
     return model, RemappedTokenizer(smollm2_tokenizer(), kept)
+
+
+def load_tiny_qwen2_moe(path: str | os.PathLike | None = None):
+    """The shipped trained Qwen2-MoE with a shared expert (fp32, eval) and its `RemappedTokenizer`."""
+    return load_tiny_moe(TINY_QWEN2_MOE_DIR if path is None else path)
