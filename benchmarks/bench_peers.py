@@ -57,7 +57,8 @@ def prepare(args: argparse.Namespace) -> None:
 
 
 def fxpress_setting(base_cache: dict, name: str, calib: torch.Tensor):
-    """The quantized Program for 'SETTING+ROTATION' (GPTQ; 'SETTING+ROTATION-rtn' for RTN weights)."""
+    """The quantized Program for 'SETTING+ROTATION' (GPTQ; 'SETTING+ROTATION-rtn' for RTN weights,
+    'SETTING+ROTATION-gptaq' for GPTQ that also corrects its input quantizer's error)."""
     from fxpress.calibration import Calibration
     from fxpress.passes import FoldHadamard, Quantize, Rotate, run_passes
     from fxpress.passes.quantize import ActQuant, KVQuant, WeightQuant
@@ -73,8 +74,8 @@ def fxpress_setting(base_cache: dict, name: str, calib: torch.Tensor):
         base_cache[rotation] = program
     q = copy.deepcopy(base_cache[rotation])
     low = a is not None and a <= 4
-    run_passes(q, [Quantize(weights=WeightQuant(bits=w, group_size=group, method=method or "gptq",
-                                                   act_order=method != "rtn"),
+    run_passes(q, [Quantize(weights=WeightQuant(bits=w, group_size=group, method="rtn" if method == "rtn" else "gptq",
+                                                   act_order=method != "rtn", correct_act_error=method == "gptaq"),
                             activations=ActQuant(bits=a, clip_ratio=1.0, clip_search=low, symmetric=not low),
                             kv_cache=KVQuant(bits=kv, clip_ratio=0.95))], progress=False)
     return q
@@ -86,7 +87,7 @@ def run_fxpress(args: argparse.Namespace) -> None:
     from fxpress.capture import capture
     from fxpress.models import load_smollm2
 
-    names = [f"{s}+{r}{m}" for s in SETTINGS for r in ROTATIONS for m in ("", "-rtn")]
+    names = [f"{s}+{r}{m}" for s in SETTINGS for r in ROTATIONS for m in ("", "-rtn", "-gptaq")]
     cache: dict = {}
 
     def make(name: str):

@@ -1,7 +1,8 @@
 """The main job on the embedded SmolLM2-135M-Instruct, end to end.
 
 1. rotate (random Hadamard; `--rotation dfrot` refines it on calibration data) -> fold_hadamard (R3/R4
-   online) -> quantize on real calibration text (Python HOWTOs + the Gospel of Luke): GPTQ W4 g128 with act-order, A4 asymmetric per token with
+   online) -> quantize on real calibration text (Python HOWTOs + the Gospel of Luke): GPTQ W4 g128 with act-order
+   that fits each linear's float output through its 4-bit input quantizer (`correct_act_error`), A4 asymmetric per token with
    each quantizer's clip ratio searched on the calibration set, KV4 (clip 0.95); evaluate perplexity/KL/top-1
    against the fp32 model on real evaluation text; save.
 2. The shippable artifact: W4 weights (A16), exported to ONNX with ONNX Runtime's MatMulNBits int4
@@ -37,7 +38,7 @@ def demo_passes(rotation: str = "hadamard") -> list:
     """The W4A4KV4 recipe `make demo` compiles (benchmarks/bench_compile.py times it stage by stage)."""
     return [
         Rotate(mode=rotation), FoldHadamard(),
-        Quantize(weights=WeightQuant(bits=4, method="gptq", act_order=True),
+        Quantize(weights=WeightQuant(bits=4, method="gptq", act_order=True, correct_act_error=True),
                  activations=ActQuant(bits=4, clip_search=True, symmetric=False),
                  kv_cache=KVQuant(bits=4, clip_ratio=0.95)),
     ]

@@ -16,7 +16,9 @@ class WeightQuant:
 
     Asymmetric with integer zero points unless `symmetric`; `method` "rtn" or "gptq" (Hessians from the
     calibration set, `act_order` and `damp` as in GPTQ); `clip_search` picks each group's clip; linears whose
-    weight name matches a `skip` regex stay in full precision; `seed` fixes GPTQ's randomness.
+    weight name matches a `skip` regex stay in full precision; `seed` fixes GPTQ's randomness. With
+    `correct_act_error` GPTQ fits each linear's output on its input before the activation quantizer (not after),
+    so the weights also undo part of that quantizer's error (GPTAQ-style; only linears with quantized inputs).
     """
 
     bits: int | None = 4
@@ -28,6 +30,7 @@ class WeightQuant:
     damp: float = 0.01
     skip: tuple[str, ...] = ("lm_head",)
     seed: int = 0
+    correct_act_error: bool = False
 
     def validate(self) -> None:
         check_bits("weights.bits", self.bits)
@@ -35,7 +38,10 @@ class WeightQuant:
         check_choice("quantize", "weights.method", self.method, ("rtn", "gptq"))
         if self.act_order and self.method != "gptq":
             raise ConfigError("quantize.weights.act_order only applies to method='gptq': set method='gptq' or act_order=False")
-        check_flags("weights", self, ("symmetric", "act_order", "clip_search"))
+        if self.correct_act_error and self.method != "gptq":
+            raise ConfigError("quantize.weights.correct_act_error only applies to method='gptq': set method='gptq' or "
+                              "correct_act_error=False")
+        check_flags("weights", self, ("symmetric", "act_order", "clip_search", "correct_act_error"))
         check_range("quantize", "weights.damp", self.damp, 0.0, 1.0)
         _check_skip(self.skip)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):

@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 from fxpress import distributed
 from fxpress import graph as G
 from fxpress.execute import ChunkInputs, Executor
-from fxpress.passes.quantize.act_clip import ClipChooser, calibration_inputs
+from fxpress.passes.quantize.act_clip import QUANTIZE_ACT, ClipChooser, calibration_inputs
 from fxpress.passes.quantize.config import WeightQuant
-from fxpress.passes.quantize.gptq import QuantizedWeight, WeightSpec, gptq, rtn
+from fxpress.passes.quantize.gptq import QuantizedWeight, WeightSpec, float_input_target, gptq, rtn
 
 if TYPE_CHECKING:
     from fxpress.program import Program
@@ -78,10 +78,13 @@ class _GPTQRunner(Executor):
         self.config = weights
         self.by_node = {u.node: u for u in targets}
         self.clips = clips
-        self.hooked = set(self.by_node) | (clips.nodes if clips else set())
         self.groups: dict[Node, list[G.LinearUse]] = {}
         for u in targets:
             self.groups.setdefault(u.node.args[0], []).append(u)
+        # with correct_act_error: X^T X~ across each group's activation quantizer, summed as the run passes it
+        self.cross: dict[Node, torch.Tensor] = {}
+        self.corrected = {x for x in self.groups if weights.correct_act_error and x.target == QUANTIZE_ACT}
+        self.hooked = set(self.by_node) | (clips.nodes if clips else set()) | self.corrected
         store = program.weights
         self.results: dict[str, QuantizedWeight] | ParkedWeights = {} if store is None else ParkedWeights(store)
         self.dequantized: dict[str, torch.Tensor] = {}  # kept from a group's quantization to its weight's last use
@@ -93,16 +96,19 @@ class _GPTQRunner(Executor):
         self.bar = tqdm(total=len(self.groups), desc="gptq", leave=False, disable=not distributed.is_main())
 
     def prepare(self, node: Node, inputs: ChunkInputs) -> None:
-        if node not in self.by_node:
-            assert self.clips is not None
+        if node in self.by_node:
+            if self.by_node[node].name not in self.results:
+                self._quantize_group(self.groups[node.args[0]], inputs)
+        elif self.clips is not None and node in self.clips.nodes:
             self.clips.choose(node, inputs, self.fetch)
-        elif self.by_node[node].name not in self.results:
-            self._quantize_group(self.groups[node.args[0]], inputs)
 
     def call(self, node: Node, index: int, args: tuple, kwargs: dict) -> Any:
-        if node not in self.by_node:
-            assert self.clips is not None
-            return self.clips.quantize(node, args)
+        if node not in self.by_node:  # an activation quantizer
+            quantized = (self.clips.quantize(node, args) if self.clips is not None and node in self.clips.nodes
+                         else self._execute(node, args, kwargs))
+            if node in self.corrected:
+                self._add_cross(node, args[0], quantized)
+            return quantized
         x = args[0]
         bias = args[2] if len(args) > 2 else kwargs.get("bias")
         return F.linear(x, self.dequantized[self.by_node[node].name].to(x.dtype), bias)
@@ -115,6 +121,15 @@ class _GPTQRunner(Executor):
         if not self.uses_left[name]:
             del self.dequantized[name]
 
+    def _add_cross(self, node: Node, x: torch.Tensor, quantized: torch.Tensor) -> None:
+        """Add one chunk's X^T X~ (float32 product, float64 sum, as `chunk_hessian`)."""
+        width = x.shape[-1]
+        product = x.detach().reshape(-1, width).float().T @ quantized.detach().reshape(-1, width).float()
+        if node in self.cross:
+            self.cross[node].add_(product)
+        else:
+            self.cross[node] = product.to(torch.float64)
+
     def _quantize_group(self, group: list[G.LinearUse], inputs: ChunkInputs) -> None:
         names, weights = [], []
         for u in group:
@@ -123,11 +138,15 @@ class _GPTQRunner(Executor):
                 weights.append(self.fetch(u.weight).detach().float())
         h, tokens = chunk_hessian(inputs, weights[0].shape[1], weights[0].device)
         spec = weight_spec(self.config)
+        cross = self.cross.pop(group[0].node.args[0], None)
         if tokens == 0:
             self.warnings.append(f"{', '.join(names)}: no calibration tokens reached these linears; used RTN")
             quantized = [rtn(w, spec) for w in weights]
         else:
-            stacked = gptq(torch.cat(weights), h, spec, act_order=self.config.act_order, damp=self.config.damp,
+            stacked = torch.cat(weights)
+            if cross is not None:  # all-reduced and scaled like H
+                stacked = float_input_target(stacked, h, distributed.all_reduce_sum(cross) * (2.0 / tokens))
+            stacked = gptq(stacked, h, spec, act_order=self.config.act_order, damp=self.config.damp,
                            name=", ".join(names))
             quantized = _split_rows(stacked, [w.shape[0] for w in weights])
         for name, qw in zip(names, quantized):
