@@ -56,6 +56,7 @@ def _count(program, target) -> int:
         ({"weights": WeightQuant(method="awq")}, "weights.method"),
         ({"weights": WeightQuant(act_order=True)}, "weights.act_order"),
         ({"weights": WeightQuant(correct_act_error=True)}, "weights.correct_act_error"),
+        ({"weights": WeightQuant(method="gptq", correct_act_error=True, act_error_ridge=0.0)}, "weights.act_error_ridge"),
         ({"activations": ActQuant(clip_ratio=0.0)}, "activations.clip_ratio"),
         ({"kv_cache": KVQuant(clip_ratio=1.5)}, "kv_cache.clip_ratio"),
         ({"weights": WeightQuant(skip="lm_head")}, "weights.skip"),

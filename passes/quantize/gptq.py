@@ -169,12 +169,7 @@ def hessian(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return (h * (2.0 / n) if n else h), n
 
 
-# How far `float_input_target` pulls its fit back towards W, in units of mean(diag H): chosen on held-out text
-# (FAQ and Acts, never the evaluation text) for SmolLM2 W4A4KV4; 0.01 (GPTQ's dampening) overfits the calibration rows.
-FIT_RIDGE = 3.0
-
-
-def float_input_target(weight: torch.Tensor, h: torch.Tensor, cross: torch.Tensor, ridge: float = FIT_RIDGE) -> torch.Tensor:
+def float_input_target(weight: torch.Tensor, h: torch.Tensor, cross: torch.Tensor, ridge: float) -> torch.Tensor:
     """The weights W* whose output on the quantized inputs X~ best matches W's on the float inputs X.
 
     GPTQ minimises ||X~ (W* - Q)^T||^2, which equals ||X W^T - X~ Q^T||^2 up to a constant when W* is the

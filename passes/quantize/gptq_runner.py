@@ -145,7 +145,8 @@ class _GPTQRunner(Executor):
         else:
             stacked = torch.cat(weights)
             if cross is not None:  # all-reduced and scaled like H
-                stacked = float_input_target(stacked, h, distributed.all_reduce_sum(cross) * (2.0 / tokens))
+                stacked = float_input_target(stacked, h, distributed.all_reduce_sum(cross) * (2.0 / tokens),
+                                             self.config.act_error_ridge)
             stacked = gptq(stacked, h, spec, act_order=self.config.act_order, damp=self.config.damp,
                            name=", ".join(names))
             quantized = _split_rows(stacked, [w.shape[0] for w in weights])
