@@ -22,7 +22,8 @@ def _free_port() -> int:
 
 
 def _quantize_tiny_llama() -> tuple[dict[str, torch.Tensor], dict[str, float], dict]:
-    """GPTQ W4 with act-order and W4 activations with the clip search on a tiny Llama: 5 chunks of 4 samples."""
+    """GPTQ W4 with act-order, correcting its input quantizers' error, and W4 activations with the clip search on a
+    tiny Llama: 5 chunks of 4 samples."""
     from fxpress.calibration import Calibration
     from fxpress.capture import capture
     from fxpress.passes import Quantize, run_passes
@@ -32,7 +33,7 @@ def _quantize_tiny_llama() -> tuple[dict[str, torch.Tensor], dict[str, float], d
     program = capture(tiny_causal_lm("llama", seed=0))
     ids = torch.randint(0, program.info.vocab_size, (20, 32), generator=torch.Generator().manual_seed(0))
     program.calibration = Calibration(ids, batch_size=4)
-    quantize = Quantize(weights=WeightQuant(bits=4, method="gptq", act_order=True),
+    quantize = Quantize(weights=WeightQuant(bits=4, method="gptq", act_order=True, correct_act_error=True),
                         activations=ActQuant(bits=4, clip_search=True))
     stats = run_passes(program, [quantize], progress=False)[-1].stats
     packed = {k: v.clone() for k, v in program.module.named_buffers() if "_q4" in k}
@@ -53,7 +54,7 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_two_gloo_ranks_give_the_packed_weights_of_one_process(tmp_path):
-    """5 chunks split 3 + 2: Hessians (float64) and clip errors are all-reduced, so both ranks apply the
+    """5 chunks split 3 + 2: Hessians and X^T X~ (float64) and clip errors are all-reduced, so both ranks apply the
     update one process applies, bit for bit."""
     mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     packed, ratios, stats = _quantize_tiny_llama()

@@ -138,7 +138,10 @@ class _GPTQRunner(Executor):
                 weights.append(self.fetch(u.weight).detach().float())
         h, tokens = chunk_hessian(inputs, weights[0].shape[1], weights[0].device)
         spec = weight_spec(self.config)
-        cross = self.cross.pop(group[0].node.args[0], None)
+        source = group[0].node.args[0]
+        cross = self.cross.pop(source, None)
+        if cross is None and source in self.corrected:  # this rank ran no chunk: it still joins the all-reduce
+            cross = torch.zeros_like(h)
         if tokens == 0:
             self.warnings.append(f"{', '.join(names)}: no calibration tokens reached these linears; used RTN")
             quantized = [rtn(w, spec) for w in weights]
