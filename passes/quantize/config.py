@@ -18,7 +18,8 @@ class WeightQuant:
     calibration set, `act_order` and `damp` as in GPTQ); `clip_search` picks each group's clip; linears whose
     weight name matches a `skip` regex stay in full precision; `seed` fixes GPTQ's randomness. With
     `correct_act_error` GPTQ fits each linear's output on its input before the activation quantizer (not after),
-    so the weights also undo part of that quantizer's error (GPTAQ-style; only linears with quantized inputs);
+    so the weights also undo part of that quantizer's error (GPTAQ-style; only linears with quantized inputs; it
+    pays at 4-bit activations, not at 8, where the small error's fit learns the calibration text's domain);
     `act_error_ridge` (x mean diag H) pulls that fit back towards the float weights (3: chosen on held-out text;
     GPTQ's 0.01 overfits the calibration rows).
     """
