@@ -19,6 +19,7 @@ import os
 import time
 
 import torch
+from bench_calibration_domain import paired_ppl_rows
 from bench_compile import demo_passes
 
 TEXTS = {"python": "eval", "prose": "prose_eval", "python held-out": "heldout", "prose held-out": "prose_heldout"}
@@ -51,7 +52,6 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     import fxpress
     from fxpress.data import MIXED_CALIB, mixed_windows, token_windows
-    from fxpress.evaluate import paired_bootstrap, window_metrics
     from fxpress.models import load_smollm2
 
     model, tokenizer = load_smollm2()
@@ -69,13 +69,8 @@ def main() -> None:
     print("| variant | compile s | text | ppl | x fp32 | minus off [95%] |\n|---|---|---|---|---|---|")
     for text, split in TEXTS.items():
         windows = token_windows(tokenizer, split, 256, args.eval_windows)
-        nll = {k: v["nll"] for k, v in window_metrics(reference, {"fp32": reference, **compiled}, windows).items()}
-        fp = float(nll["fp32"].mean().exp())
-        for name in compiled:
-            ppl = float(nll[name].mean().exp())
-            gap = paired_bootstrap(nll[name], nll["off"]) if name != "off" else None
-            interval = f"{gap['diff']:+.2f} [{gap['lo']:+.2f}, {gap['hi']:+.2f}]" if gap else "-"
-            print(f"| {name} | {seconds[name]:.0f} | {text} | {ppl:.2f} | {ppl / fp:.3f}x | {interval} |")
+        for name, ppl, ratio, interval in paired_ppl_rows(reference, compiled, windows, "off"):
+            print(f"| {name} | {seconds[name]:.0f} | {text} | {ppl:.2f} | {ratio:.3f}x | {interval} |")
 
 
 if __name__ == "__main__":

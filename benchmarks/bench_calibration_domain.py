@@ -38,7 +38,6 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     import fxpress
     from fxpress.data import mixed_windows, token_windows
-    from fxpress.evaluate import paired_bootstrap, window_metrics
     from fxpress.models import load_smollm2
     from fxpress.passes import Quantize, Rotate
     from fxpress.passes.quantize import WeightQuant
@@ -56,14 +55,23 @@ def main() -> None:
           f"{args.calib} x {args.calib_len}, eval {args.eval_windows} x 256")
     print("| calibration | text | ppl | x fp32 | minus python-calibrated [95%] |\n|---|---|---|---|---|")
     for text, windows in evals.items():
-        fns = {"fp32": reference, **compiled}
-        nll = {k: v["nll"] for k, v in window_metrics(reference, fns, windows).items()}
-        fp = float(nll["fp32"].mean().exp())
-        for name in names:
-            ppl = float(nll[name].mean().exp())
-            gap = paired_bootstrap(nll[name], nll["python"]) if name != "python" else None
-            interval = f"{gap['diff']:+.2f} [{gap['lo']:+.2f}, {gap['hi']:+.2f}]" if gap else "-"
-            print(f"| {name} | {text} | {ppl:.2f} | {ppl / fp:.3f}x | {interval} |")
+        for name, ppl, ratio, interval in paired_ppl_rows(reference, compiled, windows, "python"):
+            print(f"| {name} | {text} | {ppl:.2f} | {ratio:.3f}x | {interval} |")
+
+
+def paired_ppl_rows(reference, compiled: dict, windows: torch.Tensor, baseline: str) -> list[tuple[str, float, float, str]]:
+    """(name, perplexity, ratio to the fp32 `reference`, 95% paired bootstrap of the perplexity minus `baseline`'s,
+    "-" for the baseline itself) for each compiled model on `windows`, in `compiled`'s order."""
+    from fxpress.evaluate import paired_bootstrap, window_metrics
+
+    nll = {k: v["nll"] for k, v in window_metrics(reference, {"fp32": reference, **compiled}, windows).items()}
+    fp = float(nll["fp32"].mean().exp())
+    rows = []
+    for name in compiled:
+        ppl = float(nll[name].mean().exp())
+        gap = paired_bootstrap(nll[name], nll[baseline]) if name != baseline else None
+        rows.append((name, ppl, ppl / fp, f"{gap['diff']:+.2f} [{gap['lo']:+.2f}, {gap['hi']:+.2f}]" if gap else "-"))
+    return rows
 
 
 if __name__ == "__main__":
