@@ -175,7 +175,7 @@ def report(args, analysis, metrics, plans, seconds, fp_bytes, nbytes, len_eval) 
         "",
         f"Produced by `python benchmarks/bench_moe.py{flag}` ({describe_machine(args.threads)}).",
         "",
-        f"Model: `fxpress.moe_model.{spec.loader}` ({spec.description}). Calibration: "
+        f"Model: `fxpress.moe_model.{spec.load.__name__}()` ({spec.description}). Calibration: "
         f"{args.calib_windows} x {args.seq} tokens of the \"{spec.calib}\" split. Evaluation: {len_eval} x {args.seq} "
         f"tokens of the \"{spec.eval}\" split; KL and top-1 against the fp32 model. "
         f"Group size {args.group_size}, bit choices 2/3/4, average bits over the routed experts' weights "

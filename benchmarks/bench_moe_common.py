@@ -29,7 +29,6 @@ class MoeModel:
     """One shipped MoE and the text splits it is measured on (`fxpress.data`)."""
 
     load: Callable
-    loader: str  # how the report names the loader
     description: str  # architecture and training, for the report
     calib: str
     heldout: str
@@ -39,11 +38,11 @@ class MoeModel:
 
 MODELS = {
     "tiny_moe": MoeModel(
-        load_tiny_moe, "load_tiny_moe()", "Mixtral architecture, 4 layers, 8 experts per layer, top-2, no shared "
+        load_tiny_moe, "Mixtral architecture, 4 layers, 8 experts per layer, top-2, no shared "
         "expert, trained by `python examples/train_moe.py` on the \"train\" split (the Python library reference)",
         "calib", "heldout", "eval", REPORT),
     "tiny_qwen2_moe": MoeModel(
-        load_tiny_qwen2_moe, "load_tiny_qwen2_moe()", "Qwen2-MoE architecture, 4 layers, 8 routed experts per layer, "
+        load_tiny_qwen2_moe, "Qwen2-MoE architecture, 4 layers, 8 routed experts per layer, "
         "top-2 (weights not renormalised) plus a sigmoid-gated shared expert per layer, trained by "
         "`python examples/train_moe.py --arch qwen2_moe` on King James prose (every book but Genesis, Luke and Acts)",
         "prose_calib", "prose_heldout", "prose_eval", REPORT.with_name("moe_qwen2.md")),
