@@ -22,6 +22,8 @@ rounded up to a multiple of 8, which a lowering re-blocks when K is not a power 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -199,3 +201,37 @@ QUANTIZE_ACT = define_op(
     "Returns (code - zero) * scale in the input dtype; an all-zero row passes through unchanged. In float64 "
     "the clamped value gets + 2^-30 before rounding, so exact ties round up in every runtime.",
 )
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """The per-token fake quantizer of the final recipe (the formula of `fxpress::quantize_act`)."""
+
+    bits: int
+    clip_ratio: float = 1.0
+    symmetric: bool = True
+    group: int = 0  # 0: one scale per row of the last axis
+
+
+def _round_ste(t: torch.Tensor) -> torch.Tensor:
+    return t + (torch.round(t) - t).detach()
+
+
+def fake_quant_ste(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """`_quantize_act` (per row, optionally in groups) with straight-through rounding: the forward value is
+    the runtime's, the gradient flows through the scale and the unclipped values (SpinQuant's quantizer)."""
+    if spec.group and x.shape[-1] % spec.group == 0 and spec.group < x.shape[-1]:
+        return fake_quant_ste(x.reshape(*x.shape[:-1], -1, spec.group), QuantSpec(spec.bits, spec.clip_ratio,
+                                                                                 spec.symmetric)).reshape(x.shape)
+    if spec.symmetric:
+        maxq = (1 << (spec.bits - 1)) - 1
+        scale = x.abs().amax(-1, keepdim=True) * (spec.clip_ratio / max(maxq, 1))
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return torch.clamp(_round_ste(x / scale), -maxq - 1, maxq) * scale
+    maxq = (1 << spec.bits) - 1
+    high = x.amax(-1, keepdim=True).clamp_min(0) * spec.clip_ratio
+    low = x.amin(-1, keepdim=True).clamp_max(0) * spec.clip_ratio
+    scale = (high - low) / maxq
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.clamp(_round_ste(-low / scale), 0, maxq)
+    return (torch.clamp(_round_ste(x / scale) + zero, 0, maxq) - zero) * scale

@@ -16,6 +16,7 @@ from fxpress.errors import ConfigError, PassError, PassOrderError, RecipeError
 from fxpress.evaluate import compare_logits, perplexity
 from fxpress.passes import PASS_REGISTRY, Quantize, pass_from_dict, run_passes
 from fxpress.passes.quantize import ActQuant, KVQuant, TableQuant, WeightQuant
+from fxpress.passes.quantize.act_bits import Sensitivity, choose_raised
 from fxpress.passes.quantize.act_clip import coarse_to_fine
 from fxpress.recipe import load_recipe
 from fxpress.zoo import tiny_causal_lm
@@ -64,6 +65,11 @@ def _count(program, target) -> int:
         ({"weights": WeightQuant(symmetric="yes")}, "weights.symmetric"),
         ({"activations": ActQuant(clip_search=1)}, "activations.clip_search"),
         ({"activations": ActQuant(symmetric=None)}, "activations.symmetric"),
+        ({"activations": ActQuant(avg_bits=4.5)}, "activations.avg_bits needs activations.bits"),
+        ({"activations": ActQuant(bits=4, avg_bits=3.5)}, "activations.avg_bits"),
+        ({"activations": ActQuant(bits=4, avg_bits=9.0)}, "activations.avg_bits"),
+        ({"activations": ActQuant(bits=8, avg_bits=8.0)}, "activations.high_bits"),
+        ({"activations": ActQuant(bits=4, high_bits=9, avg_bits=5.0)}, "activations.high_bits"),
     ],
 )
 def test_bad_fields_raise_config_errors(fields, needle):
@@ -383,3 +389,57 @@ def test_correct_act_error_fits_the_float_output_and_is_inert_without_activation
              for c in (False, True)]
     bufs = [dict(p.module.named_buffers()) for p in plain]
     assert bufs[0].keys() == bufs[1].keys() and all(torch.equal(bufs[0][k], bufs[1][k]) for k in bufs[0])
+
+
+def test_choose_raised_spends_the_budget_on_the_most_error_saved_per_bit():
+    """Greedy by error saved per extra bit-element, skipping what no longer fits, never a quantizer that 8 bits
+    would not help."""
+    s = {"a": Sensitivity(0.30, 0.01, 100), "b": Sensitivity(0.20, 0.01, 300), "c": Sensitivity(0.05, 0.001, 100),
+         "d": Sensitivity(0.01, 0.02, 100)}
+    # a saves 0.29 / 400 per bit-element, b 0.19 / 1200, c 0.049 / 400; the budget 4.5 over 600 elements = 300
+    assert choose_raised(s, 4, 8, 4.5) == set()
+    assert choose_raised(s, 4, 8, 4 + 4 * 100 / 600) == {"a"}
+    assert choose_raised(s, 4, 8, 4 + 4 * 200 / 600) == {"a", "c"}
+    assert choose_raised(s, 4, 8, 4 + 4 * 500 / 600) == {"a", "b", "c"}
+    assert choose_raised(s, 4, 8, 8.0) == {"a", "b", "c"}
+
+
+def test_mixed_act_bits_stay_in_budget_and_lower_the_error(tiny_llama):
+    """avg_bits: the chosen quantizers carry high_bits in the graph, the width-weighted average stays within the
+    budget, and more budget never moves the model further from fp32 on held-out tokens; uniform 8 is everything."""
+    program, ids = tiny_llama
+    errors, averages = {}, {}
+    for avg in (None, 4.5, 6.0, 8.0):
+        acts = ActQuant(bits=4, symmetric=False, clip_search=True, avg_bits=avg)
+        q, result = _quantized(program, Quantize(weights=WeightQuant(bits=None), activations=acts))
+        errors[avg] = _act_error(program, q, ids)
+        if avg is None:
+            assert "mixed_act_bits" not in result.stats
+            continue
+        mixed = result.stats["mixed_act_bits"]
+        bits = {n.name: n.args[1] for n in q.graph.nodes if n.target is QUANTIZE_ACT}
+        assert {name for name, b in bits.items() if b == 8} == set(mixed["raised"])
+        widths = {n.name: n.args[0].meta["val"].shape[-1] for n in q.graph.nodes if n.target is QUANTIZE_ACT}
+        average = sum(bits[n] * widths[n] for n in bits) / sum(widths.values())
+        assert average == pytest.approx(mixed["average_bits"], abs=1e-4) and average <= avg + 1e-9
+        averages[avg] = average
+    assert 4.0 < averages[4.5] < averages[6.0] < averages[8.0] == 8.0
+    assert errors[8.0] < errors[6.0] <= errors[4.5] <= errors[None]
+
+
+def test_mixed_act_bits_refuse_what_they_cannot_differentiate_before_work():
+    """The sensitivity run backpropagates the next-token loss through the graph: a store-backed program and a model
+    that is not a causal LM are refused, naming the fix, before the graph changes."""
+    from fxpress.capture import capture_stored
+
+    mixed = Quantize(weights=WeightQuant(bits=None), activations=ActQuant(bits=4, avg_bits=5.0))
+    stored = capture_stored(tiny_causal_lm("llama", seed=0))
+    stored.calibration = Calibration(torch.randint(0, stored.info.vocab_size, (4, 16)))
+    mlp = capture(torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)),
+                  (torch.randn(2, 16),))
+    mlp.calibration = Calibration(torch.randn(4, 16))
+    for program, needle in ((stored, "weights in memory"), (mlp, "causal LM")):
+        before = [n.name for n in program.graph.nodes]
+        with pytest.raises(PassError, match=needle):
+            run_passes(program, [mixed], progress=False)
+        assert [n.name for n in program.graph.nodes] == before

@@ -59,18 +59,32 @@ class ActQuant:
 
     Symmetric unless `symmetric` is False (then [min(x, 0), max(x, 0)] with an integer zero point: one
     more level, no half of the grid wasted on skewed rows), clipped at `clip_ratio`; `clip_search` picks
-    each quantizer's own ratio (at most `clip_ratio`) on the calibration set.
+    each quantizer's own ratio (at most `clip_ratio`) on the calibration set. `avg_bits` (None: every quantizer
+    at `bits`) makes them mixed precision: the quantizers whose `bits` error costs their linears most, measured
+    on the calibration set, go to `high_bits` while the average over quantized activation elements stays within
+    `avg_bits` (e.g. bits=4, avg_bits=4.5).
     """
 
     bits: int | None = None
     symmetric: bool = True
     clip_ratio: float = 1.0
     clip_search: bool = False
+    avg_bits: float | None = None
+    high_bits: int = 8
 
     def validate(self) -> None:
         check_bits("activations.bits", self.bits)
+        check_bits("activations.high_bits", self.high_bits)
         check_flags("activations", self, ("symmetric", "clip_search"))
         check_range("quantize", "activations.clip_ratio", self.clip_ratio, 0.05, 1.0)
+        if self.avg_bits is None:
+            return
+        if self.bits is None:
+            raise ConfigError("quantize.activations.avg_bits needs activations.bits: set bits (e.g. 4) or avg_bits=None")
+        if self.high_bits <= self.bits:
+            raise ConfigError(f"quantize.activations.high_bits = {self.high_bits} must be above bits = {self.bits} "
+                              "for a mixed-precision budget: e.g. bits=4, high_bits=8")
+        check_range("quantize", "activations.avg_bits", self.avg_bits, float(self.bits), float(self.high_bits))
 
 
 @dataclass

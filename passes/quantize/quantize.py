@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from fxpress import graph as G
 from fxpress.errors import ConfigError
 from fxpress.passes.base import FLOAT_EXPERTS, FLOAT_LINEARS, Pass, register_pass
+from fxpress.passes.quantize.act_bits import allocate_act_bits, check_mixed_precision
 from fxpress.passes.quantize.act_clip import ClipChooser, search_act_clips
 from fxpress.passes.quantize.config import (
     V1_FIELDS,
@@ -67,7 +68,8 @@ class Quantize(Pass):
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
         gptq = self.weights.method == "gptq" and self.weights.bits is not None
-        return gptq or (self.activations.clip_search and self.activations.bits is not None)
+        acts = self.activations
+        return gptq or (acts.bits is not None and (acts.clip_search or acts.avg_bits is not None))
 
     # -- configuration ------------------------------------------------------------------------
     @classmethod
@@ -95,8 +97,10 @@ class Quantize(Pass):
         targets, skipped = self._select_linears(gm, heads)
         sites = self._select_cache_writes(gm)
         if self.needs_calibration and program.calibration is None:
-            raise ConfigError("quantize with weights.method='gptq' or activations.clip_search=True needs calibration "
-                              "data: pass calibration=... to fxpress.compile")
+            raise ConfigError("quantize with weights.method='gptq', activations.clip_search=True or activations.avg_bits "
+                              "needs calibration data: pass calibration=... to fxpress.compile")
+        if self.activations.avg_bits is not None and self.activations.bits is not None:
+            check_mixed_precision(program)
         warnings = [f"{name} left in full precision: {why}" for name, why in skipped.items()]
         act_nodes = self._quantize_activations(gm, targets) if self.activations.bits is not None else []
         for site in sites:
@@ -107,6 +111,11 @@ class Quantize(Pass):
             "skipped": skipped,
         }
         lap = stopwatch()
+        if self.activations.avg_bits is not None and act_nodes:
+            acts = self.activations
+            stats["mixed_act_bits"] = allocate_act_bits(program, act_nodes, acts.bits, acts.high_bits, acts.avg_bits,
+                                                        acts.clip_ratio, acts.clip_search)
+            lap("act_bits_allocation")
         search = self.activations.clip_search and bool(act_nodes)
         clips = ClipChooser(program, act_nodes, self.activations.clip_ratio) if search else None
         in_gptq_run = clips is not None and self._gptq_weights(targets)
