@@ -4,7 +4,7 @@ loss most go to more bits.
 At 4 bits a few activation quantizers (on SmolLM2 the gate/up inputs above all) carry most of the loss. A
 quantizer's own output error does not say how much the loss feels it (an error in o_proj's input costs less than
 the same relative error in gate_proj's), so the cost is measured in the loss's units: one forward and backward
-pass of the float graph on a few calibration windows gives the loss's gradient g at each quantizer's input, and
+pass of the low-bit graph (straight-through rounding) on a few calibration windows gives the loss's gradient g at each quantizer's input, and
 the expected loss increase of an error e is estimated by the empirical Fisher, 1/2 sum over tokens (g . e)^2
 (HAWQ-style). The quantizers with the most loss saved per extra bit-element go up until the budget is spent.
 """
@@ -45,7 +45,7 @@ class Sensitivity:
 
 
 def check_mixed_precision(program: Program) -> None:
-    """The measurement differentiates the float graph: it needs a causal LM with its weights in memory."""
+    """The measurement differentiates the graph: it needs a causal LM with its weights in memory."""
     if program.weights is not None:
         raise ConfigError("quantize.activations.avg_bits measures each quantizer with a backward pass through the graph "
                           "and needs the weights in memory; this program's weights are store-backed: set avg_bits=None")
@@ -86,7 +86,7 @@ def choose_raised(sensitivity: dict[Node, Sensitivity], low: int, high: int, avg
 def measure_sensitivity(program: Program, act_nodes: list[Node], low: int, high: int,
                         ratios: list[float]) -> dict[Node, Sensitivity]:
     """Per quantizer, 1/2 sum over tokens of (g . e)^2 for its error e at `low` bits (at the best of `ratios`) and at
-    `high` bits (at the first ratio), g the gradient of the float graph's summed next-token loss at its input; on
+    `high` bits (at the first ratio), g the gradient of the low-bit graph's summed next-token loss at its input; on
     this rank's share of SENSITIVITY_WINDOWS calibration windows, summed over ranks."""
     calibration = program.calibration
     assert calibration is not None
@@ -111,7 +111,8 @@ def _width(node: Node) -> int:
 
 def _input_gradients(program: Program, windows: torch.Tensor, nodes: set[Node], low: int) -> list[tuple[Node, torch.Tensor, torch.Tensor]]:
     """(node, input, gradient of the summed next-token loss at that input) for each quantizer in `nodes`, from one
-    forward and backward pass of the float graph (every quantize_act, KV cache's included, passed through)."""
+    forward and backward pass of the graph with every quantize_act at its bits (`nodes` at `low`), rounding
+    straight-through; it runs where the module's weights are."""
     tap = _GradientTap(program.module, nodes, low)
     codegen = program.module.graph._codegen
     inputs = codegen.process_inputs(*program_inputs(program, windows))
@@ -131,8 +132,8 @@ def _input_gradients(program: Program, windows: torch.Tensor, nodes: set[Node], 
 
 
 class _GradientTap(Interpreter):
-    """Runs the graph in float: each quantize_act returns its input plus a zero leaf whose gradient is the loss's
-    gradient there; the inputs of `nodes` are kept (detached, one row per token)."""
+    """Runs the graph with straight-through fake quantizers; each of `nodes` adds a zero leaf to its output, whose
+    gradient is the loss's gradient there, and keeps its input (detached, one row per token)."""
 
     def __init__(self, module: torch.nn.Module, nodes: set[Node], low: int):
         super().__init__(module)
