@@ -101,12 +101,11 @@ def main() -> None:
     rule = "gate/up rule" in compiled
     print(f"| variant | text | ppl | x fp32 | minus uniform [95%] |{' minus gate/up rule [95%] |' if rule else ''}\n"
           f"|---|---|---|---|---|{'---|' if rule else ''}")
+    baselines = ("uniform", "gate/up rule") if rule else ("uniform",)
     for text, split in TEXTS.items():
         windows = token_windows(tokenizer, split, 256, args.eval_windows)
-        against_rule = {r[0]: r[3] for r in paired_ppl_rows(reference, compiled, windows, "gate/up rule")} if rule else {}
-        for name, ppl, ratio, interval in paired_ppl_rows(reference, compiled, windows, "uniform"):
-            extra = f" {against_rule[name]} |" if rule else ""
-            print(f"| {name} | {text} | {ppl:.2f} | {ratio:.3f}x | {interval} |{extra}")
+        for name, ppl, ratio, *intervals in paired_ppl_rows(reference, compiled, windows, *baselines):
+            print(f"| {name} | {text} | {ppl:.2f} | {ratio:.3f}x | {' | '.join(intervals)} |")
 
 
 if __name__ == "__main__":

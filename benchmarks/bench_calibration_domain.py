@@ -59,9 +59,10 @@ def main() -> None:
             print(f"| {name} | {text} | {ppl:.2f} | {ratio:.3f}x | {interval} |")
 
 
-def paired_ppl_rows(reference, compiled: dict, windows: torch.Tensor, baseline: str) -> list[tuple[str, float, float, str]]:
-    """(name, perplexity, ratio to the fp32 `reference`, 95% paired bootstrap of the perplexity minus `baseline`'s,
-    "-" for the baseline itself) for each compiled model on `windows`, in `compiled`'s order."""
+def paired_ppl_rows(reference, compiled: dict, windows: torch.Tensor, *baselines: str) -> list[tuple]:
+    """(name, perplexity, ratio to the fp32 `reference`, then per baseline the 95% paired bootstrap of the perplexity
+    minus that baseline's, "-" against itself) for each compiled model on `windows`, in `compiled`'s order; the
+    models are evaluated once, whatever the number of baselines."""
     from fxpress.evaluate import paired_bootstrap, window_metrics
 
     nll = {k: v["nll"] for k, v in window_metrics(reference, {"fp32": reference, **compiled}, windows).items()}
@@ -69,8 +70,9 @@ def paired_ppl_rows(reference, compiled: dict, windows: torch.Tensor, baseline: 
     rows = []
     for name in compiled:
         ppl = float(nll[name].mean().exp())
-        gap = paired_bootstrap(nll[name], nll[baseline]) if name != baseline else None
-        rows.append((name, ppl, ppl / fp, f"{gap['diff']:+.2f} [{gap['lo']:+.2f}, {gap['hi']:+.2f}]" if gap else "-"))
+        gaps = [paired_bootstrap(nll[name], nll[b]) if name != b else None for b in baselines]
+        intervals = [f"{g['diff']:+.2f} [{g['lo']:+.2f}, {g['hi']:+.2f}]" if g else "-" for g in gaps]
+        rows.append((name, ppl, ppl / fp, *intervals))
     return rows
 
 

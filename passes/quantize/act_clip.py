@@ -71,9 +71,9 @@ class ClipChooser:
         """Score the grid on every chunk's rows at once (one GEMM per ratio) and keep the best ratio."""
         start = time.perf_counter()
         # its readers are still aten.linear here: weights are quantized after (or, in GPTQ's run, right after) it
-        error = output_error([fetch(u.args[1]).detach().float() for u in node.users])
+        output_error = _output_error([fetch(u.args[1]).detach().float() for u in node.users])
         bits, symmetric = node.args[1], node.args[3]
-        sampled = [sample_rows(args[0], self.max_rows) for args, _ in inputs]
+        sampled = [self._sampled(args[0]) for args, _ in inputs]
         rows = torch.cat(sampled) if sampled else None
 
         def errors(indices: list[int]) -> dict[int, float]:
@@ -83,11 +83,18 @@ class ClipChooser:
             local = torch.zeros(len(indices), dtype=torch.float64)
             if rows is not None:
                 for j, i in enumerate(indices):
-                    local[j] = error(QUANTIZE_ACT(rows, bits, self.grid[i], symmetric) - rows)
+                    local[j] = output_error(QUANTIZE_ACT(rows, bits, self.grid[i], symmetric) - rows)
             return dict(zip(indices, distributed.all_reduce_sum(local).tolist()))
 
         self.chosen[node] = self.grid[coarse_to_fine(len(self.grid), errors)]
         self.seconds += time.perf_counter() - start
+
+    def _sampled(self, x: torch.Tensor) -> torch.Tensor:
+        """A chunk's token rows, evenly subsampled to `max_rows`: keeps the cost per chunk bounded."""
+        rows = x.detach().float().reshape(-1, x.shape[-1])
+        if rows.shape[0] > self.max_rows:
+            rows = rows[torch.linspace(0, rows.shape[0] - 1, self.max_rows, device=rows.device).long()]
+        return rows
 
     def quantize(self, node: Node, args: tuple) -> torch.Tensor:
         """One chunk through the quantizer at its chosen ratio."""
@@ -117,15 +124,7 @@ class _ActClipSearch(Executor):
         return self.clips.quantize(node, args)
 
 
-def sample_rows(x: torch.Tensor, max_rows: int) -> torch.Tensor:
-    """A chunk's token rows, evenly subsampled to `max_rows`: keeps the cost per chunk bounded."""
-    rows = x.detach().float().reshape(-1, x.shape[-1])
-    if rows.shape[0] > max_rows:
-        rows = rows[torch.linspace(0, rows.shape[0] - 1, max_rows, device=rows.device).long()]
-    return rows
-
-
-def output_error(weights: list[torch.Tensor]) -> Callable[[torch.Tensor], float]:
+def _output_error(weights: list[torch.Tensor]) -> Callable[[torch.Tensor], float]:
     """e -> sum over the readers W of ||e W^T||^2 = tr(e M e^T) with M = sum W^T W, by the cheaper product:
     through M (K x K) when the readers' outputs are more than K (q/k/v, gate/up), else through the weights
     (down_proj: 576 outputs for K = 1536, 2.7x fewer flops)."""
