@@ -22,6 +22,7 @@ from fxpress import distributed
 from fxpress.calibration import program_inputs
 from fxpress.errors import ConfigError
 from fxpress.passes.quantize.act_clip import QUANTIZE_ACT, clip_grid
+from fxpress.passes.quantize.config import ActQuant
 from fxpress.runtime.quant import QuantSpec, fake_quant_ste
 
 if TYPE_CHECKING:
@@ -54,12 +55,14 @@ def check_mixed_precision(program: Program) -> None:
                           "set avg_bits=None for this model")
 
 
-def allocate_act_bits(program: Program, act_nodes: list[Node], low: int, high: int, avg_bits: float,
-                      clip_top: float, search_clip: bool) -> dict[str, Any]:
-    """Score every quantizer, raise the most sensitive ones from `low` to `high` bits while the width-weighted
-    average stays within `avg_bits`, and write the bits into the graph."""
-    sensitivity = measure_sensitivity(program, act_nodes, low, high, clip_grid(clip_top) if search_clip else [clip_top])
-    raised = choose_raised(sensitivity, low, high, avg_bits)
+def allocate_act_bits(program: Program, act_nodes: list[Node], acts: ActQuant) -> dict[str, Any]:
+    """Score every quantizer, raise the most sensitive ones from `acts.bits` to `acts.high_bits` while the
+    width-weighted average stays within `acts.avg_bits`, and write the bits into the graph."""
+    low, high = acts.bits, acts.high_bits
+    assert low is not None and acts.avg_bits is not None
+    ratios = clip_grid(acts.clip_ratio) if acts.clip_search else [acts.clip_ratio]
+    sensitivity = measure_sensitivity(program, act_nodes, low, high, ratios)
+    raised = choose_raised(sensitivity, low, high, acts.avg_bits)
     for node in raised:
         node.args = (node.args[0], high, *node.args[2:])
     program.module.recompile()

@@ -99,7 +99,7 @@ class Quantize(Pass):
         if self.needs_calibration and program.calibration is None:
             raise ConfigError("quantize with weights.method='gptq', activations.clip_search=True or activations.avg_bits "
                               "needs calibration data: pass calibration=... to fxpress.compile")
-        if self.activations.avg_bits is not None and self.activations.bits is not None:
+        if self.activations.avg_bits is not None:  # validate() made sure bits is set too
             check_mixed_precision(program)
         warnings = [f"{name} left in full precision: {why}" for name, why in skipped.items()]
         act_nodes = self._quantize_activations(gm, targets) if self.activations.bits is not None else []
@@ -112,9 +112,7 @@ class Quantize(Pass):
         }
         lap = stopwatch()
         if self.activations.avg_bits is not None and act_nodes:
-            acts = self.activations
-            stats["mixed_act_bits"] = allocate_act_bits(program, act_nodes, acts.bits, acts.high_bits, acts.avg_bits,
-                                                        acts.clip_ratio, acts.clip_search)
+            stats["mixed_act_bits"] = allocate_act_bits(program, act_nodes, self.activations)
             lap("act_bits_allocation")
         search = self.activations.clip_search and bool(act_nodes)
         clips = ClipChooser(program, act_nodes, self.activations.clip_ratio) if search else None
