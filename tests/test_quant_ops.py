@@ -11,6 +11,7 @@ from fxpress.passes.quantize.gptq import (
     WeightSpec,
     find_params,
     gptq,
+    gram,
     hessian,
     layer_loss,
     rtn,
@@ -155,6 +156,17 @@ def test_gptq_error_below_rtn_on_a_layer(act_order, group):
     assert out_gptq < 0.7 * out_rtn
     qweight, scales, zeros = g.packed()
     torch.testing.assert_close(dequantize_weight(qweight, scales, zeros, 4, g.block_size, 192), g.dequantize())
+
+
+@pytest.mark.parametrize("width,bands", [(48, 4), (600, 4), (600, 3), (1030, 5)])
+def test_gram_is_the_exact_symmetric_product(width, bands):
+    """Only the bands on and above the diagonal are multiplied (from GRAM_MIN_WIDTH up): the mirror makes it exactly
+    symmetric, and it equals X^T X to float32 rounding, uneven bands included."""
+    x = _correlated_inputs(width, 300, 7)
+    product = gram(x, bands)
+    assert torch.equal(product, product.T)
+    exact = x.double().T @ x.double()
+    assert float((product.double() - exact).abs().max() / exact.abs().max()) < 1e-6
 
 
 def test_gptq_handles_dead_inputs():

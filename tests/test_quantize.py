@@ -17,7 +17,7 @@ from fxpress.evaluate import compare_logits, perplexity
 from fxpress.passes import PASS_REGISTRY, Quantize, pass_from_dict, run_passes
 from fxpress.passes.quantize import ActQuant, KVQuant, TableQuant, WeightQuant
 from fxpress.passes.quantize.act_bits import Sensitivity, choose_raised
-from fxpress.passes.quantize.act_clip import coarse_to_fine
+from fxpress.passes.quantize.act_clip import unimodal_argmin
 from fxpress.recipe import load_recipe
 from fxpress.zoo import tiny_causal_lm
 
@@ -298,6 +298,7 @@ def test_act_clip_search_picks_a_ratio_per_quantizer_and_lowers_the_error(tiny_l
     chosen = result.stats["act_clip_ratios"]
     assert len(chosen) == result.stats["activation_quantizers"] == 4 * program.info.num_layers
     assert all(0.5 <= r <= 0.9 for r in chosen.values())
+    assert len(chosen) <= result.stats["act_clip_evaluations"] <= 6 * len(chosen)  # 9 grid points: 5 at most each
     nodes = {n.name: n for n in searched.graph.nodes}
     assert all(nodes[name].args[2] == r for name, r in chosen.items())
     assert all(w.new.args[2] == 1.0 for w in G.cache_writes(searched.module))
@@ -305,8 +306,10 @@ def test_act_clip_search_picks_a_ratio_per_quantizer_and_lowers_the_error(tiny_l
 
 
 @pytest.mark.parametrize("size", [1, 2, 5, 9, 11])
-def test_coarse_to_fine_finds_the_minimum_of_a_unimodal_grid_with_fewer_evaluations(size):
-    """Every unimodal error curve (its minimum anywhere, ties included) gets argmin's answer; 11 points cost 8."""
+def test_unimodal_argmin_finds_the_minimum_of_a_unimodal_grid_with_few_evaluations(size):
+    """Every unimodal error curve (its minimum anywhere, ties included) gets argmin's answer, each point asked once;
+    11 points cost at most 6 (every other point and then the best one's neighbours took 8)."""
+    most = {1: 1, 2: 2, 5: 4, 9: 5, 11: 6}[size]
     for best in range(size):
         curve = [abs(i - best) + (0.5 if i > best else 0.0) for i in range(size)]
         asked: list[int] = []
@@ -315,9 +318,9 @@ def test_coarse_to_fine_finds_the_minimum_of_a_unimodal_grid_with_fewer_evaluati
             asked.extend(indices)
             return {i: curve[i] for i in indices}
 
-        assert coarse_to_fine(size, errors) == best
-        assert len(asked) == len(set(asked)) <= (size + 1) // 2 + 2
-    flat = coarse_to_fine(11, lambda idx: dict.fromkeys(idx, 1.0))
+        assert unimodal_argmin(size, errors) == best
+        assert len(asked) == len(set(asked)) <= most, asked
+    flat = unimodal_argmin(11, lambda idx: dict.fromkeys(idx, 1.0))
     assert flat == 0  # ties go to the first (the largest ratio), as argmin did
 
 
@@ -371,6 +374,26 @@ def test_float_input_target_keeps_w_for_float_inputs_and_fits_the_float_output_o
         before = (rows @ w.T - q_rows @ w.T).norm()
         after = (rows @ w.T - q_rows @ fitted.T).norm()
         assert after < 0.99 * before, (after, before)
+
+
+@pytest.mark.parametrize("outputs", [24, 96])  # fewer, then more output rows than the 64 inputs: both orders of products
+def test_float_input_target_is_the_float64_ridge_fit(outputs):
+    """The fit's products with W run in float32 (and, with more outputs than inputs, the K x K map is solved first):
+    it stays the float64 ridge regression W (C + lam I) (H + lam I)^-1 to 1e-4 of the correction it makes."""
+    from fxpress.passes.quantize.gptq import float_input_target
+
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(outputs, 64, generator=gen)
+    x = torch.randn(4096, 64, generator=gen) * torch.linspace(0.2, 3.0, 64)
+    quantized = QUANTIZE_ACT(x, 4, 1.0, False)
+    h = (quantized.T @ quantized).double() * (2 / 4096)
+    cross = (x.T @ quantized).double() * (2 / 4096)
+    lam = 3.0 * float(h.diagonal().mean())
+    eye = torch.eye(64, dtype=torch.float64)
+    reference = torch.linalg.solve(h + lam * eye, (cross + lam * eye).T @ w.double().T).T
+    fitted = float_input_target(w, h, cross, 3.0)
+    assert fitted.dtype == w.dtype
+    assert float((fitted.double() - reference).norm() / (reference - w.double()).norm()) < 1e-4
 
 
 def test_correct_act_error_fits_the_float_output_and_is_inert_without_activation_quantizers(tiny_llama):

@@ -42,13 +42,28 @@ def clip_grid(top: float) -> list[float]:
     return [top] + [r / 100 for r in range(95, 45, -5) if r / 100 < top - 1e-9]
 
 
-def coarse_to_fine(size: int, errors: Callable[[list[int]], dict[int, float]]) -> int:
-    """The index of the smallest error on a grid of `size` points: every other point first, then the two
-    neighbours of the best one (8 evaluations instead of 11 on the default grid; the same answer wherever the
-    error is unimodal in the ratio, as clipping's trade-off of rounding against clipping error makes it)."""
-    scored = errors(list(range(0, size, 2)))
-    best = min(scored, key=scored.__getitem__)
-    scored |= errors([i for i in (best - 1, best + 1) if 0 <= i < size and i not in scored])
+def unimodal_argmin(size: int, errors: Callable[[list[int]], dict[int, float]]) -> int:
+    """The index of the smallest error on a grid of `size` points whose error falls, then rises (clipping trades
+    rounding error against clipping error): a golden-section search, then the last few points. 5-6 evaluations on
+    the default 11-point grid (every other point then the best one's neighbours took 8); on SmolLM2's 120
+    quantizers every curve was unimodal and both searches picked the exhaustive argmin. Ties go to the first index."""
+    scored: dict[int, float] = {}
+
+    def error(i: int) -> float:
+        if i not in scored:
+            scored.update(errors([i]))
+        return scored[i]
+
+    low, high = 0, size - 1
+    while high - low > 2:
+        step = round((high - low) * 0.382)
+        left, right = low + step, max(high - step, low + step + 1)
+        if error(left) > error(right):
+            low = left + 1
+        else:  # the minimum is left of `right`, or between the two when they tie
+            high = right - 1 if error(left) < error(right) else right
+    for i in range(low, high + 1):
+        error(i)
     return min(sorted(scored), key=scored.__getitem__)
 
 
@@ -66,6 +81,7 @@ class ClipChooser:
         self.max_rows = -(-SEARCH_ROWS // sum(1 for _ in calibration.chunks()))
         self.chosen: dict[Node, float] = {}
         self.seconds = 0.0
+        self.evaluations = 0  # clip ratios scored, over all quantizers
 
     def choose(self, node: Node, inputs: ChunkInputs, fetch: Callable[[Node], Any]) -> None:
         """Score the grid on every chunk's rows at once (one GEMM per ratio) and keep the best ratio."""
@@ -80,13 +96,14 @@ class ClipChooser:
             """The output error at these grid points, summed over ranks (every rank asks for the same points)."""
             if not indices:
                 return {}
+            self.evaluations += len(indices)
             local = torch.zeros(len(indices), dtype=torch.float64)
             if rows is not None:
                 for j, i in enumerate(indices):
                     local[j] = output_error(QUANTIZE_ACT(rows, bits, self.grid[i], symmetric) - rows)
             return dict(zip(indices, distributed.all_reduce_sum(local).tolist()))
 
-        self.chosen[node] = self.grid[coarse_to_fine(len(self.grid), errors)]
+        self.chosen[node] = self.grid[unimodal_argmin(len(self.grid), errors)]
         self.seconds += time.perf_counter() - start
 
     def _sampled(self, x: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from fxpress.errors import ConfigError, FxpressError
 from fxpress.runtime.quant import pack_codes, pack_weight, round_clamped, round_clamped_
 
 CLIP_GRID = tuple(1.0 - 0.05 * i for i in range(10))  # shrink factors 1.0 .. 0.55 for the clipping search
+GRAM_BANDS, GRAM_MIN_WIDTH = 4, 512  # `gram` multiplies only the upper bands of a Hessian this wide or wider
 RTN_SLICE_BYTES = 16 * 2**20  # fp32 rows quantized at a time by `rtn`: its float temporaries stay this size
 
 
@@ -165,8 +166,24 @@ def hessian(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """
     rows = x.detach().reshape(-1, x.shape[-1]).float()
     n = rows.shape[0]
-    h = (rows.T @ rows).to(torch.float64)
+    h = gram(rows).to(torch.float64)
     return (h * (2.0 / n) if n else h), n
+
+
+def gram(rows: torch.Tensor, bands: int = GRAM_BANDS) -> torch.Tensor:
+    """X^T X of `rows` [n, K], exactly symmetric: only the blocks on and above the diagonal are multiplied
+    (`bands` bands of columns, each against itself and the columns after it; the rest is the mirror), so a wide
+    Hessian costs (bands + 1) / (2 bands) of a full product (K >= GRAM_MIN_WIDTH; narrower ones are one GEMM)."""
+    width = rows.shape[1]
+    if width < GRAM_MIN_WIDTH:
+        return rows.T @ rows
+    edges = [width * i // bands for i in range(bands + 1)]
+    out = torch.empty(width, width, dtype=rows.dtype, device=rows.device)
+    for start, stop in zip(edges, edges[1:]):
+        band = rows[:, start:stop].T @ rows[:, start:]
+        out[start:stop, start:] = band
+        out[stop:, start:stop] = band[:, stop - start:].T
+    return out
 
 
 def float_input_target(weight: torch.Tensor, h: torch.Tensor, cross: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -176,13 +193,26 @@ def float_input_target(weight: torch.Tensor, h: torch.Tensor, cross: torch.Tenso
     least-squares fit W* = W C H^-1 (H = X~^T X~, C = X^T X~), so the quantized weights also undo part of their own
     input's activation quantization error (as GPTAQ does). The fit is a ridge regression towards W, with weight
     `ridge` x mean(diag H): a direction the calibration rows hardly reach keeps W's weights.
+
+    The solve is float64; the products with W are float32 (the ridge keeps the system well conditioned, and
+    what they round is ~5e-5 of the correction W* - W). With more output rows than inputs (q/k/v, gate/up) the
+    K x K map (H + lam I)^-1 (C + lam I)^T is solved first and W applied to it after, which is cheaper.
     """
     lam = ridge * float(torch.diagonal(h).mean())
-    dampened = h.to(torch.float64).clone()
-    dampened.diagonal().add_(lam)
-    w = weight.detach().to(torch.float64)
-    rhs = cross.to(torch.float64).T @ w.T + lam * w.T
-    return torch.cholesky_solve(rhs, torch.linalg.cholesky(dampened)).T.to(weight.dtype)
+    lower = torch.linalg.cholesky(_plus_diagonal(h, lam))
+    w = weight.detach().float()
+    if w.shape[0] > w.shape[1]:
+        mapping = torch.cholesky_solve(_plus_diagonal(cross.T, lam), lower)
+        return (w @ mapping.float().T).to(weight.dtype)
+    rhs = (_plus_diagonal(cross, lam).float().T @ w.T).to(torch.float64)
+    return torch.cholesky_solve(rhs, lower).T.to(weight.dtype)
+
+
+def _plus_diagonal(m: torch.Tensor, value: float) -> torch.Tensor:
+    """A float64 copy of `m` with `value` added to its diagonal."""
+    out = m.to(torch.float64, copy=True)
+    out.diagonal().add_(value)
+    return out
 
 
 def layer_loss(weight: torch.Tensor, quantized: torch.Tensor, h: torch.Tensor) -> float:

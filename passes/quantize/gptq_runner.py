@@ -23,7 +23,7 @@ from fxpress import graph as G
 from fxpress.execute import ChunkInputs, Executor
 from fxpress.passes.quantize.act_clip import QUANTIZE_ACT, ClipChooser, calibration_inputs
 from fxpress.passes.quantize.config import WeightQuant
-from fxpress.passes.quantize.gptq import QuantizedWeight, WeightSpec, float_input_target, gptq, rtn
+from fxpress.passes.quantize.gptq import QuantizedWeight, WeightSpec, float_input_target, gptq, gram, rtn
 
 if TYPE_CHECKING:
     from fxpress.program import Program
@@ -60,7 +60,7 @@ def chunk_hessian(inputs: ChunkInputs, width: int, device: torch.device) -> tupl
     rows = 0
     for args, _ in inputs:
         x = args[0].detach().reshape(-1, width).float()
-        total.add_(x.T @ x)  # promoted to float64 element by element: no float64 copy of the product
+        total.add_(gram(x))  # promoted to float64 element by element: no float64 copy of the product
         rows += x.shape[0]
     distributed.all_reduce_sum(total)
     count = int(distributed.all_reduce_sum(torch.tensor([rows], dtype=torch.int64)).item())

@@ -128,6 +128,8 @@ class Quantize(Pass):
             lap(f"weights_{self.weights.method}")
             warnings += stats.pop("warnings", [])
             stats.update(self._rewrite(gm, targets, quantized))
+        if clips is not None:
+            stats["act_clip_evaluations"] = clips.evaluations  # clip ratios scored (in its own run or GPTQ's)
         stats["linears_quantized"] = len(targets) if self.weights.bits is not None else 0
         if lookups or heads:
             table_stats = rewrite_tables(gm, lookups, heads, self.tables, self.weights)
