@@ -23,10 +23,9 @@ from collections import Counter
 from unittest import mock
 
 import torch
-from bench_calibration_domain import paired_ppl_rows
+from bench_calibration_domain import TEXTS, comma_list, paired_ppl_rows
 from bench_compile import demo_passes
 
-TEXTS = {"python": "eval", "prose": "prose_eval"}
 GATE_UP_AVG_BITS = 8.0  # the rule's budget only bounds the search; the rule itself decides which go up
 
 
@@ -54,15 +53,12 @@ def gate_up_rule(sensitivity, low: int, high: int, avg_bits: float) -> set:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budgets", default="4.25,4.5,4.7,5", help="comma list of avg_bits values (uniform always runs)")
+    parser.add_argument("--budgets", type=comma_list(float), default="4.25,4.5,4.7,5",
+                        help="comma list of avg_bits values (uniform always runs)")
     parser.add_argument("--no-rule", action="store_true", help="skip the gate/up hand rule")
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
-    try:
-        budgets = [float(b) for b in args.budgets.split(",")]
-    except ValueError:
-        parser.error(f"--budgets: give numbers separated by commas, e.g. 4.25,4.5 (got {args.budgets!r})")
     if args.threads:
         torch.set_num_threads(args.threads)
     import fxpress
@@ -73,7 +69,7 @@ def main() -> None:
     model, tokenizer = load_smollm2()
     calib = mixed_windows(tokenizer, MIXED_CALIB, 128, 64)  # as examples/demo.py
     reference = fxpress.compile(model, passes=[], progress=False)
-    variants = {"uniform": None} | {f"avg {b:g}": b for b in budgets}
+    variants = {"uniform": None} | {f"avg {b:g}": b for b in args.budgets}
     if not args.no_rule:
         variants["gate/up rule"] = GATE_UP_AVG_BITS
     compiled, seconds, notes = {}, {}, {}

@@ -19,7 +19,7 @@ import os
 import time
 
 import torch
-from bench_calibration_domain import paired_ppl_rows
+from bench_calibration_domain import comma_list, paired_ppl_rows
 from bench_compile import demo_passes
 
 TEXTS = {"python": "eval", "prose": "prose_eval", "python held-out": "heldout", "prose held-out": "prose_heldout"}
@@ -39,15 +39,12 @@ def variant_passes(rotation: str, ridge: float | None) -> list:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ridges", default="1,3,10", help="comma list of act_error_ridge values (off always runs)")
+    parser.add_argument("--ridges", type=comma_list(float), default="1,3,10",
+                        help="comma list of act_error_ridge values (off always runs)")
     parser.add_argument("--rotation", default="hadamard")
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
-    try:
-        ridges = [float(r) for r in args.ridges.split(",")]
-    except ValueError:
-        parser.error(f"--ridges: give numbers separated by commas, e.g. 1,3,10 (got {args.ridges!r})")
     if args.threads:
         torch.set_num_threads(args.threads)
     import fxpress
@@ -58,7 +55,7 @@ def main() -> None:
     calib = mixed_windows(tokenizer, MIXED_CALIB, 128, 64)  # as examples/demo.py
     reference = fxpress.compile(model, passes=[], progress=False)
     compiled, seconds = {}, {}
-    for ridge in [None, *ridges]:
+    for ridge in [None, *args.ridges]:
         name = "off" if ridge is None else f"ridge {ridge:g}"
         start = time.perf_counter()
         compiled[name] = fxpress.compile(model, passes=variant_passes(args.rotation, ridge), calibration=calib,

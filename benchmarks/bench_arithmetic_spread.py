@@ -17,22 +17,17 @@ import argparse
 import os
 
 import torch
-from bench_calibration_domain import paired_ppl_rows
+from bench_calibration_domain import TEXTS, comma_list, paired_ppl_rows
 from bench_compile import demo_passes
-
-TEXTS = {"python": "eval", "prose": "prose_eval"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--chunks", default="4,8", help="comma list of calibration windows per chunk")
+    parser.add_argument("--chunks", type=comma_list(int), default="4,8",
+                        help="comma list of calibration windows per chunk")
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
-    try:
-        chunks = [int(c) for c in args.chunks.split(",")]
-    except ValueError:
-        parser.error(f"--chunks: give whole numbers separated by commas, e.g. 4,8 (got {args.chunks!r})")
     if args.threads:
         torch.set_num_threads(args.threads)
     import fxpress
@@ -44,7 +39,7 @@ def main() -> None:
     windows = mixed_windows(tokenizer, MIXED_CALIB, 128, 64)  # as examples/demo.py
     reference = fxpress.compile(model, passes=[], progress=False)
     compiled = {f"chunks of {c}": fxpress.compile(model, passes=demo_passes("hadamard"), progress=False,
-                                                  calibration=Calibration(windows, batch_size=c)) for c in chunks}
+                                                  calibration=Calibration(windows, batch_size=c)) for c in args.chunks}
     first = next(iter(compiled))
     print(f"\nload average {os.getloadavg()}, torch threads {torch.get_num_threads()}, the demo's W4A4KV4 recipe, "
           f"eval {args.eval_windows} x 256 per text")

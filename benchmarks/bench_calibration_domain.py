@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -57,6 +58,18 @@ def main() -> None:
     for text, windows in evals.items():
         for name, ppl, ratio, interval in paired_ppl_rows(reference, compiled, windows, "python"):
             print(f"| {name} | {text} | {ppl:.2f} | {ratio:.3f}x | {interval} |")
+
+
+def comma_list(kind: type) -> Callable[[str], list]:
+    """An argparse `type=` for a comma list of `kind` ("4,8" -> [4, 8]); anything else is a usage error."""
+
+    def parse(text: str) -> list:
+        try:
+            return [kind(part) for part in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"give numbers separated by commas, e.g. 4,8 (got {text!r})") from None
+
+    return parse
 
 
 def paired_ppl_rows(reference, compiled: dict, windows: torch.Tensor, *baselines: str) -> list[tuple]:

@@ -65,10 +65,10 @@ def main() -> None:
     for r in cm.report:
         rows.append((r.name, r.seconds))
         rows += [(f"  {r.name}: {stage}", s) for stage, s in r.stats.get("seconds", {}).items()]
-    quantize = next((r for r in cm.report if r.name == "quantize"), None)
-    if quantize is not None and "act_clip_evaluations" in quantize.stats:
-        print(f"activation clip search: {quantize.stats['act_clip_evaluations']} ratios scored for "
-              f"{len(quantize.stats['act_clip_ratios'])} quantizers")
+    quantize = cm.report["quantize"].stats
+    if "act_clip_evaluations" in quantize:
+        print(f"activation clip search: {quantize['act_clip_evaluations']} ratios scored for "
+              f"{len(quantize['act_clip_ratios'])} quantizers")
     rows.append(("compile total", total))
     if args.export:
         rows += export_stages(model)

@@ -4,9 +4,9 @@ loss most go to more bits.
 At 4 bits a few activation quantizers (on SmolLM2 the gate/up inputs above all) carry most of the loss. A
 quantizer's own output error does not say how much the loss feels it (an error in o_proj's input costs less than
 the same relative error in gate_proj's), so the cost is measured in the loss's units: one forward and backward
-pass of the low-bit graph (straight-through rounding) on a few calibration windows gives the loss's gradient g at each quantizer's input, and
-the expected loss increase of an error e is estimated by the empirical Fisher, 1/2 sum over tokens (g . e)^2
-(HAWQ-style). The quantizers with the most loss saved per extra bit-element go up until the budget is spent.
+pass of the low-bit graph (straight-through rounding) on a few calibration windows gives the loss's gradient g at
+each quantizer's input, and the expected loss increase of an error e is estimated by the empirical Fisher, 1/2 sum
+over tokens (g . e)^2 (HAWQ-style). The quantizers with the most loss saved per extra bit-element go up until the budget is spent.
 """
 
 from __future__ import annotations
