@@ -154,7 +154,7 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="fxpress-bench-lowering-"))
     work.mkdir(parents=True, exist_ok=True)
 
-    report = {"rows": [], "rotated": [], "quality": []}
+    report = {"rows": [], "rotated": [], "quality": [], "w4_runtimes": {}}
     if args.ppl_windows:
         programs = {"fp32": fp32}
         variants = [(None, None), (8, args.group_size)] if tables else []
@@ -176,6 +176,7 @@ def main() -> None:
         rotated = copy.deepcopy(fp32)
         run_passes(rotated, [Rotate(), FoldHadamard()], progress=False)
 
+    w4_paths: dict[str, Path] = {}
     for target in args.targets:
         artifacts = {}
         for name, program in (("fp32", fp32), ("W4", w4)):
@@ -195,6 +196,7 @@ def main() -> None:
               f"W4 {latency['W4']:.1f} ms/token, speedup {speedup:.2f}x; parity fp32 rel {rel_fp:.1e} "
               f"(argmax {agree_fp:.3f}), W4 rel {rel_w4:.1e} (argmax {agree_w4:.3f})", flush=True)
         del runners
+        w4_paths[target] = artifacts["W4"][0]
         if rotated is not None:
             path, size, seconds = export(target, rotated, work / "smollm2_rotated")
             rel_rot, agree_rot = parity(open_runner(path, args.threads), TorchRunner(rotated), windows)
@@ -202,6 +204,11 @@ def main() -> None:
             print(f"{runtime} rotated fp32 (R1-R4): rel {rel_rot:.1e}, argmax {agree_rot:.3f} ({seconds:.0f} s export)",
                   flush=True)
         write_table(report, args)  # after each target, so a long TVM build cannot lose the ONNX figures
+    if len(w4_paths) == 2:  # the W4 artifacts of both runtimes alternating in one loop: their ratio, not two runs'
+        runners = {target: open_runner(path, args.threads) for target, path in w4_paths.items()}
+        report["w4_runtimes"] = side_by_side(runners, prompt, args.steps, args.rounds)
+        print(f"W4 decode side by side: {report['w4_runtimes']}", flush=True)
+        write_table(report, args)
 
 
 def write_table(report: dict, args: argparse.Namespace) -> None:
@@ -229,6 +236,10 @@ def write_table(report: dict, args: argparse.Namespace) -> None:
             lines.append(f"| {runtime} | {fb / 1e6:.1f} | {wb / 1e6:.1f} | {ratio:.3f} | {lf:.1f} | {lw:.1f} | {sp:.2f}x | "
                          f"{rf:.1e} | {rw:.1e} | {aw:.3f} |")
         lines.append("")
+    if report["w4_runtimes"]:
+        onnx, tvm = report["w4_runtimes"]["onnx"], report["w4_runtimes"]["tvm"]
+        lines += [f"W4 artifacts alternating in one loop: ONNX Runtime {onnx:.2f} ms/token, TVM {tvm:.2f} ms/token "
+                  f"(TVM / ONNX Runtime = **{tvm / onnx:.2f}x**).", ""]
     if report["rotated"]:
         lines += ["Rotated fp32 (`Rotate()` + `FoldHadamard()`: R1-R4, online Hadamards as `fxpress::hadamard`) against "
                   "the rotated PyTorch program:", "",

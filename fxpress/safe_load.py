@@ -11,6 +11,7 @@ is an `ArtifactError` naming the string and the file.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,10 +79,32 @@ class _Parser:
         return tok
 
     def parse(self) -> str:
-        out = self.comparison() if self.guard else self.expr()
+        out = self.disjunction() if self.guard else self.expr()
         if self.peek() is not None:
             raise _Reject(f"unexpected {self.peek()!r}")
         return out
+
+    def binary(self, ops: tuple[str, ...], operand: Callable[[], str]) -> str:
+        """Left-associative `operand (op operand)*`, each step printed in parentheses."""
+        out = operand()
+        while self.peek() in ops:
+            op = self.take()
+            out = f"({out} {op} {operand()})"
+        return out
+
+    def disjunction(self) -> str:
+        """Guards join comparisons with `or` / `and` / `not` (torch prints e.g. `a == 1 or b == c` for a dim
+        that may broadcast)."""
+        return self.binary(("or",), self.conjunction)
+
+    def conjunction(self) -> str:
+        return self.binary(("and",), self.negation)
+
+    def negation(self) -> str:
+        if self.peek() == "not":
+            self.take()
+            return f"(not {self.negation()})"
+        return self.comparison()
 
     def comparison(self) -> str:
         left = self.expr()
@@ -91,18 +114,10 @@ class _Parser:
         return left
 
     def expr(self) -> str:
-        out = self.term()
-        while self.peek() in ("+", "-"):
-            op = self.take()
-            out = f"({out} {op} {self.term()})"
-        return out
+        return self.binary(("+", "-"), self.term)
 
     def term(self) -> str:
-        out = self.unary()
-        while self.peek() in ("*", "//", "%"):
-            op = self.take()
-            out = f"({out} {op} {self.unary()})"
-        return out
+        return self.binary(("*", "//", "%"), self.unary)
 
     def unary(self) -> str:
         if self.peek() == "-":
@@ -115,7 +130,7 @@ class _Parser:
         if tok.isdigit():
             return str(int(tok))
         if tok == "(":
-            out = self.expr()
+            out = f"({self.disjunction()})" if self.guard else self.expr()  # kept: `(a == b) == c` is no chain
             self.take(")")
             return out
         if self.guard and tok == "L":

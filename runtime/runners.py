@@ -249,11 +249,29 @@ class TvmRunner(Runner):
         return [tensors[n] for n in names]
 
     def run(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        tvm = self._tvm
-        args = [tvm.runtime.tensor(np.ascontiguousarray(t.detach().cpu().numpy())) for t in self.prepare(inputs)]
+        args = [self._shared(t.detach().cpu().contiguous()) for t in self.prepare(inputs)]
         out = self.vm["main"](*args, *self.params)
         items = [out] if hasattr(out, "numpy") else list(out)
-        return tuple(torch.from_numpy(o.numpy()) for o in items)
+        return tuple(torch.from_dlpack(o) for o in items)  # the VM's outputs, not copies
+
+    def _shared(self, tensor: torch.Tensor) -> Any:
+        """The torch tensor as a TVM tensor on the same memory (DLPack), a copy where TVM refuses its alignment:
+        a decode step hands the whole KV cache in, so copying it in and out cost a step ~2 cache copies."""
+        if tensor.numel() and tuple(tensor.stride()) == _compact_strides(tensor.shape):  # TVM's kernels want these
+            try:
+                return self._tvm.runtime.from_dlpack(tensor)
+            except Exception:  # TVM raises its own error for storage it cannot take (e.g. misaligned)
+                pass
+        return self._tvm.runtime.tensor(tensor.numpy())
+
+
+def _compact_strides(shape: torch.Size) -> tuple[int, ...]:
+    """Row-major strides as TVM computes them (torch may give a size-1 or empty dim another, equivalent stride)."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
 
 
 ISA_FEATURES = ("sse", "avx", "fma", "f16c", "bmi", "amx", "vnni", "neon", "sve")  # instruction sets, not tuning flags

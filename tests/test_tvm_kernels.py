@@ -1,4 +1,5 @@
-"""TVM's hand-written TensorIR kernels on their own: row-dot (float and packed linears) and the concat copies.
+"""TVM's hand-written TensorIR kernels on their own: row-dot (float and packed linears), grouped attention and the
+concat copies.
 
 Each kernel is built for the portable target ('llvm', no AVX) and for the host, and compared against PyTorch
 on shapes the decoder does not use (rows > 1, output channels not a multiple of the tile, 1/2/8-bit codes).
@@ -17,6 +18,7 @@ from _lowering_cases import _packed, ops_program, relative_error  # noqa: E402
 
 import fxpress.runtime  # noqa: E402, F401  (defines the ops)
 from fxpress.lowering.tvm import export_tvm  # noqa: E402
+from fxpress.lowering.tvm.attention import attention_kernel, rewrite_attention  # noqa: E402
 from fxpress.lowering.tvm.build import host_target  # noqa: E402
 from fxpress.lowering.tvm.concat import concat_kernel  # noqa: E402
 from fxpress.lowering.tvm.row_dot import dense_kernel, packed_fast_path, packed_kernel  # noqa: E402
@@ -79,6 +81,57 @@ def test_concat_kernel_concatenates_and_stacks_like_torch(target):
         stacked = torch.stack(layers, axis)
         stack = _build(concat_kernel(3, 3, axis, True, "float32"), target)
         assert torch.equal(_call(stack, layers, tuple(stacked.shape)), stacked)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_concat_kernel_reads_a_picked_entry_of_a_stacked_input_in_place(target):
+    g = torch.Generator().manual_seed(1)
+    cache, new = torch.randn(4, 2, 3, 5, 8, generator=g), torch.randn(2, 3, 1, 8, generator=g)
+    cat = _build(concat_kernel(2, 4, 2, False, "float32", (2, None)), target)
+    assert torch.equal(_call(cat, [cache, new], (2, 3, 6, 8)), torch.cat([cache[2], new], 2))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize(("batch", "heads", "kv_heads", "queries", "mask_heads"),
+                         [(2, 6, 2, 3, 1), (1, 4, 4, 1, 4), (2, 3, 1, 5, 1)])
+def test_attention_kernel_matches_sdpa_over_repeated_kv_heads(target, batch, heads, kv_heads, queries, mask_heads):
+    g = torch.Generator().manual_seed(heads)
+    d, dv, keys = 32, 16, 7
+    q = torch.randn(batch, heads, queries, d, generator=g)
+    k, v = torch.randn(batch, kv_heads, keys, d, generator=g), torch.randn(batch, kv_heads, keys, dv, generator=g)
+    allowed = torch.rand(batch, mask_heads, queries, keys, generator=g) > 0.3
+    allowed[..., 0] = True  # every query sees a key
+    mask = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+    group = heads // kv_heads
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask, scale=0.3)
+    fn = _build(attention_kernel(heads, kv_heads, d, dv, 0.3, "float32"), target)
+    assert relative_error(_call(fn, [q, k, v, mask], (batch, heads, queries, dv)), expected) < 1e-6
+
+
+def test_attention_rewrite_reads_the_kv_heads_before_repeat_kv_and_keeps_the_values():
+    """transformers' repeat_kv (unsqueeze -> expand -> reshape) before SDPA is replaced; the graph computes the same."""
+    from torch.export import Dim, export
+
+    class Attend(torch.nn.Module):
+        def forward(self, q, k, v, allowed):
+            b, kv_heads, t, d = k.shape
+            wide = [x[:, :, None].expand(b, kv_heads, 3, t, d).reshape(b, kv_heads * 3, t, d) for x in (k, v)]
+            return torch.nn.functional.scaled_dot_product_attention(q, *wide, attn_mask=allowed, scale=0.25)
+
+    g = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(1, 6, 4, 16, generator=g), torch.randn(1, 2, 9, 16, generator=g),
+              torch.randn(1, 2, 9, 16, generator=g), torch.rand(1, 1, 4, 9, generator=g) > 0.2)
+    inputs[3][..., 0] = True
+    seq, total = Dim("seq", max=64), Dim("total", max=64)
+    dims = ({2: seq}, {2: total}, {2: total}, {2: seq, 3: total})
+    gm = export(Attend(), inputs, dynamic_shapes=dims).module()
+    expected = gm(*inputs)
+    assert rewrite_attention(gm) == 1
+    ops = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+    assert "fxpress_tvm.grouped_attention.default" in ops
+    assert not {"aten.expand.default", "aten.scaled_dot_product_attention.default"} & ops
+    assert relative_error(gm(*inputs), expected) < 1e-6
 
 
 def test_export_targets_the_host_by_default_and_llvm_stays_portable(tmp_path):

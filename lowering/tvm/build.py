@@ -18,7 +18,8 @@ from fxpress.errors import ConfigError, LoweringError
 from fxpress.integrity import record_digests
 from fxpress.lowering.artifacts import TVM_LIBRARY, TVM_WEIGHTS, artifact_metadata
 from fxpress.lowering.export import reexport, refuse_bfloat16
-from fxpress.lowering.tvm.concat import concatenable, emit_concat
+from fxpress.lowering.tvm.attention import convert_grouped_attention, drop_single_cats, rewrite_attention
+from fxpress.lowering.tvm.concat import concatenable, emit_concat, logical_shape
 from fxpress.lowering.tvm.registry import convert_map
 from fxpress.lowering.tvm.relax_helpers import dtype_of, restore, rows_view, shape_of
 from fxpress.program import Program
@@ -105,9 +106,23 @@ def _convert_aten_cat(node: Any, importer: Any) -> Any:
     from tvm import relax
 
     tensors, axis = _tensors_and_axis(node, importer)
-    if concatenable(tensors) and axis % len(shape_of(tensors[0])) != len(shape_of(tensors[0])) - 1:
-        return emit_concat(importer.block_builder, tensors, axis)
+    picks = tuple(_stacked_entry(arg) for arg in node.args[0])
+    picked = [importer.env[arg.args[0]] if pick is not None else t for arg, pick, t in zip(node.args[0], picks, tensors)]
+    if concatenable(picked, picks):
+        rank = len(logical_shape(picked[0], picks[0]))
+        if axis % rank != rank - 1:
+            return emit_concat(importer.block_builder, picked, axis, picks=picks)
     return importer.block_builder.emit(relax.op.concat(tensors, axis=axis))
+
+
+def _stacked_entry(arg: Any) -> int | None:
+    """i when the fx argument is select(graph input, 0, i) (a layer's past keys or values in the stacked cache)."""
+    name = getattr(getattr(arg, "target", None), "__name__", "")
+    if getattr(arg, "op", None) != "call_function" or name != "select.int":
+        return None
+    source, dim, index = arg.args[:3]
+    stacked = getattr(source, "op", None) == "placeholder" and dim == 0 and isinstance(index, int) and index >= 0
+    return index if stacked else None
 
 
 def _convert_aten_stack(node: Any, importer: Any) -> Any:
@@ -134,6 +149,7 @@ ATEN_CONVERTERS: dict[str, Callable] = {
     "addmm.default": _convert_aten_addmm,
     **dict.fromkeys(("cat.default", "concat.default"), _convert_aten_cat),
     "stack.default": _convert_aten_stack,
+    "grouped_attention.default": convert_grouped_attention,
 }
 
 
@@ -278,12 +294,19 @@ def _has_duplicate(values: list) -> bool:
     return any(a.same_as(b) for i, a in enumerate(values) for b in values[i + 1:])
 
 
+def _rewrite(module: Any, sig: Any) -> Any:
+    """The TVM lowering's graph rewrite before the re-export: attention over the un-repeated KV heads."""
+    drop_single_cats(module)
+    rewrite_attention(module)
+    return sig
+
+
 def to_relax(program: Program) -> tuple[Any, list[np.ndarray], list[str], Any]:
     """The Relax IRModule (weights as parameters), the weights, their names, and the signature."""
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
-    ep, sig = reexport(program)
+    ep, sig = reexport(program, rewrite=_rewrite)
     table = {**convert_map(), **ATEN_CONVERTERS}
     try:
         mod = from_exported_program(ep, keep_params_as_input=True, unwrap_unit_return_tuple=False,

@@ -136,6 +136,21 @@ def test_genuine_program_loads_with_identical_outputs_and_rebuilt_guards(saved):
         loaded.program.module(ids, empty[:, :1], empty)
 
 
+# torch.export writes guards like this one for SmolLM2's KV cache (a length that may broadcast)
+BROADCAST_GUARD = ("(L['input_ids'].size()[1] + L['past_keys'].size()[3]) == 1 or (L['past_values'].size()[3] + "
+                   "L['input_ids'].size()[1]) == (L['input_ids'].size()[1] + L['past_keys'].size()[3])")
+
+
+def test_guards_joined_by_or_and_not_load_and_still_check(saved, tmp_path):
+    directory, ids, expected = saved
+    holds = craft(directory, tmp_path / "holds", lambda data: data["guards_code"].append(BROADCAST_GUARD))
+    assert torch.equal(fxpress.load(holds)(ids), expected)
+    fails = "L['input_ids'].size()[0] == 3 or not (L['input_ids'].size()[1] == 7 and L['input_ids'].size()[0] > 1)"
+    loaded = fxpress.load(craft(directory, tmp_path / "fails", lambda data: data["guards_code"].append(fails)))
+    with pytest.raises(AssertionError, match="Guard failed"):  # ids are 2 x 7: both sides of the `or` are false
+        loaded(ids)
+
+
 def test_artifacts_without_digests_load_with_a_warning_and_are_still_validated(saved, tmp_path):
     directory, ids, expected = saved
     old = craft(directory, tmp_path / "old", lambda data: None, digests=False)
