@@ -191,7 +191,7 @@ def lowering_module(program: Program, additive_masks: bool = False) -> torch.fx.
     frontends keep them as weights (TVM binds buffers into the library otherwise). Also drops
     capture artefacts that frontends reject: transformers' DynamicCache starts each layer from
     `torch.tensor([])` and concatenates the past onto it, `cat([empty(0), past], -2)`, which PyTorch
-    accepts and TVM does not. `additive_masks`: see `_additive_attention_masks` (the ONNX lowering asks).
+    accepts and TVM does not; the one-input cat left is its input. `additive_masks`: see `_additive_attention_masks` (the ONNX lowering asks).
     """
     graph = copy.deepcopy(program.module.graph)
     for node in graph.nodes:
@@ -204,6 +204,10 @@ def lowering_module(program: Program, additive_masks: bool = False) -> torch.fx.
             kept = [a for a in inputs if not _is_empty_vector(a)]
             if kept and len(kept) != len(inputs):
                 node.args = (kept, *node.args[1:])
+    for node in list(graph.nodes):  # cat([x]) is x: the cache's cat([empty, past]) would otherwise copy the past
+        if node.op == "call_function" and node.target is torch.ops.aten.cat.default and len(node.args[0]) == 1:
+            node.replace_all_uses_with(node.args[0][0])
+            graph.erase_node(node)
     # Before collecting weights: an unread get_attr (a tied model's second name for its table, whose other
     # use a pass replaced by packed storage) would otherwise become an artifact weight nothing reads.
     for node in list(graph.nodes):

@@ -255,8 +255,8 @@ class TvmRunner(Runner):
         return tuple(torch.from_dlpack(o) for o in items)  # the VM's outputs, not copies
 
     def _shared(self, tensor: torch.Tensor) -> Any:
-        """The torch tensor as a TVM tensor on the same memory (DLPack), a copy where TVM refuses its alignment:
-        a decode step hands the whole KV cache in, so copying it in and out cost a step ~2 cache copies."""
+        """The torch tensor as a TVM tensor on the same memory (DLPack); a copy when it is empty, its strides are not
+        TVM's compact ones or TVM refuses it. Why: a decode step hands the whole KV cache in and gets it back."""
         if tensor.numel() and tuple(tensor.stride()) == _compact_strides(tensor.shape):  # TVM's kernels want these
             try:
                 return self._tvm.runtime.from_dlpack(tensor)

@@ -170,20 +170,13 @@ def _sdpa_scale(sdpa: torch.fx.Node, head_dim: int) -> float | None:
     return float(scale) if isinstance(scale, (int, float)) else head_dim ** -0.5
 
 
-def _past_input(node: Any) -> Any:
-    """The cache entry a concatenation appends to, through the one-input cat left of transformers' empty cache."""
-    while G.is_op(node, torch.ops.aten.cat.default) and len(node.args[0]) == 1:
-        node = node.args[0][0]
-    return node
-
-
 def _why_not(att: Any, past: dict[torch.fx.Node, tuple[int, str]], dtype: torch.dtype) -> str | None:
     """The reason one attention cannot become GroupQueryAttention, or None."""
     if dtype not in GQA_DTYPES:
         return f"activations are {dtype} (GroupQueryAttention runs float32/float16)"
     if att.k_cache is None or att.v_cache is None or att.k_new is None:
         return "no cat(past, new) KV-cache append found before its SDPA"
-    k_past, v_past = _past_input(att.k_cache.args[0][0]), _past_input(att.v_cache.args[0][0])
+    k_past, v_past = att.k_cache.args[0][0], att.v_cache.args[0][0]
     if past.get(k_past, (None, ""))[1] != "key" or past.get(v_past, (None, ""))[1] != "value":
         return "its cache is not read from a per-layer past input"
     if not (att.num_heads and att.num_kv_heads and att.head_dim) or att.num_heads % att.num_kv_heads:
@@ -269,7 +262,7 @@ def _fuse(gm: torch.fx.GraphModule, att: Any, mask: Any, rotary: dict, positions
     else:
         caches = (q, q)  # unused (do_rotary = 0); any tensor keeps the schema simple
     v_new = att.v_cache.args[0][1]
-    args = (q, k, v_new, _past_input(att.k_cache.args[0][0]), _past_input(att.v_cache.args[0][0]), mask, *caches,
+    args = (q, k, v_new, att.k_cache.args[0][0], att.v_cache.args[0][0], mask, *caches,
             att.num_heads, att.num_kv_heads, _sdpa_scale(att.sdpa, att.head_dim), int(q is not att.q_in))
     with graph.inserting_before(att.sdpa):
         fused = graph.call_function(fused_attention, args)

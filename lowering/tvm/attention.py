@@ -86,14 +86,6 @@ def _sdpa_parts(node: torch.fx.Node) -> tuple | None:
     return args["query"], args["key"], args["value"], mask, 1 / math.sqrt(q_shape[3]) if scale is None else scale
 
 
-def drop_single_cats(gm: torch.fx.GraphModule) -> None:
-    """cat([x]) is x: the cache's `cat([empty, past])` left with one input would otherwise copy the past."""
-    for node in list(gm.graph.nodes):
-        if G.is_op(node, aten.cat.default) and len(node.args[0]) == 1:
-            node.replace_all_uses_with(node.args[0][0])
-            gm.graph.erase_node(node)
-
-
 def rewrite_attention(gm: torch.fx.GraphModule) -> int:
     """Replace every SDPA over repeated KV heads (or plain multi-head) by `grouped_attention`; returns the count."""
     graph, count = gm.graph, 0

@@ -11,14 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from fxpress import graph as G
 from fxpress.artifact_names import TVM_MANIFEST
 from fxpress.atomic import check_target, staged_dir
 from fxpress.errors import ConfigError, LoweringError
 from fxpress.integrity import record_digests
 from fxpress.lowering.artifacts import TVM_LIBRARY, TVM_WEIGHTS, artifact_metadata
 from fxpress.lowering.export import reexport, refuse_bfloat16
-from fxpress.lowering.tvm.attention import convert_grouped_attention, drop_single_cats, rewrite_attention
+from fxpress.lowering.tvm.attention import convert_grouped_attention, rewrite_attention
 from fxpress.lowering.tvm.concat import concatenable, emit_concat, logical_shape
 from fxpress.lowering.tvm.registry import convert_map
 from fxpress.lowering.tvm.relax_helpers import dtype_of, restore, rows_view, shape_of
@@ -117,8 +119,7 @@ def _convert_aten_cat(node: Any, importer: Any) -> Any:
 
 def _stacked_entry(arg: Any) -> int | None:
     """i when the fx argument is select(graph input, 0, i) (a layer's past keys or values in the stacked cache)."""
-    name = getattr(getattr(arg, "target", None), "__name__", "")
-    if getattr(arg, "op", None) != "call_function" or name != "select.int":
+    if not G.is_op(arg, torch.ops.aten.select.int):
         return None
     source, dim, index = arg.args[:3]
     stacked = getattr(source, "op", None) == "placeholder" and dim == 0 and isinstance(index, int) and index >= 0
@@ -296,7 +297,6 @@ def _has_duplicate(values: list) -> bool:
 
 def _rewrite(module: Any, sig: Any) -> Any:
     """The TVM lowering's graph rewrite before the re-export: attention over the un-repeated KV heads."""
-    drop_single_cats(module)
     rewrite_attention(module)
     return sig
 
