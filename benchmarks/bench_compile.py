@@ -88,6 +88,29 @@ def float64_fit(weight: torch.Tensor, h: torch.Tensor, cross: torch.Tensor, ridg
     return torch.cholesky_solve(cross.T @ w.T + lam * w.T, torch.linalg.cholesky(dampened)).T.float()
 
 
+def inverse_cholesky_before(h: torch.Tensor) -> torch.Tensor:
+    """`gptq._inverse_cholesky` before stop 31: Cholesky, its inverse, and the inverse's upper Cholesky factor."""
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+
+def quantize_act_before(x: torch.Tensor, bits: int, clip_ratio: float) -> torch.Tensor:
+    """`fxpress::quantize_act` (asymmetric, float32) before stop 31: a fresh temporary per operation."""
+    from fxpress.runtime.quant import round_clamped
+
+    maxq = (1 << bits) - 1
+    high = x.amax(-1, keepdim=True).clamp_min(0) * clip_ratio
+    low = x.amin(-1, keepdim=True).clamp_max(0) * clip_ratio
+    scale = (high - low) / maxq
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = round_clamped(-low / scale, 0, maxq)
+    return (round_clamped(x / scale + zero, 0, maxq) - zero) * scale
+
+
+def accumulate(total: torch.Tensor, product: torch.Tensor) -> torch.Tensor:
+    """What the GPTQ run does with each chunk's product: add it to a float64 sum."""
+    return total.add_(product)
+
+
 def alternate(before, after, rounds: int, calls: int) -> tuple[float, float]:
     """Median ms per call of `before` and `after`, timed in alternating rounds of `calls` calls each."""
     times: dict = {before: [], after: []}
@@ -102,9 +125,9 @@ def alternate(before, after, rounds: int, calls: int) -> tuple[float, float]:
 
 
 def print_kernel_rows(rounds: int = 7) -> None:
-    """The GPTQ run's kernels that stop 29 changed, each beside what it replaced on SmolLM2's shapes (old and new
-    alternating, medians of `rounds`): a calibration chunk's Hessian (4 windows x 128 tokens), and the
-    correct_act_error fit of each linear group (q/k/v, o, gate/up, down)."""
+    """The GPTQ run's kernels that stops 29 and 31 changed, each beside what it replaced on SmolLM2's shapes (old
+    and new alternating, medians of `rounds`): stop 29's calibration chunk Hessian (4 windows x 128 tokens) and
+    correct_act_error fit of each linear group (q/k/v, o, gate/up, down), then stop 31's (`print_stop31_rows`)."""
     from fxpress.passes.quantize.gptq import float_input_target, gram
 
     gen = torch.Generator().manual_seed(0)
@@ -121,6 +144,41 @@ def print_kernel_rows(rounds: int = 7) -> None:
                  (x.T @ xq).double() / 1024, 3.0)
         old, new = alternate(partial(float64_fit, *stats), partial(float_input_target, *stats), rounds, 3)
         print(f"| correct_act_error fit | {outputs} x {width} | {old:.1f} | {new:.1f} | {new / old:.2f} |")
+    print_stop31_rows(rounds, gen)
+
+
+def print_stop31_rows(rounds: int, gen: torch.Generator) -> None:
+    """Stop 31's kernels beside what they replaced: the factor of H^-1 GPTQ sweeps with, the down_proj input's
+    X^T X~ statistic per chunk (its product and float64 sum), and the activation quantizer on a chunk."""
+    from fxpress.passes.quantize.act_clip import QUANTIZE_ACT
+    from fxpress.passes.quantize.gptq import _inverse_cholesky, cross_statistic, float_input_target
+    from fxpress.runtime.quant import _quantize_act
+
+    for width in (576, 1536):
+        x = torch.randn(4096, width, generator=gen) * torch.rand(width, generator=gen)
+        h = x.T @ x / 4096
+        h.diagonal().add_(0.01 * float(h.diagonal().mean()))
+        old, new = alternate(partial(inverse_cholesky_before, h), partial(_inverse_cholesky, h.clone(), "h", 0.01),
+                             rounds, 5)
+        print(f"| upper Cholesky factor of H^-1 | {width} x {width} | {old:.2f} | {new:.2f} | {new / old:.2f} |")
+    x = torch.randn(512, 1536, generator=gen)
+    xq = QUANTIZE_ACT(x, 4, 1.0, False)
+    w = torch.randn(576, 1536, generator=gen) * 0.02
+    total_c, total_p = torch.zeros(1536, 1536, dtype=torch.float64), torch.zeros(1536, 576, dtype=torch.float64)
+    old, new = alternate(lambda: accumulate(total_c, x.T @ xq), lambda: accumulate(total_p, cross_statistic(x, xq, [w])),
+                         rounds, 10)
+    print(f"| down_proj's X^T X~ per chunk, summed in float64 | 512 x 1536, W 576 x 1536 | {old:.2f} | {new:.2f} | "
+          f"{new / old:.2f} |")
+    h = (xq.T @ xq).double() / 256
+    c = (x.T @ xq).double() / 256
+    old, new = alternate(partial(float_input_target, w, h, c, 3.0), partial(float_input_target, w, h, c.T @ w.T.double(), 3.0),
+                         rounds, 3)
+    print(f"| correct_act_error fit from C, then from C^T W^T | 576 x 1536 | {old:.1f} | {new:.1f} | {new / old:.2f} |")
+    for width in (576, 1536):
+        x = torch.randn(4, 128, width, generator=gen)
+        old, new = alternate(partial(quantize_act_before, x, 4, 0.9), partial(_quantize_act, x, 4, 0.9, False),
+                             rounds, 20)
+        print(f"| quantize_act, 4-bit asymmetric | 4 x 128 x {width} | {old:.2f} | {new:.2f} | {new / old:.2f} |")
 
 
 def export_stages(model: torch.nn.Module) -> list[tuple[str, float]]:

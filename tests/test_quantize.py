@@ -377,10 +377,12 @@ def test_float_input_target_keeps_w_for_float_inputs_and_fits_the_float_output_o
 
 
 @pytest.mark.parametrize("outputs", [24, 96])  # fewer, then more output rows than the 64 inputs: both orders of products
-def test_float_input_target_is_the_float64_ridge_fit(outputs):
+@pytest.mark.parametrize("statistic", ["C", "cross_statistic"])
+def test_float_input_target_is_the_float64_ridge_fit(outputs, statistic):
     """The fit's products with W run in float32 (and, with more outputs than inputs, the K x K map is solved first):
-    it stays the float64 ridge regression W (C + lam I) (H + lam I)^-1 to 1e-4 of the correction it makes."""
-    from fxpress.passes.quantize.gptq import float_input_target
+    it stays the float64 ridge regression W (C + lam I) (H + lam I)^-1 to 1e-4 of the correction it makes, given C
+    or what `cross_statistic` sums instead (C^T W^T for 24 outputs, summed over 4 chunks)."""
+    from fxpress.passes.quantize.gptq import cross_statistic, float_input_target
 
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(outputs, 64, generator=gen)
@@ -391,6 +393,11 @@ def test_float_input_target_is_the_float64_ridge_fit(outputs):
     lam = 3.0 * float(h.diagonal().mean())
     eye = torch.eye(64, dtype=torch.float64)
     reference = torch.linalg.solve(h + lam * eye, (cross + lam * eye).T @ w.double().T).T
+    if statistic == "cross_statistic":
+        halves = [w[: outputs // 3], w[outputs // 3:]]  # a group of two linears, stacked as GPTQ stacks them
+        parts = [cross_statistic(x[i:i + 1024], quantized[i:i + 1024], halves).double() for i in range(0, 4096, 1024)]
+        cross = sum(parts) * (2 / 4096)
+        assert tuple(cross.shape) == ((64, outputs) if outputs < 64 else (64, 64))
     fitted = float_input_target(w, h, cross, 3.0)
     assert fitted.dtype == w.dtype
     assert float((fitted.double() - reference).norm() / (reference - w.double()).norm()) < 1e-4

@@ -23,7 +23,15 @@ from fxpress import graph as G
 from fxpress.execute import ChunkInputs, Executor
 from fxpress.passes.quantize.act_clip import QUANTIZE_ACT, ClipChooser, calibration_inputs
 from fxpress.passes.quantize.config import WeightQuant
-from fxpress.passes.quantize.gptq import QuantizedWeight, WeightSpec, float_input_target, gptq, gram, rtn
+from fxpress.passes.quantize.gptq import (
+    QuantizedWeight,
+    WeightSpec,
+    cross_statistic,
+    float_input_target,
+    gptq,
+    gram,
+    rtn,
+)
 
 if TYPE_CHECKING:
     from fxpress.program import Program
@@ -122,26 +130,33 @@ class _GPTQRunner(Executor):
             del self.dequantized[name]
 
     def _add_cross(self, node: Node, x: torch.Tensor, quantized: torch.Tensor) -> None:
-        """Add one chunk's X^T X~ (float32 product, float64 sum, as `chunk_hessian`)."""
+        """Add one chunk's `cross_statistic` (float32 product, float64 sum, as `chunk_hessian`)."""
         width = x.shape[-1]
-        product = x.detach().reshape(-1, width).float().T @ quantized.detach().reshape(-1, width).float()
+        product = cross_statistic(x.detach().reshape(-1, width).float(), quantized.detach().reshape(-1, width).float(),
+                                  self._pending(self.groups[node])[1])
         if node in self.cross:
             self.cross[node].add_(product)
         else:
             self.cross[node] = product.to(torch.float64)
 
-    def _quantize_group(self, group: list[G.LinearUse], inputs: ChunkInputs) -> None:
+    def _pending(self, group: list[G.LinearUse]) -> tuple[list[str], list[torch.Tensor]]:
+        """The names and float weights of a group's linears not quantized yet (a weight read twice counts once)."""
         names, weights = [], []
         for u in group:
             if u.name not in names and u.name not in self.results:
                 names.append(u.name)
                 weights.append(self.fetch(u.weight).detach().float())
+        return names, weights
+
+    def _quantize_group(self, group: list[G.LinearUse], inputs: ChunkInputs) -> None:
+        names, weights = self._pending(group)
         h, tokens = chunk_hessian(inputs, weights[0].shape[1], weights[0].device)
         spec = weight_spec(self.config)
         source = group[0].node.args[0]
         cross = self.cross.pop(source, None)
         if cross is None and source in self.corrected:  # this rank ran no chunk: it still joins the all-reduce
-            cross = torch.zeros_like(h)
+            empty = h.new_zeros(0, h.shape[0], dtype=torch.float32)
+            cross = cross_statistic(empty, empty, weights).to(torch.float64)
         if tokens == 0:
             self.warnings.append(f"{', '.join(names)}: no calibration tokens reached these linears; used RTN")
             quantized = [rtn(w, spec) for w in weights]
