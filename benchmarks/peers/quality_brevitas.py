@@ -8,11 +8,15 @@ its fused Hadamard rotation (QuaRot-style, `--rotation fused_no_fx`). GPTQ runs 
 (`--gpxq-block-name model.layers`, brevitas's own option for models it does not trace with FX): without it,
 brevitas runs the calibration set through the whole model once per linear, stopping at that linear, so its
 time grows with depth (on SmolLM2, 1.5 s for the first linear and 15 s by the 32nd of 210, hours in all).
+Its block-wise loop moves each block's inputs to 'cuda' unconditionally ("AssertionError: Torch not compiled
+with CUDA enabled" on this CPU-only machine), so the script maps that device to the CPU when CUDA is absent:
+the only change to brevitas's code path.
 """
 
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,6 +39,13 @@ def cli(model_dir: str, calib: torch.Tensor, setting: str, rotation: bool) -> li
     return argv + (["--rotation", "fused_no_fx", "--replace-rmsnorm"] if rotation else [])
 
 
+def _on_available_device(send_to_device, obj, device):
+    """accelerate's send_to_device, with brevitas's hard-coded 'cuda' read as the CPU where there is no GPU."""
+    if device == "cuda" and not torch.cuda.is_available():
+        device = "cpu"
+    return send_to_device(obj, device)
+
+
 def make(name: str, model_dir: str):
     setting, _, variant = name.partition("+")
 
@@ -42,9 +53,11 @@ def make(name: str, model_dir: str):
         from brevitas_examples.common.parse_utils import override_defaults, parse_args
         from brevitas_examples.llm import main as llm_main
         from brevitas_examples.llm.llm_args import create_args_parser
+        from brevitas_examples.llm.llm_quant import gpxq
         from datasets import Dataset
 
         llm_main.get_dataset_for_model = lambda **_: Dataset.from_dict({"input_ids": calib.tolist()})
+        gpxq.send_to_device = partial(_on_available_device, gpxq.send_to_device)
         argv = cli(model_dir, calib, setting, variant == "rotation")
         args, extra = parse_args(create_args_parser(), argv, override_defaults=override_defaults(argv))
         _, model = llm_main.quantize_llm(args, extra)
