@@ -218,7 +218,7 @@ def cross_statistic(x: torch.Tensor, quantized: torch.Tensor, weights: list[torc
     that GPTQ will stack, [N_i, K]): C itself, or X~^T (X W^T) = C^T W^T when N = sum N_i < K (down_proj: 576
     rows for K = 1536, 2 n N K multiply-adds instead of n K^2, and a K x N sum instead of K x K)."""
     if sum(w.shape[0] for w in weights) < x.shape[1]:
-        return quantized.T @ torch.cat([x @ w.T for w in weights], dim=1)
+        return quantized.T @ torch.cat([x @ w.T.to(x.dtype) for w in weights], dim=1)
     return x.T @ quantized
 
 

@@ -140,16 +140,17 @@ class _GPTQRunner(Executor):
             self.cross[node] = product.to(torch.float64)
 
     def _pending(self, group: list[G.LinearUse]) -> tuple[list[str], list[torch.Tensor]]:
-        """The names and float weights of a group's linears not quantized yet (a weight read twice counts once)."""
+        """The names and weights (as stored) of a group's linears not quantized yet (a weight read twice counts once)."""
         names, weights = [], []
         for u in group:
             if u.name not in names and u.name not in self.results:
                 names.append(u.name)
-                weights.append(self.fetch(u.weight).detach().float())
+                weights.append(self.fetch(u.weight).detach())
         return names, weights
 
     def _quantize_group(self, group: list[G.LinearUse], inputs: ChunkInputs) -> None:
-        names, weights = self._pending(group)
+        names, stored = self._pending(group)
+        weights = [w.float() for w in stored]
         h, tokens = chunk_hessian(inputs, weights[0].shape[1], weights[0].device)
         spec = weight_spec(self.config)
         source = group[0].node.args[0]
