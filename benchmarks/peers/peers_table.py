@@ -101,9 +101,13 @@ def verdicts(texts: list[str], rows: dict, fp: dict) -> list[str]:
     return lines
 
 
+TABLE_HEADING = "## Perplexity by tool and setting\n"
+
+
 def write_table(folder: Path, texts: dict, out: str | None) -> str:
+    """The tables, printed and written to `out` below whatever `out` already holds above them (the runs' notes)."""
     rows, fp = load_rows(folder)
-    lines = ["## Perplexity by tool and setting\n\nEach ratio is to the tool's own fp32 run on the same windows "
+    lines = [TABLE_HEADING + "\nEach ratio is to the tool's own fp32 run on the same windows "
              "(tools that skipped it with --no-fp32 are paired with fxpress's, else another tool's: the same weights; "
              "llm-compressor's venv (transformers 5.17) and HQQ's (5.24) gave identical fp32 window NLLs).\n"]
     for text in texts:
@@ -112,5 +116,6 @@ def write_table(folder: Path, texts: dict, out: str | None) -> str:
     md = "".join(lines)
     print(md)
     if out:
-        write_atomic(out, md)
+        notes = Path(out).read_text().partition(TABLE_HEADING)[0] if Path(out).is_file() else ""
+        write_atomic(out, notes + md)
     return md
