@@ -94,8 +94,12 @@ def inverse_cholesky_before(h: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_act_before(x: torch.Tensor, bits: int, clip_ratio: float) -> torch.Tensor:
-    """`fxpress::quantize_act` (asymmetric, float32) before stop 31: a fresh temporary per operation."""
-    from fxpress.runtime.quant import round_clamped
+    """`fxpress::quantize_act` (asymmetric, float32) before stop 31: a fresh temporary per operation, its rounding
+    `runtime.quant.round_clamped` as it was then (clamp, then (v + 1.5 * 2^23) - 1.5 * 2^23)."""
+    magic = 1.5 * 2.0**23
+
+    def round_clamped(v: torch.Tensor, low: float, high: float) -> torch.Tensor:
+        return (torch.clamp(v, low, high) + magic) - magic
 
     maxq = (1 << bits) - 1
     high = x.amax(-1, keepdim=True).clamp_min(0) * clip_ratio
@@ -104,11 +108,6 @@ def quantize_act_before(x: torch.Tensor, bits: int, clip_ratio: float) -> torch.
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero = round_clamped(-low / scale, 0, maxq)
     return (round_clamped(x / scale + zero, 0, maxq) - zero) * scale
-
-
-def accumulate(total: torch.Tensor, product: torch.Tensor) -> torch.Tensor:
-    """What the GPTQ run does with each chunk's product: add it to a float64 sum."""
-    return total.add_(product)
 
 
 def alternate(before, after, rounds: int, calls: int) -> tuple[float, float]:
@@ -165,8 +164,7 @@ def print_stop31_rows(rounds: int, gen: torch.Generator) -> None:
     xq = QUANTIZE_ACT(x, 4, 1.0, False)
     w = torch.randn(576, 1536, generator=gen) * 0.02
     total_c, total_p = torch.zeros(1536, 1536, dtype=torch.float64), torch.zeros(1536, 576, dtype=torch.float64)
-    old, new = alternate(lambda: accumulate(total_c, x.T @ xq), lambda: accumulate(total_p, cross_statistic(x, xq, [w])),
-                         rounds, 10)
+    old, new = alternate(lambda: total_c.add_(x.T @ xq), lambda: total_p.add_(cross_statistic(x, xq, [w])), rounds, 10)
     print(f"| down_proj's X^T X~ per chunk, summed in float64 | 512 x 1536, W 576 x 1536 | {old:.2f} | {new:.2f} | "
           f"{new / old:.2f} |")
     h = (xq.T @ xq).double() / 256

@@ -194,20 +194,19 @@ def lowering_module(program: Program, additive_masks: bool = False) -> torch.fx.
     accepts and TVM does not; the one-input cat left is its input. `additive_masks`: see `_additive_attention_masks` (the ONNX lowering asks).
     """
     graph = copy.deepcopy(program.module.graph)
-    for node in graph.nodes:
+    for node in list(graph.nodes):
         if node.op == "call_function" and str(node.target) in FRONTEND_REPLACEMENTS:
             node.target = FRONTEND_REPLACEMENTS[str(node.target)]  # traced into plain ops by the re-export
         elif _same_rank_symbolic_view(node):
             node.target = view_through_flat
         if node.op == "call_function" and node.target is torch.ops.aten.cat.default:
             inputs = list(node.args[0])
-            kept = [a for a in inputs if not _is_empty_vector(a)]
-            if kept and len(kept) != len(inputs):
+            kept = [a for a in inputs if not _is_empty_vector(a)] or inputs
+            if len(kept) == 1:  # cat([x]) is x: the cache's cat([empty, past]) would otherwise copy the past
+                node.replace_all_uses_with(kept[0])
+                graph.erase_node(node)
+            elif len(kept) != len(inputs):
                 node.args = (kept, *node.args[1:])
-    for node in list(graph.nodes):  # cat([x]) is x: the cache's cat([empty, past]) would otherwise copy the past
-        if node.op == "call_function" and node.target is torch.ops.aten.cat.default and len(node.args[0]) == 1:
-            node.replace_all_uses_with(node.args[0][0])
-            graph.erase_node(node)
     # Before collecting weights: an unread get_attr (a tied model's second name for its table, whose other
     # use a pass replaced by packed storage) would otherwise become an artifact weight nothing reads.
     for node in list(graph.nodes):

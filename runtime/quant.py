@@ -46,13 +46,7 @@ def round_clamped(v: torch.Tensor, low: float, high: float, offset: float = 0.0)
     which costs tens of milliseconds per call on a busy 2-core machine (it is called once per
     column in GPTQ).
     """
-    v = torch.clamp(v, low, high)
-    if offset:
-        v = v + offset
-    magic = _MAGIC.get(v.dtype)
-    if magic is None:
-        return torch.round(v)
-    return (v + magic) - magic
+    return round_clamped_(torch.clamp(v, low, high), low, high, offset)  # in place on the clamped copy
 
 
 def round_clamped_(v: torch.Tensor, low: float, high: float, offset: float = 0.0) -> torch.Tensor:
